@@ -1,0 +1,75 @@
+"""npe2 reader: OpenSlide formats and OME-Zarr folders -> one multiscale RGB layer.
+
+``napari_get_reader`` only sniffs content (cheap, never raises, None when not a slide);
+the returned reader opens the slide and raises one clear error if it cannot.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .slide.sniff import sniff
+
+
+def napari_get_reader(path: Any):
+    """The reader for ``path`` when it is a slide, else None."""
+    if isinstance(path, (list, tuple)):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    try:
+        if not isinstance(path, (str, os.PathLike)):
+            return None
+        return read_slide if sniff(path) else None
+    except Exception:  # noqa: BLE001 - get_reader never raises
+        return None
+
+
+def layer_data(slide) -> tuple[list, dict, str]:
+    """The (data, kwargs, 'image') tuple napari adds for an opened :class:`Slide`."""
+    info = slide.info
+    data = slide.to_dask()
+    w, h = info.dimensions
+    metadata = {
+        "path": info.path,
+        "vendor": info.vendor,
+        "level_dimensions": [(lv.shape[1], lv.shape[0]) for lv in info.levels],
+        "level_downsamples": [lv.downsample for lv in info.levels],
+        "level_tiles": [(lv.tile[1], lv.tile[0]) for lv in info.levels],
+        "derived_levels": [i for i, lv in enumerate(info.levels) if lv.derived],
+        "objective_power": info.objective_power,
+        "mpp": info.mpp,
+        "mpp_source": info.mpp_source,
+        "units": info.units,
+        "associated_images": list(info.associated),
+        "notes": list(info.notes),
+        # the live object: slide.associated_image('label'), slide.bad_tiles, slide.read_region
+        "slide": slide,
+    }
+    kwargs = {
+        "name": os.path.basename(os.path.normpath(info.path)),
+        "rgb": True,
+        "multiscale": True,
+        "scale": info.scale(0),
+        "units": (info.units, info.units) if info.mpp else None,
+        "contrast_limits": (0, 255),
+        "metadata": metadata,
+    }
+    if kwargs["units"] is None:
+        del kwargs["units"]
+    return (data, kwargs, "image")
+
+
+def read_slide(path: Any) -> list[tuple]:
+    """Open ``path`` and return its layer; raises :class:`SlideError` with a clear message."""
+    import warnings
+
+    from .slide import open_slide
+
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    slide = open_slide(path)
+    for note in slide.info.notes:
+        warnings.warn(f"{slide.path}: {note}", stacklevel=2)
+    return [layer_data(slide)]

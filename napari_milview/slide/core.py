@@ -1,0 +1,293 @@
+"""The slide object everything else uses: tiles, regions and dask pyramids, Qt-free.
+
+A :class:`Slide` wraps one backend (OpenSlide or OME-Zarr), adds lazily derived levels
+below a shallow pyramid, serves tiles through the shared bounded :class:`TileCache`,
+and turns unreadable tiles into a visible placeholder that is counted and reported once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import overrides
+from .cache import TileCache, shared_cache
+from .pyramid import Level, SlideError, SlideInfo, derived_levels
+from .sniff import sniff
+
+log = logging.getLogger(__name__)
+
+
+class BadTileWarning(UserWarning):
+    """Some tiles of a slide could not be decoded and are drawn as placeholders."""
+
+
+def placeholder_tile(h: int, w: int) -> np.ndarray:
+    """A (h, w, 3) uint8 magenta/grey checkerboard: unmistakably not tissue, never blank."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    check = ((yy // 16) + (xx // 16)) % 2 == 0
+    out = np.empty((h, w, 3), np.uint8)
+    out[check] = (255, 0, 255)
+    out[~check] = (96, 96, 96)
+    return out
+
+
+class Slide:
+    """A whole-slide image with a validated pyramid.
+
+    Parameters
+    ----------
+    backend : an opened backend (``OpenSlideBackend`` or ``OmeZarrBackend``).
+    cache : TileCache, optional
+        Defaults to the process-wide :func:`shared_cache`.
+    mpp : float, optional
+        User override of microns per pixel (isotropic).
+    derive_levels : bool
+        Add lazily computed 2x levels when the smallest stored level is still large.
+    """
+
+    def __init__(self, backend, *, cache: TileCache | None = None, mpp: float | None = None,
+                 derive_levels: bool = True):
+        self.backend = backend
+        self.path = backend.path
+        self.cache = cache if cache is not None else shared_cache()
+        info: SlideInfo = backend.info
+        self.n_native = len(info.levels)
+        levels = list(info.levels)
+        notes = list(info.notes)
+        if derive_levels:
+            extra = derived_levels(levels[-1])
+            if extra:
+                levels += extra
+                notes.append(
+                    f"the file's smallest level is {levels[self.n_native - 1].shape[1]} x "
+                    f"{levels[self.n_native - 1].shape[0]} px; {len(extra)} lower levels are "
+                    "built lazily"
+                )
+        if mpp is not None:
+            if not (mpp > 0 and np.isfinite(mpp)):
+                raise SlideError(self.path, f"mpp override must be a positive number, got {mpp}")
+            notes = [n for n in notes if not n.startswith("microns per pixel unknown")]
+            info = replace(info, mpp=(float(mpp), float(mpp)), mpp_source="user")
+        self.info = replace(info, levels=tuple(levels), notes=tuple(notes))
+        self._key = (os.path.realpath(self.path), id(self))
+        self._bad: set[tuple[int, int, int]] = set()
+        self._bad_lock = threading.Lock()
+        self.first_error: str | None = None
+        self.on_bad_tile: list[Callable[[str], None]] = []
+
+    # ------------------------------------------------------------------ tiles
+    @property
+    def bad_tiles(self) -> int:
+        """How many distinct tiles failed to decode (each drawn as a placeholder)."""
+        return len(self._bad)
+
+    def tile(self, level: int, row: int, col: int) -> np.ndarray:
+        """Tile (row, col) of ``level`` on its native grid.
+
+        Returns
+        -------
+        (th, tw, 3) uint8, read-only, clipped at the right and bottom edges.
+        """
+        key = (self._key, level, row, col)
+        arr = self.cache.get(key)
+        if arr is not None:
+            return arr
+        lv = self.info.levels[level]
+        th, tw = lv.tile
+        y, x = row * th, col * tw
+        h, w = min(th, lv.shape[0] - y), min(tw, lv.shape[1] - x)
+        if h <= 0 or w <= 0 or row < 0 or col < 0:
+            raise IndexError(f"tile ({row}, {col}) is outside level {level} (grid {lv.grid})")
+        try:
+            if lv.derived:
+                arr = self._derive(level, y, x, h, w)
+            else:
+                arr = self.backend.read(level, y, x, h, w)
+            if arr.shape != (h, w, 3) or arr.dtype != np.uint8:
+                raise ValueError(f"decoded tile has shape {arr.shape} {arr.dtype}, "
+                                 f"expected {(h, w, 3)} uint8")
+        except Exception as e:  # noqa: BLE001 - a bad tile must never break drawing
+            arr = placeholder_tile(h, w)
+            self._record_bad(level, row, col, e)
+        self.cache.put(key, arr)
+        return arr
+
+    def _record_bad(self, level: int, row: int, col: int, err: Exception) -> None:
+        with self._bad_lock:
+            first = not self._bad
+            self._bad.add((level, row, col))
+            if first:
+                self.first_error = f"level {level} tile ({row}, {col}): {type(err).__name__}: {err}"
+        log.warning("%s: unreadable tile at level %d (%d, %d): %s", self.path, level, row, col, err)
+        if first:
+            msg = (f"{self.path}: some tiles cannot be decoded and are drawn as magenta/grey "
+                   f"placeholders (first: {self.first_error}); `Slide.bad_tiles` counts them")
+            warnings.warn(msg, BadTileWarning, stacklevel=2)
+            for cb in list(self.on_bad_tile):
+                cb(msg)
+
+    def _derive(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """2x box-downsample of the finer level's region (edge pixels replicated)."""
+        prev = self.info.levels[level - 1]
+        y2, x2 = 2 * y, 2 * x
+        h2, w2 = min(2 * h, prev.shape[0] - y2), min(2 * w, prev.shape[1] - x2)
+        src = self.read(level - 1, y2, x2, h2, w2)
+        if h2 < 2 * h or w2 < 2 * w:
+            src = np.pad(src, ((0, 2 * h - h2), (0, 2 * w - w2), (0, 0)), mode="edge")
+        acc = src.reshape(h, 2, w, 2, 3).astype(np.uint16).sum(axis=(1, 3))
+        return ((acc + 2) // 4).astype(np.uint8)
+
+    # ---------------------------------------------------------------- regions
+    def read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """A region of ``level`` in that level's pixels, assembled from cached tiles.
+
+        Parts outside the level are white. Returns (h, w, 3) uint8.
+        """
+        lv = self.info.levels[level]
+        th, tw = lv.tile
+        out = np.full((h, w, 3), 255, np.uint8)
+        y0, x0 = max(y, 0), max(x, 0)
+        y1, x1 = min(y + h, lv.shape[0]), min(x + w, lv.shape[1])
+        if y1 <= y0 or x1 <= x0:
+            return out
+        for r in range(y0 // th, (y1 - 1) // th + 1):
+            for c in range(x0 // tw, (x1 - 1) // tw + 1):
+                t = self.tile(level, r, c)
+                ty, tx = r * th, c * tw
+                sy0, sy1 = max(y0, ty), min(y1, ty + t.shape[0])
+                sx0, sx1 = max(x0, tx), min(x1, tx + t.shape[1])
+                out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = t[sy0 - ty:sy1 - ty, sx0 - tx:sx1 - tx]
+        return out
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]
+                    ) -> np.ndarray:
+        """OpenSlide's convention: ``location`` = level-0 (x, y), ``size`` = (w, h) at ``level``.
+
+        Returns (h, w, 3) uint8.
+        """
+        ds = self.info.levels[level].downsample
+        x, y = location
+        w, h = size
+        return self.read(level, int(round(y / ds)), int(round(x / ds)), int(h), int(w))
+
+    def associated_image(self, name: str) -> np.ndarray:
+        """(h, w, 3) uint8 'label', 'macro' or 'thumbnail' (names in ``info.associated``)."""
+        return self.backend.associated_image(name)
+
+    # ------------------------------------------------------------------- dask
+    def to_dask(self) -> list:
+        """One lazy dask array per level, chunks = native tiles.
+
+        Returns
+        -------
+        list of dask arrays of shape (h_l, w_l, 3) uint8, strictly shrinking.
+        """
+        import dask.array as da
+
+        arrays = []
+        for i, lv in enumerate(self.info.levels):
+            proxy = _LevelProxy(self, i)
+            arrays.append(da.from_array(
+                proxy, chunks=(lv.tile[0], lv.tile[1], 3), name=f"milview-{proxy.token}",
+                asarray=False, fancy=False, lock=False, inline_array=True,
+                meta=np.empty((0, 0, 3), np.uint8),
+            ))
+        return arrays
+
+    def close(self) -> None:
+        self.cache.clear(self._key)
+        self.backend.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.info.dimensions
+        return (f"Slide({self.path!r}, {self.info.vendor}, {w}x{h}, "
+                f"{len(self.info.levels)} levels, mpp={self.info.mpp})")
+
+
+class _LevelProxy:
+    """Array-like view of one level for ``dask.array.from_array`` (chunk-aligned reads)."""
+
+    def __init__(self, slide: Slide, level: int):
+        self.slide = slide
+        self.level = level
+        lv = slide.info.levels[level]
+        self.shape = (lv.shape[0], lv.shape[1], 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+        self.token = f"{abs(hash(slide._key)):x}-{level}"
+
+    def __dask_tokenize__(self):
+        return ("milview-level", self.token)
+
+    def __getitem__(self, key) -> np.ndarray:
+        ys, xs = key[0], key[1]
+        cs = key[2] if len(key) > 2 else slice(None)
+        th, tw = self.slide.info.levels[self.level].tile
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        if y0 % th == 0 and x0 % tw == 0 and y1 - y0 <= th and x1 - x0 <= tw:
+            t = self.slide.tile(self.level, y0 // th, x0 // tw)
+            out = t[: y1 - y0, : x1 - x0]
+        else:
+            out = self.slide.read(self.level, y0, x0, y1 - y0, x1 - x0)
+        return out[:, :, cs]
+
+
+def open_slide(path: str | os.PathLike, *, mpp: float | None = None, remember_mpp: bool = True,
+               cache: TileCache | None = None, derive_levels: bool = True) -> Slide:
+    """Open a slide file (OpenSlide formats) or an OME-Zarr folder.
+
+    Parameters
+    ----------
+    path : the slide.
+    mpp : float, optional
+        Override microns per pixel. Remembered for this file unless ``remember_mpp`` is False;
+        a remembered override is applied when ``mpp`` is not given.
+    cache : TileCache, optional
+        Defaults to the shared cache.
+
+    Raises
+    ------
+    SlideError
+        One clear message naming the file and the problem.
+    """
+    p = Path(os.fspath(path))
+    if not p.exists():
+        raise SlideError(p, "no such file or folder")
+    kind = sniff(p)
+    if kind is None:
+        if p.is_file() and p.stat().st_size == 0:
+            raise SlideError(p, "the file is empty")
+        raise SlideError(p, "not a whole-slide image (neither a TIFF/OpenSlide format nor an "
+                            "OME-Zarr folder)")
+    if kind == "ome-zarr":
+        from .zarr_backend import OmeZarrBackend
+
+        backend = OmeZarrBackend(str(p))
+    else:
+        from .openslide_backend import OpenSlideBackend
+
+        backend = OpenSlideBackend(str(p))
+    if mpp is not None and remember_mpp:
+        overrides.remember_mpp(p, mpp)
+    elif mpp is None:
+        mpp = overrides.recall_mpp(p)
+    try:
+        return Slide(backend, cache=cache, mpp=mpp, derive_levels=derive_levels)
+    except BaseException:
+        backend.close()
+        raise
