@@ -54,6 +54,8 @@ def layer_data(slide) -> tuple[list, dict, str]:
         "scale": info.scale(0),
         "units": (info.units, info.units) if info.mpp else None,
         "contrast_limits": (0, 255),
+        # our bounded TileCache already holds decoded tiles: no second (napari) dask cache
+        "cache": False,
         "metadata": metadata,
     }
     if kwargs["units"] is None:

@@ -27,9 +27,9 @@ def _synth(tmp_path_factory, name: str, **kw):
 
 @pytest.fixture(scope="session")
 def svs(tmp_path_factory):
-    """Aperio-like SVS, 2240 x 1728 (not a multiple of the 256 tile; downsamples 1, 4, 16
+    """Aperio-like SVS, 4480 x 3456 (not a multiple of the 256 tile; downsamples 1, 4, 16
     exactly), with a planted lesion. Returns the ``SyntheticSlide`` record."""
-    return _synth(tmp_path_factory, "svs", width=2240, height=1728, mpp=0.25, tile=256,
+    return _synth(tmp_path_factory, "svs", width=4480, height=3456, mpp=0.25, tile=256,
                   levels=3, seed=11, lesion=True, ome_zarr=True)
 
 

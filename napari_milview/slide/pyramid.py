@@ -24,7 +24,9 @@ class SlideError(ValueError):
 
     def __init__(self, path: Any, problem: str):
         self.path = str(path)
-        self.problem = problem
+        # one line, whatever a library's message held (napari shows it in a notification)
+        self.problem = " ".join(str(problem).split())
+        problem = self.problem
         super().__init__(f"{self.path}: {problem}")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .pyramid import SlideError, SlideInfo, validate_levels
+from .pyramid import SlideError, SlideInfo, parse_mpp, validate_levels
 
 _UNIT_TO_UM = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0,
                "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3}
@@ -46,9 +46,17 @@ class OmeZarrBackend:
             attrs = _root_attrs(root)
             ms = attrs["multiscales"][0]
             datasets = ms["datasets"]
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            axes = [a.get("name") if isinstance(a, dict) else str(a) for a in ms.get("axes", [])]
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
             raise SlideError(self.path, f"invalid OME-Zarr multiscales metadata ({e!r})") from None
-        axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms.get("axes", [])]
+        if not (isinstance(datasets, list) and datasets
+                and all(isinstance(d, dict) and isinstance(d.get("path"), str) for d in datasets)):
+            raise SlideError(self.path, "invalid OME-Zarr multiscales metadata: 'datasets' must be "
+                             "a non-empty list of {'path': ...}")
+        for ds in datasets:
+            # a level is an array inside this folder, never elsewhere on the disk
+            if not (root / ds["path"]).resolve().is_relative_to(root.resolve()):
+                raise SlideError(self.path, f"level path {ds['path']!r} points outside the folder")
         self._arrays = []
         for ds in datasets:
             try:
@@ -87,8 +95,8 @@ class OmeZarrBackend:
                          and a.get("name") == "x"), None)
             if unit in _UNIT_TO_UM:
                 f = _UNIT_TO_UM[unit]
-                my, mx = float(scale[iy]) * f, float(scale[ix]) * f
-                mpp = (my, mx) if my > 0 and mx > 0 else None
+                my, mx = parse_mpp(float(scale[iy]) * f), parse_mpp(float(scale[ix]) * f)
+                mpp = (my, mx) if my and mx else None
         except (KeyError, StopIteration, TypeError, ValueError, IndexError):
             pass
         if mpp is None:

@@ -1,0 +1,579 @@
+"""The bad-input corpus, the OpenSlide way (reference/style.md B.1, B.6, B.7).
+
+One pristine synthetic pyramid (Aperio-style SVS plus its OME-Zarr copy) is written per
+session. Every case derives a variant from it -- by editing bytes at positions tifffile
+reports (tile offsets and byte counts, tag values), by rewriting its pages in another
+order, or by editing the OME-Zarr JSON -- and pins the outcome:
+
+* what napari's ``napari_get_reader`` answers (the reader, or None), never raising;
+* either a working layer, whose note (shown as a warning naming the file) matches the
+  case's regex, and whose lowest level reads completely through dask;
+* or one single-line :class:`SlideError` naming the file, whose problem matches the regex.
+
+A case that opens, then hangs or crashes while drawing cannot pass: every layer case
+computes a full level through dask under a per-case timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_milview._reader import napari_get_reader, read_slide
+from napari_milview.slide import BadTileWarning, SlideError, open_slide, placeholder_tile
+
+try:
+    import resource
+except ImportError:  # Windows: no peak-memory probe
+    resource = None
+
+#: The pristine slide: 3 levels (2048 x 1536, 512 x 384, 128 x 96) of 128-px JPEG tiles.
+PRISTINE = dict(width=2048, height=1536, mpp=0.25, tile=128, levels=3, seed=7, lesion=False,
+                ome_zarr=True)
+TILE = PRISTINE["tile"]
+#: The level-0 tile every tile case damages (row, col): inside the slide, not on an edge.
+BAD = (3, 5)
+
+
+# --------------------------------------------------------------------------- the pristine
+
+
+@dataclass(frozen=True)
+class Page:
+    """What tifffile says about one page of the pristine file."""
+
+    offset: int  # of its image directory
+    shape: tuple[int, int]  # (height, width)
+    tiled: bool
+    description: str
+    dataoffsets: tuple[int, ...]
+    databytecounts: tuple[int, ...]
+    tags: dict[str, tuple[int, int]]  # name -> (value offset, TIFF data type)
+
+    def tile_index(self, row: int, col: int) -> int:
+        return row * -(-self.shape[1] // TILE) + col
+
+
+@dataclass(frozen=True)
+class Pristine:
+    svs: Path
+    zarr: Path
+    png: Path  # the lesion-mask sidecar: a real PNG
+    json: Path  # the JSON sidecar: a real text file
+    data: bytes
+    pages: tuple[Page, ...]
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory) -> Pristine:
+    from napari_milview.synthetic import write_synthetic_slide
+
+    res = write_synthetic_slide(tmp_path_factory.mktemp("pristine") / "pristine.svs",
+                                **PRISTINE)
+    pages = []
+    with tifffile.TiffFile(res.path) as tf:
+        assert tf.byteorder == "<" and not tf.is_bigtiff  # the edits below assume it
+        for p in tf.pages:
+            pages.append(Page(
+                offset=p.offset, shape=p.shape[:2], tiled=p.is_tiled,
+                description=p.description,
+                dataoffsets=tuple(int(o) for o in p.dataoffsets),
+                databytecounts=tuple(int(n) for n in p.databytecounts),
+                tags={t.name: (t.valueoffset, int(t.dtype)) for t in p.tags.values()},
+            ))
+    # page 0 level 0, 1 thumbnail (stripped), 2 level 1, 3 level 2, 4 label, 5 macro
+    assert [pg.tiled for pg in pages] == [True, False, True, True, False, False]
+    return Pristine(res.path, res.zarr_path, res.mask_path, res.json_path,
+                    res.path.read_bytes(), tuple(pages))
+
+
+@pytest.fixture(scope="session")
+def reference(pristine):
+    """The pristine slide, opened: the pixels every variant's good tiles must equal."""
+    with open_slide(pristine.svs) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def reference_zarr(pristine):
+    """The pristine OME-Zarr copy, opened."""
+    with open_slide(pristine.zarr) as s:
+        yield s
+
+
+# ------------------------------------------------------------------------------ mutations
+
+_PACK = {3: "<H", 4: "<I", 16: "<Q"}
+
+
+def _put(data: bytes, offset: int, new: bytes) -> bytes:
+    out = bytearray(data)
+    out[offset:offset + len(new)] = new
+    return bytes(out)
+
+
+def _set_tag(data: bytes, page: Page, tag: str, value: int) -> bytes:
+    """Overwrite the (single, inline) value of ``tag`` in ``page``'s directory."""
+    offset, dtype = page.tags[tag]
+    return _put(data, offset, struct.pack(_PACK[dtype], value))
+
+
+def _set_tile_entry(data: bytes, page: Page, tag: str, index: int, value: int) -> bytes:
+    """Overwrite entry ``index`` of the TileOffsets / TileByteCounts array."""
+    offset, dtype = page.tags[tag]
+    fmt = _PACK[dtype]
+    return _put(data, offset + index * struct.calcsize(fmt), struct.pack(fmt, value))
+
+
+def _tile(src: Pristine, page: int = 0, rc: tuple[int, int] = BAD) -> tuple[int, int, int]:
+    """(index, offset, byte count) of a tile of ``page``."""
+    pg = src.pages[page]
+    i = pg.tile_index(*rc)
+    return i, pg.dataoffsets[i], pg.databytecounts[i]
+
+
+def _replace_all(data: bytes, old: bytes, new: bytes) -> bytes:
+    assert len(old) == len(new) and old in data  # same length: no offset moves
+    return data.replace(old, new)
+
+
+def svs(edit: Callable[[Pristine], bytes], name: str = "variant.svs"):
+    """A mutation writing ``edit(pristine)`` as ``name``."""
+    def mutate(src: Pristine, out: Path) -> Path:
+        path = out / name
+        path.write_bytes(edit(src))
+        return path
+    return mutate
+
+
+def pages_rewritten(order: list[int]):
+    """A mutation rewriting the pristine's pages 0..3 in ``order`` (levels repeated or
+    swapped), tifffile writing the file directly."""
+    def mutate(src: Pristine, out: Path) -> Path:
+        path = out / "variant.svs"
+        with tifffile.TiffFile(src.svs) as tf, tifffile.TiffWriter(path) as tw:
+            for i in order:
+                p = tf.pages[i]
+                kw = dict(tile=(TILE, TILE)) if p.is_tiled else dict(rowsperstrip=16)
+                tw.write(p.asarray(), photometric="rgb", compression="jpeg",
+                         description=p.description, metadata=None, **kw)
+        return path
+    return mutate
+
+
+def zarr(edit: Callable[[Path], None]):
+    """A mutation copying the pristine OME-Zarr and applying ``edit(folder)``."""
+    def mutate(src: Pristine, out: Path) -> Path:
+        path = out / "variant.ome.zarr"
+        shutil.copytree(src.zarr, path)
+        edit(path)
+        return path
+    return mutate
+
+
+def _json_edit(rel: str, fn: Callable[[dict], object]):
+    def edit(folder: Path) -> None:
+        f = folder / rel
+        doc = json.loads(f.read_text())
+        res = fn(doc)
+        f.write_text(json.dumps(doc if res is None else res))
+    return edit
+
+
+def _ms(doc: dict) -> dict:
+    return doc["multiscales"][0]
+
+
+# --------------------------------------------------------------------------------- checks
+
+
+def _pixel_units(slide, data, kwargs, ref, src):
+    md = kwargs["metadata"]
+    assert md["mpp"] is None and md["mpp_source"] == "none" and md["units"] == "pixel"
+    assert kwargs["scale"] == (1.0, 1.0) and "units" not in kwargs
+
+
+def _bad_tile(rc=BAD, *, reopened: bool, level: int = 0):
+    """The tile at ``rc`` is the placeholder, counted once, reported by exactly one
+    BadTileWarning; every other tile of the level equals the pristine; with
+    ``reopened``, the OpenSlide handle was replaced and still reads correctly."""
+    def check(slide, data, kwargs, ref, src):
+        lv = slide.info.levels[level]
+        th, tw = lv.tile
+        h, w = min(th, lv.shape[0] - rc[0] * th), min(tw, lv.shape[1] - rc[1] * tw)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            first = slide.tile(level, *rc)
+            again = slide.tile(level, *rc)
+            whole = data[level].compute()  # the whole level, through dask's threads
+        np.testing.assert_array_equal(first, placeholder_tile(h, w))
+        np.testing.assert_array_equal(again, first)
+        assert slide.bad_tiles == 1
+        bad = [x for x in caught if issubclass(x.category, BadTileWarning)]
+        assert len(bad) == 1, [str(x.message) for x in bad]
+        assert slide.path in str(bad[0].message)
+        assert f"level {level} tile ({rc[0]}, {rc[1]})" in str(bad[0].message)
+        expect = np.array(ref.to_dask()[level].compute())
+        y, x = rc[0] * th, rc[1] * tw
+        expect[y:y + h, x:x + w] = placeholder_tile(h, w)
+        np.testing.assert_array_equal(whole, expect)
+        if reopened:
+            assert slide.backend.reopened >= 1
+            # an unaligned region goes through OpenSlide itself: the new handle works
+            np.testing.assert_array_equal(slide.backend.read(level, 37, 53, 150, 170),
+                                          ref.backend.read(level, 37, 53, 150, 170))
+    return check
+
+
+def _every_tile_bad(level: int = 0):
+    def check(slide, data, kwargs, ref, src):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            whole = data[level].compute()
+        rows, cols = slide.info.levels[level].grid
+        assert slide.bad_tiles == rows * cols
+        assert sum(issubclass(x.category, BadTileWarning) for x in caught) == 1
+        th, tw = slide.info.levels[level].tile
+        np.testing.assert_array_equal(whole[:th, :tw], placeholder_tile(th, tw))
+    return check
+
+
+def _tile_decodes_silently(slide, data, kwargs, ref, src):
+    """Damage neither libjpeg (through OpenSlide) nor imagecodecs can see: the tile
+    decodes to other pixels, nothing is counted. Pinned so that a change shows."""
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        got = slide.tile(0, *BAD)
+    assert slide.bad_tiles == 0
+    assert not np.array_equal(got, ref.tile(0, *BAD))
+
+
+def _fill_value_tile(slide, data, kwargs, ref, src):
+    """zarr semantics: an absent chunk is the fill value (0), not damage."""
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        got = slide.tile(0, 1, 2)
+    assert slide.bad_tiles == 0
+    assert not got.any()
+    np.testing.assert_array_equal(slide.tile(0, 1, 3), ref.tile(0, 1, 3))
+
+
+def _associated_cut(slide, data, kwargs, ref, src):
+    """The macro image lies past the end: one clear error, and tiles still read."""
+    with pytest.raises(SlideError, match=r"associated image 'macro' cannot be read"):
+        slide.associated_image("macro")
+    assert slide.associated_image("label").shape == (400, 400, 3)  # handle was reopened
+    np.testing.assert_array_equal(slide.backend.read(0, 37, 53, 150, 170),
+                                  ref.backend.read(0, 37, 53, 150, 170))
+
+
+def _levels(*shapes):
+    def check(slide, data, kwargs, ref, src):
+        assert [tuple(a.shape[:2]) for a in data] == list(shapes)
+    return check
+
+
+def _all(*checks):
+    def check(*args):
+        for c in checks:
+            c(*args)
+    return check
+
+
+# ---------------------------------------------------------------------------------- cases
+
+
+@dataclass(frozen=True)
+class Case:
+    """One corrupt variant and its pinned outcome.
+
+    Attributes
+    ----------
+    id : readable test id.
+    mutate : (pristine, out_dir) -> path of the variant written in ``out_dir``.
+    expect : 'error' (one SlideError) or 'layer' (a working layer).
+    message : regex searched in the SlideError's problem ('error'), or in one of the
+        layer's notes ('layer'; '' when the layer must have no note).
+    reader : whether ``napari_get_reader`` claims the path (else it answers None and the
+        outcome pinned is ``open_slide``'s, what the CLI meets).
+    check : extra assertions on a layer: (slide, level arrays, layer kwargs, reference
+        slide (the pristine SVS, or its OME-Zarr copy for a zarr case), pristine).
+    cheap : the outcome must come fast and without a big allocation (absurd sizes).
+    """
+
+    id: str
+    mutate: Callable[[Pristine, Path], Path]
+    expect: str
+    message: str
+    reader: bool = True
+    check: Callable | None = None
+    cheap: bool = False
+    marks: tuple = field(default=())
+
+
+NOT_A_SLIDE = r"^not a whole-slide image \(neither a TIFF/OpenSlide format nor an OME-Zarr"
+PIXEL_UNITS = r"^microns per pixel unknown: the layer is in pixel units$"
+ZARR_PIXEL_UNITS = r"^microns per pixel unknown \(no scale with a length unit\)"
+
+CASES = [
+    # --- truncated files
+    Case("truncated-50pct", svs(lambda s: s.data[:len(s.data) // 2]), "error",
+         r"^OpenSlide cannot open it: the file is truncated: it is \d+ bytes but page 0's "
+         r"data extend to byte \d+$"),
+    Case("truncated-inside-level-1", svs(lambda s: s.data[:s.pages[2].dataoffsets[6]]),
+         "error", r"^OpenSlide cannot open it: the file is truncated: it is \d+ bytes but "
+         r"page 2's data extend to byte \d+$"),
+    Case("truncated-90pct", svs(lambda s: s.data[:len(s.data) * 9 // 10]), "layer",
+         r"^the file is truncated: it is \d+ bytes but page 5's data extend to byte \d+; "
+         r"tiles and associated images past its end cannot be read$", check=_associated_cut),
+    Case("truncated-10-bytes", svs(lambda s: s.data[:10]), "error",
+         r"^OpenSlide cannot open it: the file is truncated: it is 10 bytes, too short for "
+         r"its first image directory at byte 8$"),
+    Case("empty-file", svs(lambda s: b""), "error", r"^the file is empty$", reader=False),
+    # --- not slides at all, whatever the suffix says
+    Case("png-renamed-svs", svs(lambda s: s.png.read_bytes()), "error", NOT_A_SLIDE,
+         reader=False),
+    Case("text-renamed-svs", svs(lambda s: s.json.read_bytes()), "error", NOT_A_SLIDE,
+         reader=False),
+    Case("random-bytes-svs", svs(lambda s: b"\x00" + np.random.default_rng(1).bytes(65535)),
+         "error", NOT_A_SLIDE, reader=False),
+    Case("jpeg-named-tif",  # one level-0 tile is a complete JPEG file
+         svs(lambda s: s.data[_tile(s)[1]:_tile(s)[1] + _tile(s)[2]], "variant.tif"),
+         "error", NOT_A_SLIDE, reader=False),
+    Case("missing-file", lambda s, out: out / "nowhere.svs", "error",
+         r"^no such file or folder$", reader=False),
+    Case("plain-folder", lambda s, out: out, "error", NOT_A_SLIDE, reader=False),
+    # --- microns per pixel missing or absurd: pixel units, said so
+    Case("mpp-removed", svs(lambda s: _replace_all(s.data, b"|MPP = 0.25", b"|XPP = 0.25")),
+         "layer", PIXEL_UNITS, check=_pixel_units),
+    Case("mpp-zero", svs(lambda s: _replace_all(s.data, b"|MPP = 0.25", b"|MPP = 0   ")),
+         "layer", PIXEL_UNITS, check=_pixel_units),
+    Case("mpp-nan", svs(lambda s: _replace_all(s.data, b"|MPP = 0.25", b"|MPP = nan ")),
+         "layer", PIXEL_UNITS, check=_pixel_units),
+    Case("mpp-garbage", svs(lambda s: _replace_all(s.data, b"|MPP = 0.25", b"|MPP = 0,x?")),
+         "layer", PIXEL_UNITS, check=_pixel_units),
+    Case("mpp-negative", svs(lambda s: _replace_all(s.data, b"|MPP = 0.25", b"|MPP = -1.0")),
+         "layer", PIXEL_UNITS, check=_pixel_units),
+    Case("aperio-header-garbled",  # no longer Aperio: OpenSlide's generic TIFF reads level 0,
+         # the file's other levels are not flagged reduced-resolution so they are not
+         # levels there; we derive the overview, and mpp comes from the TIFF resolution
+         svs(lambda s: _replace_all(s.data, b"Aperio Image Library", b"Xperio Image Library")),
+         "layer", r"^the file's smallest level is 2048 x 1536 px; 1 lower levels are built",
+         check=lambda slide, data, kw, ref, src: (
+             slide.info.vendor == "generic-tiff" and kw["metadata"]["mpp_source"]
+             == "tiff-resolution") or pytest.fail(f"{slide.info}")),
+    # --- one damaged level-0 tile: placeholder, counted, reported once, handle reopened
+    Case("jpeg-tile-bad-magic",  # the tile's first 16 bytes (SOI, header) zeroed
+         svs(lambda s: _put(s.data, _tile(s)[1], bytes(16))), "layer", "",
+         check=_bad_tile(reopened=True)),
+    Case("jpeg-tile-premature-eoi",  # EOI markers written over the middle of the scan
+         svs(lambda s: _put(s.data, _tile(s)[1] + _tile(s)[2] // 2, b"\xff\xd9" * 8)),
+         "layer", "", check=_bad_tile(reopened=True)),
+    Case("jpeg-tile-bytes-inverted",  # 200 bytes of the scan inverted
+         svs(lambda s: _put(s.data, _tile(s)[1] + _tile(s)[2] // 2, bytes(
+             255 - b for b in s.data[_tile(s)[1] + _tile(s)[2] // 2:][:200]))),
+         "layer", "", check=_bad_tile(reopened=True), marks=(pytest.mark.xfail(
+             strict=True, reason="known gap: libjpeg reports this damage only as a warning "
+             "('Corrupt JPEG data: premature end of data segment'); OpenSlide turns it into an "
+             "error, but the direct tile path (tiff_tiles, imagecodecs) ignores libjpeg "
+             "warnings and draws the garbled tile"),)),
+    Case("jpeg-tile-cut",  # byte count halved: the stream stops mid-scan
+         svs(lambda s: _set_tile_entry(s.data, s.pages[0], "TileByteCounts", _tile(s)[0],
+                                       _tile(s)[2] // 2)),
+         "layer", "", check=_bad_tile(reopened=True)),
+    Case("jpeg-tile-one-bit-flipped",  # invisible to libjpeg too (OpenSlide decodes it)
+         svs(lambda s: _put(s.data, _tile(s)[1] + _tile(s)[2] // 2, bytes(
+             [s.data[_tile(s)[1] + _tile(s)[2] // 2] ^ 0x10]))),
+         "layer", "", check=_tile_decodes_silently),
+    Case("tile-zero-bytecount",
+         svs(lambda s: _set_tile_entry(s.data, s.pages[0], "TileByteCounts", _tile(s)[0], 0)),
+         "layer", "", check=_bad_tile(reopened=False)),
+    Case("tile-zero-offset",
+         svs(lambda s: _set_tile_entry(s.data, s.pages[0], "TileOffsets", _tile(s)[0], 0)),
+         "layer", "", check=_bad_tile(reopened=True)),
+    Case("tile-offset-past-eof",
+         svs(lambda s: _set_tile_entry(s.data, s.pages[0], "TileOffsets", _tile(s)[0],
+                                       10**9)),
+         "layer", "", check=_bad_tile(reopened=True)),
+    Case("tile-bytecount-4gb",
+         svs(lambda s: _set_tile_entry(s.data, s.pages[0], "TileByteCounts", _tile(s)[0],
+                                       4_000_000_000)),
+         "layer", "", check=_bad_tile(reopened=True), cheap=True),
+    Case("tile-width-mismatch",  # TileWidth says 256, the JPEG tiles are 128 wide
+         svs(lambda s: _set_tag(s.data, s.pages[0], "TileWidth", 2 * TILE)),
+         "layer", "", check=_every_tile_bad()),
+    # --- broken level structure
+    Case("zero-width-level-1",  # OpenSlide stops at the broken directory: level 2 is lost too
+         svs(lambda s: _set_tag(s.data, s.pages[2], "ImageWidth", 0)), "layer",
+         r"^only 1 of the file's 3 tiled levels could be opened \(page 2 has zero size "
+         r"\(0 x 384 px\)\); the other levels were skipped$",
+         check=_levels((1536, 2048), (768, 1024))),
+    Case("zero-height-smallest-level",
+         svs(lambda s: _set_tag(s.data, s.pages[3], "ImageLength", 0)), "layer",
+         r"^only 2 of the file's 3 tiled levels could be opened \(page 3 has zero size "
+         r"\(128 x 0 px\)\)", check=_levels((1536, 2048), (384, 512))),
+    Case("zero-width-thumbnail",
+         svs(lambda s: _set_tag(s.data, s.pages[1], "ImageWidth", 0)), "layer",
+         r"^only 1 of the file's 3 tiled levels could be opened \(page 1 has zero size",
+         check=_levels((1536, 2048), (768, 1024))),
+    Case("zero-width-level-0", svs(lambda s: _set_tag(s.data, s.pages[0], "ImageWidth", 0)),
+         "error", r"^OpenSlide cannot open it \(Invalid TIFF\): page 0 has zero size "
+         r"\(0 x 1536 px\)$"),
+    Case("absurd-width-4e9",
+         svs(lambda s: _set_tag(s.data, s.pages[0], "ImageWidth", 4_000_000_000)), "error",
+         r"^OpenSlide cannot open it \(Invalid TIFF\): page 0 claims 4000000000 x 1536 px "
+         r"\(375000000 tiles\) but lists 192 tiles: its header is corrupt$", cheap=True),
+    Case("absurd-2p31-square",
+         svs(lambda s: _set_tag(_set_tag(s.data, s.pages[0], "ImageWidth", 2**31),
+                                s.pages[0], "ImageLength", 2**31)), "error",
+         r"^OpenSlide cannot open it \(Invalid TIFF\): page 0 claims 2147483648 x 2147483648 px",
+         cheap=True),
+    Case("absurd-width-level-1",
+         svs(lambda s: _set_tag(s.data, s.pages[2], "ImageWidth", 4_000_000_000)), "layer",
+         r"^only 1 of the file's 3 tiled levels could be opened \(page 2 claims 4000000000 "
+         r"x 384 px", check=_levels((1536, 2048), (768, 1024)), cheap=True),
+    Case("duplicate-level", pages_rewritten([0, 1, 2, 2, 3]), "layer",
+         r"^level 2 \(512 x 384 px\) does not shrink and was skipped$",
+         check=_levels((1536, 2048), (384, 512), (96, 128))),
+    Case("levels-out-of-order", pages_rewritten([0, 1, 3, 2]), "error",
+         r"^OpenSlide cannot open it: its levels are not ordered by size \(page 3: 512 x 384 "
+         r"px after page 2: 128 x 96 px\)$"),
+    Case("directory-loop",  # the last directory points back at the first
+         svs(lambda s: _put(s.data, s.pages[-1].offset + 2 + 12 * len(s.pages[-1].tags),
+                            struct.pack("<I", s.pages[0].offset))), "error",
+         r"^OpenSlide cannot open it: damaged TIFF structure \(its image directories loop: "
+         r"page 6 is page 0 again\)$"),
+    Case("first-directory-past-eof", svs(lambda s: _put(s.data, 4, struct.pack("<I", 10**8))),
+         "error", r"^OpenSlide cannot open it: the file is truncated: it is \d+ bytes, too "
+         r"short for its first image directory at byte 100000000$"),
+    Case("bigtiff-version-in-classic-header", svs(lambda s: _put(s.data, 2, b"+\x00")),
+         "error", r"^OpenSlide cannot open it: the file is truncated: it is \d+ bytes, too "
+         r"short for its first image directory at byte \d+$"),
+    Case("unsupported-compression",
+         svs(lambda s: _set_tag(s.data, s.pages[0], "Compression", 200)), "error",
+         r"^OpenSlide cannot open it \(Unsupported TIFF compression: 200\)$"),
+    # --- OME-Zarr
+    Case("zarr-no-multiscales", zarr(_json_edit(".zattrs", lambda d: {"omero": {}})),
+         "error", NOT_A_SLIDE, reader=False),
+    Case("zarr-no-zattrs", zarr(lambda p: (p / ".zattrs").unlink()), "error", NOT_A_SLIDE,
+         reader=False),
+    Case("zarr-zattrs-not-json", zarr(lambda p: (p / ".zattrs").write_text('{"multiscales": [')),
+         "error", NOT_A_SLIDE, reader=False),
+    Case("zarr-multiscales-empty", zarr(_json_edit(".zattrs", lambda d: {"multiscales": []})),
+         "error", r"^invalid OME-Zarr multiscales metadata \(IndexError"),
+    Case("zarr-datasets-empty", zarr(_json_edit(".zattrs", lambda d: _ms(d).update(
+        datasets=[]))), "error", r"^invalid OME-Zarr multiscales metadata: 'datasets' must"),
+    Case("zarr-missing-array", zarr(_json_edit(".zattrs", lambda d: _ms(d)["datasets"][1]
+                                               .update(path="nope"))),
+         "error", r"^cannot open level 'nope': .*nope does not exist$"),
+    Case("zarr-path-outside-folder", zarr(_json_edit(".zattrs", lambda d: _ms(d)["datasets"][0]
+                                                     .update(path="../../etc"))),
+         "error", r"^level path '\.\./\.\./etc' points outside the folder$"),
+    Case("zarr-5-channels", zarr(_json_edit("0/.zarray", lambda d: d.update(
+        shape=[5, *d["shape"][1:]], chunks=[5, *d["chunks"][1:]]))),
+         "error", r"^5 channels; an RGB \(3\) or grey \(1\) image is needed$"),
+    Case("zarr-absurd-shape", zarr(_json_edit("0/.zarray", lambda d: d.update(
+        shape=[3, 4_000_000_000, 4_000_000_000]))), "error",
+         r"^absurd dimensions 4000000000 x 4000000000 px", cheap=True),
+    Case("zarr-no-unit", zarr(_json_edit(".zattrs", lambda d: [
+        a.pop("unit", None) for a in _ms(d)["axes"]] and None)),
+         "layer", ZARR_PIXEL_UNITS, check=_pixel_units),
+    Case("zarr-scale-zero", zarr(_json_edit(".zattrs", lambda d: _ms(d)["datasets"][0][
+        "coordinateTransformations"][0].update(scale=[1, 0, 0]))),
+         "layer", ZARR_PIXEL_UNITS, check=_pixel_units),
+    Case("zarr-corrupt-chunk",  # level 0 chunk (row 1, col 2): blosc header kept, body inverted
+         zarr(lambda p: (p / "0/0/1/2").write_bytes(
+             (b := (p / "0/0/1/2").read_bytes())[:16] + bytes(255 - x for x in b[16:]))),
+         "layer", "", check=_bad_tile((1, 2), reopened=False)),
+    Case("zarr-missing-chunk", zarr(lambda p: (p / "0/0/1/2").unlink()), "layer", "",
+         check=_fill_value_tile),
+]
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if resource else 0.0
+
+
+def _assert_clear_error(err: SlideError, path: Path, regex: str) -> None:
+    msg = str(err)
+    assert str(path) in msg, msg  # names the file ...
+    assert "\n" not in msg and "\r" not in msg, msg  # ... on one line
+    assert re.search(regex, err.problem), err.problem
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
+def test_bad_input(case: Case, pristine, reference, reference_zarr, tmp_path):
+    path = case.mutate(pristine, tmp_path)
+    ref = reference_zarr if path.suffix == ".zarr" else reference
+    t0, rss0 = time.perf_counter(), _maxrss_mb()
+
+    reader = napari_get_reader(str(path))  # cheap, never raises
+    assert reader is (read_slide if case.reader else None)
+    opener = read_slide if case.reader else open_slide
+
+    if case.expect == "error":
+        with warnings.catch_warnings(record=True), pytest.raises(SlideError) as info:
+            opener(str(path))
+        _assert_clear_error(info.value, path, case.message)
+    else:
+        assert case.expect == "layer" and case.reader
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layers = read_slide(str(path))
+        (data, kwargs, kind), = layers
+        slide = kwargs["metadata"]["slide"]
+        try:
+            assert kind == "image" and kwargs["rgb"] and kwargs["multiscale"]
+            notes = kwargs["metadata"]["notes"]
+            if case.message:
+                assert any(re.search(case.message, n) for n in notes), notes
+                shown = [str(w.message) for w in caught]
+                assert any(str(path) in m and re.search(case.message, m.split(": ", 1)[1])
+                           for m in shown), shown  # each note is a visible warning
+            for a, b in zip(data, data[1:]):
+                assert b.shape[0] < a.shape[0] and b.shape[1] < a.shape[1]
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                low = data[-1].compute()  # drawing the overview finishes
+            assert low.shape == data[-1].shape and low.dtype == np.uint8
+            if case.check is not None:
+                case.check(slide, data, kwargs, ref, pristine)
+        finally:
+            slide.close()
+
+    if case.cheap:
+        assert time.perf_counter() - t0 < 10
+        assert _maxrss_mb() - rss0 < 256  # no allocation sized by the corrupt header
+
+
+def test_case_ids_are_unique():
+    ids = [c.id for c in CASES]
+    assert len(ids) == len(set(ids))
+    assert all(re.fullmatch(r"[a-z0-9-]+", i) for i in ids)
+
+
+def test_pristine_opens_cleanly(pristine, reference, reference_zarr):
+    """The corpus means something only if the pristine slide itself is flawless."""
+    for ref in (reference, reference_zarr):
+        assert ref.info.notes == ()
+        assert ref.info.mpp == pytest.approx((0.25, 0.25))
+        assert [lv.shape for lv in ref.info.levels] == [(1536, 2048), (384, 512), (96, 128)]
+        for level in ref.to_dask():
+            level.compute()
+        assert ref.bad_tiles == 0
+    assert napari_get_reader(str(pristine.svs)) is read_slide
+    assert napari_get_reader(str(pristine.zarr)) is read_slide
+    assert os.path.getsize(pristine.svs) == len(pristine.data)
