@@ -8,28 +8,36 @@ benchmark of the project uses these slides.
 How the pixels are made
 -----------------------
 1. *Fields.* Smooth signed-distance-like fields (in level-0 pixels, positive inside)
-   are built on a coarse grid (one sample per ``g`` = 16 level-0 pixels, more for
-   huge slides): tissue (1-3 irregular pieces covering 35-55 % of the slide), lumens
-   (holes), lesion (1-3 irregular regions, 10-22 % of the tissue), folds (bands)
-   and blurred areas. The lesion field is clipped to lie at least a margin inside
-   the tissue and outside every lumen; folds and blur are kept away from it.
-2. *Texture canvases.* Periodic texture images of ``P x P`` pixels (``P`` = 4096 for
-   large slides) are rendered once in optical-density space with fixed H and E stain
-   vectors: normal tissue (fibrous eosin stroma, scattered round/oval/spindle
-   hematoxylin nuclei, small lumens), lesion (same stroma, purple cytoplasm, dense,
-   large, dark, pleomorphic nuclei with nucleoli), fold (the normal tissue with a
-   second, shifted copy of itself on top: darker, more saturated), blur (the normal
-   canvas blurred), and glass background (~240 with slight noise). Fold and blur are
-   derived from the normal canvas, so transitions between them are seamless.
-3. *Composition.* The slide is cut into super-blocks (2048 px); each maps its pixels
-   into the canvases with its own random offset and one of the 8 flips/rotations, so
-   there is no visible repetition. Between super-blocks the textures cross-fade over
-   64 px (no cut nuclei). Each 256-px output tile is a crop of one canvas when it is
-   "pure", else the fields are bilinearly upsampled to per-pixel alphas and the
-   canvases are blended.
+   are built on a coarse grid (one sample per ``g`` = 16 level-0 pixels; 32 or more
+   when the slide is over 32k px): tissue (1-3 irregular pieces covering 35-55 % of
+   the slide), lumens (holes), lesion (1-3 irregular regions, 10-22 % of the tissue),
+   folds (bands) and blurred areas. The lesion field is clipped to lie at least a
+   margin inside the tissue and outside every lumen; folds and blur keep away from it.
+2. *Texture canvases.* Periodic texture images of ``P x P`` pixels (``P`` = 2048, or
+   less for slides under 4096 px) are rendered once in optical-density space with
+   fixed H and E stain vectors: normal tissue (fibrous eosin stroma, scattered
+   round/oval/spindle hematoxylin nuclei, small lumens), lesion (same stroma, purple
+   cytoplasm, dense, large, dark, pleomorphic nuclei with nucleoli), fold (the normal
+   tissue with a second, shifted copy of itself on top: darker, more saturated), blur
+   (the normal canvas blurred) and glass background (~240 with slight noise). Fold and
+   blur are derived from the normal canvas, so transitions between them are seamless.
+   Nuclei lie wholly inside the periodic canvas, so no tile seam cuts one.
+3. *Composition.* The slide is cut into super-blocks (``P / 2`` px); each maps its
+   pixels into the canvases with its own random offset and one of 4 orientations
+   (as is, mirrored, transposed, rotated), so there is no visible repetition. A seam
+   between super-blocks runs through the middle of a tile and is joined by image
+   quilting (minimum-error cut, feathered): it winds through stroma, around nuclei.
+   Where two seams cross the textures are cross-faded over 64 px. An output tile is a
+   plain crop of one canvas when it is "pure", else the fields are bilinearly
+   upsampled to per-pixel alphas and the canvases blended.
 4. *Pyramid.* Level ``k`` (downsample ``4**k``) is a box filter of the rendered,
    pre-JPEG level-0 pixels (level 1 accumulated tile by tile while level 0 is
-   written, the others reduced from it), so levels agree up to JPEG noise.
+   written, taken from 4x-reduced canvases for pure tiles; the others reduced from
+   level 1), so levels agree up to JPEG noise.
+5. *Writing.* Tiles are rendered and JPEG-encoded (libjpeg-turbo via imagecodecs, RGB
+   colour space, photometric RGB) by a thread pool in slide order and handed to
+   ``tifffile`` as pre-encoded tiles; level 1 is held in memory (``W * H * 3 / 16``
+   bytes), nothing of level 0 is. A 50 000 x 40 000 slide takes ~30 s and < 1 GB.
 
 The lesion mask pixel ``(r, c)`` is 255 exactly when the per-pixel lesion alpha used
 for rendering is above 0.5 at the centre of the level-0 block it covers.
@@ -195,22 +203,34 @@ def _validate(width, height, mpp, tile, levels, quality, workers, objective_powe
 def _spectral_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
     """Periodic Gaussian-correlated noise ``shape`` float32 (mean 0, std 1).
 
-    Spectral synthesis: random complex coefficients times the transfer function of a
-    Gaussian of ``sigma`` samples, only where that function is not negligible.
+    Spectral synthesis (random complex coefficients times the transfer function of a
+    Gaussian of ``sigma`` samples). Smooth noise is synthesised on a grid ``step``
+    times coarser and upsampled bilinearly (periodically), which changes nothing
+    visible for ``sigma / step >= 3``.
     """
     ny, nx = (int(v) for v in shape)
     sigma = max(float(sigma), 0.3)
-    kc = 4.0 / (2 * math.pi * sigma)  # filter < exp(-8) beyond
-    my = min(ny // 2, int(math.ceil(kc * ny)) + 1)
-    mx = min(nx // 2, int(math.ceil(kc * nx)) + 1)
-    rows = np.unique(np.r_[0: my + 1, ny - my: ny] % ny)
-    ky = sfft.fftfreq(ny)[rows].astype(np.float32)[:, None]
-    kx = sfft.rfftfreq(nx)[: mx + 1].astype(np.float32)[None, :]
-    filt = np.exp(-2 * np.pi**2 * sigma * sigma * (ky * ky + kx * kx))
+    step = 1
+    while sigma / (2 * step) >= 3 and ny % (2 * step) == 0 and nx % (2 * step) == 0 \
+            and min(ny, nx) // (2 * step) >= 16:
+        step *= 2
+    ly, lx, sg = ny // step, nx // step, sigma / step
+    kc = 4.0 / (2 * math.pi * sg)  # filter < exp(-8) beyond
+    my = min(ly // 2, int(math.ceil(kc * ly)) + 1)
+    mx = min(lx // 2, int(math.ceil(kc * lx)) + 1)
+    rows = np.unique(np.r_[0: my + 1, ly - my: ly] % ly)
+    ky = sfft.fftfreq(ly)[rows].astype(np.float32)[:, None]
+    kx = sfft.rfftfreq(lx)[: mx + 1].astype(np.float32)[None, :]
+    filt = np.exp(-2 * np.pi**2 * sg * sg * (ky * ky + kx * kx))
     z = rng.standard_normal((rows.size, mx + 1, 2), dtype=np.float32)
-    spec = np.zeros((ny, nx // 2 + 1), np.complex64)
+    spec = np.zeros((ly, lx // 2 + 1), np.complex64)
     spec[rows, : mx + 1] = (z[..., 0] + 1j * z[..., 1]) * filt
-    f = sfft.irfft2(spec, s=(ny, nx), workers=-1).astype(np.float32, copy=False)
+    f = sfft.irfft2(spec, s=(ly, lx), workers=-1).astype(np.float32, copy=False)
+    if step > 1:
+        f = np.pad(f, 1, mode="wrap")
+        img = Image.fromarray(f).resize((nx, ny), Image.BILINEAR,
+                                                   box=(1.0, 1.0, 1.0 + lx, 1.0 + ly))
+        f = np.array(img, dtype=np.float32)
     sub = f[:: max(1, ny // 512), :: max(1, nx // 512)]
     f -= sub.mean()
     f /= sub.std() + 1e-20
@@ -218,8 +238,14 @@ def _spectral_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: flo
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
-    """Smooth noise on a field grid ``shape`` (float32, std ~1), features ~``scale`` cells."""
-    return _spectral_noise(rng, shape, max(float(scale), 1.0) / 2.0)
+    """Smooth noise on a field grid ``shape`` (float32, std ~1), features ~``scale`` cells.
+
+    Synthesised on a grid padded to a multiple of 64 (fast, coarse-able), then cropped.
+    """
+    ny, nx = shape
+    big = (-(-ny // 64) * 64, -(-nx // 64) * 64)
+    return np.ascontiguousarray(
+        _spectral_noise(rng, big, max(float(scale), 1.0) / 2.0)[:ny, :nx])
 
 
 def _periodic_noise(rng: np.random.Generator, p: int, sigma: float) -> np.ndarray:
@@ -240,8 +266,16 @@ def _fft_blur(x: np.ndarray, sigma: float) -> np.ndarray:
 
 def _sdf(u: np.ndarray, g: float) -> np.ndarray:
     """Approximate signed distance (px) of the zero level of ``u`` sampled every ``g`` px."""
-    gy, gx = np.gradient(u)
-    gm = np.hypot(gy, gx) / g
+    u = np.asarray(u, np.float32)
+    gy = np.empty_like(u)
+    gx = np.empty_like(u)
+    np.subtract(u[2:], u[:-2], out=gy[1:-1])
+    gy[0], gy[-1] = gy[1], gy[-2]
+    np.subtract(u[:, 2:], u[:, :-2], out=gx[:, 1:-1])
+    gx[:, 0], gx[:, -1] = gx[:, 1], gx[:, -2]
+    gm = np.hypot(gy, gx, out=gy)
+    del gx
+    gm *= 0.5 / g
     # near critical points of u the first-order distance is meaningless: bound the
     # gradient from below by a fraction of its typical value (smooth, no speckles)
     floor = 0.3 * float(np.median(gm[::4, ::4])) if gm.size else 0.0
@@ -273,12 +307,14 @@ class _Fields:
     """Coarse signed-distance fields (level-0 px units, positive inside).
 
     Each array has shape ``(ny, nx)`` float32, sample ``(i, j)`` sitting at level-0
-    pixel ``((j - PAD + 0.5) * g - 0.5, (i - PAD + 0.5) * g - 0.5)`` (x, y).
+    pixel ``((j - PAD + 0.5) * g - 0.5, (i - PAD + 0.5) * g - 0.5)`` (x, y). Fields:
+    ``tissue``, ``hole``, ``lesion`` (already clipped inside tissue, outside holes),
+    ``lesion_raw``, ``fold``, ``blur``.
     """
 
     def __init__(self, rng, width, height, wp, hp, mpp, ds, lesion):
         g = 16
-        while max(wp, hp) / g > 4096:
+        while max(wp, hp) / g > 2048:
             g *= 2
         self.g = g
         ny = -(-hp // g) + 2 * _FIELD_PAD
@@ -310,7 +346,8 @@ class _Fields:
             e = np.sqrt(((dx * c + dy * s) / rx) ** 2 + ((-dx * s + dy * c) / ry) ** 2)
             np.maximum(v, 1 - e, out=v)
         cells = short / g
-        v += 0.30 * _smooth_noise(rng, shape, cells / 5) + 0.10 * _smooth_noise(rng, shape, cells / 14)
+        v += 0.30 * _smooth_noise(rng, shape, cells / 5)
+        v += 0.10 * _smooth_noise(rng, shape, cells / 14)
         border = np.minimum(np.minimum(xx, width - 1 - xx), np.minimum(yy, height - 1 - yy))
         v -= 0.8 * np.clip(1 - border / (0.05 * short), 0, 1)
         target = rng.uniform(0.35, 0.55)
@@ -323,16 +360,18 @@ class _Fields:
         self.margin = m_in
         tissue_cells = max(int((self.tissue > 0).sum()), 1)
         self.lesion_raw = np.full(shape, -1e5, np.float32)
+        self.n_lesions = 0
         if lesion:
             n_les = int(rng.integers(1, 4))
+            self.n_lesions = n_les
             frac = rng.uniform(0.10, 0.22)
             tissue_area = tissue_cells * g * g
             specs = []
             r1 = math.sqrt(frac * tissue_area / n_les / math.pi)
             for _ in range(n_les):
-                specs.append(dict(aspect=rng.uniform(1.0, 1.7), th=rng.uniform(0, math.pi),
-                                  pick=rng.random(),
-                                  noise=_smooth_noise(rng, shape, max(r1 / g / 2.5, 1.0))))
+                specs.append({"aspect": rng.uniform(1.0, 1.7), "th": rng.uniform(0, math.pi),
+                              "pick": rng.random(),
+                              "noise": _smooth_noise(rng, shape, max(r1 / g / 2.5, 1.0))})
             scale = 1.0
             for _attempt in range(10):
                 raw = np.full(shape, -1e5, np.float32)
@@ -353,6 +392,16 @@ class _Fields:
                     u = 1 - e + 0.22 * sp["noise"]
                     np.maximum(raw, _sdf(u, g), out=raw)
                 eff = np.minimum(raw, self.tissue - m_in)
+                # drop fragments (< 5 % of the lesion) that the tissue edge cut off
+                lab, nlab = ndimage.label(eff > 0)
+                if nlab > 1:
+                    sizes = np.bincount(lab.ravel())[1:]
+                    small = np.flatnonzero(sizes < 0.05 * sizes.sum()) + 1
+                    if small.size:
+                        drop = np.isin(lab, small)
+                        raw[drop] = np.minimum(raw[drop], -_W_LESION)
+                        eff[drop] = np.minimum(eff[drop], -_W_LESION)
+                del lab
                 got = float(((eff > 0) & inside).sum()) / tissue_cells
                 if got >= 0.10:
                     break
@@ -364,18 +413,20 @@ class _Fields:
         self.hole = np.full(shape, -1e5, np.float32)
         tissue_mm2 = tissue_cells * (g * mpp / 1000) ** 2
         n_holes = int(rng.poisson(max(tissue_mm2 * 3.0, 2.0)))
-        cand = np.flatnonzero((self.tissue > 30 * um + m_in) & (self.lesion_raw < -(60 * um)) & inside)
+        cand = np.flatnonzero(
+            (self.tissue > 30 * um + m_in) & (self.lesion_raw < -(60 * um)) & inside)
         if cand.size:
             for _ in range(n_holes):
                 idx = cand[int(rng.integers(cand.size))]
                 i, j = divmod(int(idx), nx)
                 r = rng.uniform(10, 40) * um
-                r = min(r, float(self.tissue[i, j]) - m_in - 4, float(-self.lesion_raw[i, j]) - m_in)
-                if r < 3 * g / 4:
+                r = min(r, float(self.tissue[i, j]) - m_in - 4,
+                        float(-self.lesion_raw[i, j]) - m_in)
+                if r < 1.5 * g:
                     continue
                 asp = rng.uniform(1.0, 1.8)
                 th = rng.uniform(0, math.pi)
-                harm = rng.uniform(0, 0.12, 3)
+                harm = rng.uniform(0, 0.08, 3) * np.array([1.0, 0.8, 0.4])
                 ph = rng.uniform(0, 2 * math.pi, 3)
                 span = int(r * 1.6 / g) + 3
                 i0, i1 = max(i - span, 0), min(i + span + 1, ny)
@@ -415,7 +466,8 @@ class _Fields:
             cx, cy = rng.uniform(0.15, 0.85) * width, rng.uniform(0.15, 0.85) * height
             asp = rng.uniform(1.0, 1.8)
             e = np.sqrt(((xx - cx) / (rb * asp)) ** 2 + ((yy - cy) * asp / rb) ** 2)
-            sd = (1 - e + 0.15 * _smooth_noise(rng, shape, max(rb / g / 3, 1.0))) * rb / math.sqrt(asp)
+            u = 1 - e + 0.15 * _smooth_noise(rng, shape, max(rb / g / 3, 1.0))
+            sd = u * (rb / math.sqrt(asp))
             np.maximum(self.blur, sd.astype(np.float32), out=self.blur)
         self.blur = np.minimum(self.blur, -self.lesion - _M_AWAY)
 
@@ -429,7 +481,7 @@ class _Fields:
 # ---------------------------------------------------------------------------- textures
 
 
-def _od_to_rgb(ch: np.ndarray, ce: np.ndarray, pad: int, extra: float = 0.0) -> np.ndarray:
+def _od_to_rgb(ch: np.ndarray, ce: np.ndarray, pad: int) -> np.ndarray:
     """RGB uint8 ``(P + pad, P + pad, 3)`` of stain concentrations ``(P, P)``, wrap-padded."""
     p = ch.shape[0]
     out = np.empty((p + pad, p + pad, 3), np.uint8)
@@ -437,8 +489,6 @@ def _od_to_rgb(ch: np.ndarray, ce: np.ndarray, pad: int, extra: float = 0.0) -> 
     for c in range(3):
         np.multiply(ch, -_H_OD[c], out=tmp)
         tmp -= ce * _E_OD[c]
-        if extra:
-            tmp -= extra
         np.exp(tmp, out=tmp)
         tmp *= _I0
         tmp += 0.5
@@ -507,7 +557,7 @@ def _pick(rng, bank, n):
     idx = rng.integers(0, len(bank), n)
     ops = rng.integers(0, 8, n)
     out = []
-    for i, o in zip(idx, ops):
+    for i, o in zip(idx, ops, strict=True):
         spr = bank[i]
         if o & 4:
             spr = spr.T
@@ -572,8 +622,9 @@ class _Canvases:
         del fib
         s *= 0.5 * 0.80
         s += 0.40 + 0.5 * 0.80  # 0.40 + 0.80 * (0.5 + 0.5 tanh)
-        base_e = 0.18 * _periodic_noise(rng, p, 120 * um)
-        base_e += 0.08 * _periodic_noise(rng, p, 8 * um)
+        # no variation at scales near the super-block size (it would show as a patchwork)
+        base_e = 0.07 * _periodic_noise(rng, p, 20 * um)
+        base_e += 0.08 * _periodic_noise(rng, p, 6 * um)
         np.exp(base_e, out=base_e)
         base_e *= 0.40
         ce = base_e * s
@@ -583,7 +634,7 @@ class _Canvases:
         np.clip(gap, 0, 1, out=gap)
         ce *= 1 - 0.6 * gap
         del gap
-        ch_bg = 0.05 + 0.015 * _periodic_noise(rng, p, 40 * um)
+        ch_bg = 0.05 + 0.015 * _periodic_noise(rng, p, 15 * um)
         chrom = 1 + 0.3 * _periodic_noise(rng, p, 0.5 * um)
         np.clip(chrom, 0.45, 1.7, out=chrom)
 
@@ -595,7 +646,8 @@ class _Canvases:
                             th + (q[0] - 0.5) * 0.5, 0.75 + 0.3 * q[3], edge=0.1)
                     for q in rng.random((16, 4))] for th in thetas]
         lympho = [_sprite((2.8 + 0.8 * q[1]) * um, (2.8 + 0.8 * q[1]) * (0.9 + 0.1 * q[2]) * um,
-                          q[0] * math.pi, 1.15 + 0.3 * q[3], edge=0.09) for q in rng.random((16, 4))]
+                          q[0] * math.pi, 1.15 + 0.3 * q[3], edge=0.09)
+                  for q in rng.random((16, 4))]
         oval = [_sprite((3.5 + 1.5 * q[1]) * um, (3.5 + 1.5 * q[1]) / (1 + 0.4 * q[2]) * um,
                         q[0] * math.pi, 0.6 + 0.3 * q[3], edge=0.08, rim=0.15)
                 for q in rng.random((32, 4))]
@@ -616,11 +668,12 @@ class _Canvases:
                     v = spr[oy: oy + nuc.shape[0], ox: ox + nuc.shape[1]]
                     np.maximum(v, nuc, out=v)
             tumour.append(spr)
-        margin = max(s_.shape[0] for bank in (*spindle, lympho, oval, tumour) for s_ in bank) // 2 + 2
+        banks = (*spindle, lympho, oval, tumour)
+        margin = max(s_.shape[0] for bank in banks for s_ in bank) // 2 + 2
 
         # normal tissue: scattered nuclei
         st = _Stamper(ch_bg, chrom, margin)
-        dens = _periodic_noise(rng, p, 80 * um)
+        dens = _periodic_noise(rng, p, 20 * um)
         n = int(rng.poisson(2200 * area_mm2))
         ys, xs = rng.integers(0, p, n), rng.integers(0, p, n)
         keep = r_(n) < np.clip(0.55 + 0.3 * dens[ys, xs], 0.05, 1)
@@ -641,7 +694,7 @@ class _Canvases:
         del st, dom, spr_sp, spr_ly, spr_ov
 
         # lesion: same stroma, purple cytoplasm, dense large dark pleomorphic nuclei
-        ce_l = ce * 0.55 + 0.12
+        ce_l = ce * 0.6 + 0.16
         ch_l = ch_bg * 2.5 + 0.04 * _periodic_noise(rng, p, 6 * um)
         np.clip(ch_l, 0.02, None, out=ch_l)
         sp = 10.5 * um
@@ -652,7 +705,7 @@ class _Canvases:
         pts = np.round(pts).astype(np.int64) % p
         pts = pts[r_(len(pts)) > 0.1]
         st = _Stamper(ch_l, chrom, margin)
-        for (y, x), spr in zip(pts, _pick(rng, tumour, len(pts))):
+        for (y, x), spr in zip(pts, _pick(rng, tumour, len(pts)), strict=True):
             st.stamp(int(y), int(x), spr)
         ch_l = st.result()
         del st, chrom, pts
@@ -694,8 +747,8 @@ class _Canvases:
         sig = 1.6 * um
         self.blur = _od_to_rgb(_fft_blur(ch_n, sig), _fft_blur(ce_n, sig), t)
         del ch_n, ce_n
-        bg = _periodic_noise(rng, p, 30 * um)
-        bg *= 1.2
+        bg = _periodic_noise(rng, p, 12 * um)
+        bg *= 1.0
         bg += _BG_LEVEL + 0.5
         out = np.empty((p + t, p + t, 3), np.uint8)
         for c in range(3):
@@ -724,27 +777,46 @@ class _Scene:
         self.hp = -(-height // t) * t
         longest = max(self.wp, self.hp)
         p = 512
-        while p < longest and p < 4096:
+        while 2 * p < longest and p < 2048:  # P >= half the slide, at most 2048
             p *= 2
         p = max(p, t)
         self.p = p
         self.sblock = max(t, (min(2048, p // 2) // t) * t)
-        self.ramp = float(min(32, t // 4))
+        self.ramp = float(min(32, t // 4))  # cross-fade half-width at seam crossings
+        self.cut = min(48, t // 4)  # half-width of the strip where seams are cut
         self.fields = _Fields(rng, width, height, self.wp, self.hp, mpp, ds, lesion)
         canv = _Canvases(rng, p, mpp, t)
         # each canvas as stored and transposed (contiguous): with row flips that gives
-        # 4 orientations per super-block at the cost of a plain (fast) slice copy
-        self.canv = {k: (getattr(canv, k), np.ascontiguousarray(getattr(canv, k).transpose(1, 0, 2)))
-                     for k in ("normal", "lesion", "fold", "blur", "background")}
+        # 4 orientations per super-block at the cost of a plain (fast) slice copy.
+        # Their 4x box reductions give level-1 pixels of pure tiles for free.
+        self.canv, self.canv4 = {}, {}
+        for k in ("normal", "lesion", "fold", "blur", "background"):
+            c0 = getattr(canv, k)
+            delattr(canv, k)
+            c1 = np.ascontiguousarray(c0.transpose(1, 0, 2))
+            self.canv[k] = (c0, c1)
+            self.canv4[k] = (_reduce4(c0), _reduce4(c1))
         del canv
         nbx = self.wp // self.sblock + 2
         nby = self.hp // self.sblock + 2
-        self.maps = np.stack(
-            [rng.integers(0, 4, (nby, nbx)), rng.integers(0, p, (nby, nbx)),
-             rng.integers(0, p, (nby, nbx))], -1)
+        d = rng.integers(0, 4, (nby, nbx))
+        # offsets are multiples of 4 (row-flipped: 3 mod 4) so that every tile's canvas
+        # window is aligned with the 4x4 blocks of the reduced canvases
+        ox = rng.integers(0, p // 4, (nby, nbx)) * 4
+        oy = rng.integers(0, p // 4, (nby, nbx)) * 4 + np.where(d & 1, 3, 0)
+        self.maps = np.stack([d, ox, oy], -1)
         i = np.arange(t, dtype=np.float32)
         self.wramp = np.clip((i - t / 2 + 0.5) / (2 * self.ramp) + 0.5, 0, 1).astype(np.float32)
         self._local = threading.local()
+        # pure glass tiles come from a few fixed windows of the background canvas
+        # (noise of +-2 grey levels: no visible repetition), encoded only once
+        bgc = self.canv["background"][0]
+        nwin = (p // t) ** 2
+        pick = rng.permutation(nwin)[: min(32, nwin)]
+        self.bg_tiles = [np.ascontiguousarray(bgc[(k // (p // t)) * t:(k // (p // t) + 1) * t,
+                                                  (k % (p // t)) * t:(k % (p // t) + 1) * t])
+                         for k in pick]
+        self.bg_tiles4 = [np.asarray(Image.fromarray(b).reduce(4)) for b in self.bg_tiles]
 
     def _buf(self, name, shape):
         b = getattr(self._local, name, None)
@@ -769,7 +841,7 @@ class _Scene:
             return 0.0
         # PIL's bilinear upsampling (support 1) with an exact source box = bilinear
         # interpolation of the field at every pixel centre, computed in C
-        img = Image.fromarray(np.ascontiguousarray(patch), mode="F")
+        img = Image.fromarray(np.ascontiguousarray(patch, dtype=np.float32))
         box = (fx - bx + 0.5, fy - by + 0.5, fx - bx + 0.5 + t / g, fy - by + 0.5 + t / g)
         a = np.array(img.resize((t, t), Image.BILINEAR, box=box), dtype=np.float32)
         a *= 1.0 / w
@@ -796,25 +868,63 @@ class _Scene:
             start += p
         return slice(start + t - 1, start - 1 if start > 0 else None, -1)
 
-    def _crop_one(self, kind, m, x0, y0):
+    def _crop_one(self, kind, m, x0, y0, reduced=False):
         d, ox, oy = (int(v) for v in m)
+        if reduced:
+            canvas = self.canv4[kind][1 if d & 2 else 0]
+            ys = self._range(y0, -1 if d & 1 else 1, oy)
+            xs = self._range(x0, 1, ox)
+            t4 = self.t // 4
+            if ys.step == -1:  # aligned: rows end+1-t .. end, reversed
+                start = ys.stop + 1 if ys.stop is not None else 0
+                ys4 = slice(start // 4 + t4 - 1, start // 4 - 1 if start else None, -1)
+            else:
+                ys4 = slice(ys.start // 4, ys.start // 4 + t4)
+            return canvas[ys4, xs.start // 4: xs.start // 4 + t4]
         canvas = self.canv[kind][1 if d & 2 else 0]
         return canvas[self._range(y0, -1 if d & 1 else 1, oy), self._range(x0, 1, ox)]
 
-    def _crop(self, kind, x0, y0, out=None):
-        """Canvas ``kind`` over the tile: a uint8 view, or float32 into ``out``."""
+    def _seams(self, x0, y0):
         t, s = self.t, self.sblock
-        bxs = self._blocks(x0, t, s)
-        bys = self._blocks(y0, t, s)
+        return self._blocks(x0, t, s), self._blocks(y0, t, s)
+
+    def _crop(self, kind, x0, y0, out=None):
+        """Canvas ``kind`` over the tile: a uint8 view/array, or float32 into ``out``.
+
+        Across a super-block seam (it runs through the middle of a tile) the two
+        mappings are joined along a minimum-error cut (:meth:`_quilt`); where two
+        seams cross they are cross-faded over ``2 * ramp`` px. The glass background
+        is not joined (its noise shows no seam).
+        """
+        t = self.t
+        bxs, bys = self._seams(x0, y0)
+        if kind == "background":
+            bxs, bys = bxs[-1:], bys[-1:]
         if len(bxs) == 1 and len(bys) == 1:
             v = self._crop_one(kind, self.maps[bys[0][0], bxs[0][0]], x0, y0)
             if out is None:
                 return v
             np.copyto(out, v, casting="unsafe")
             return out
-        if out is None:
-            out = np.empty((t, t, 3), np.float32)
-        out[...] = 0
+        if len(bxs) == 1 or len(bys) == 1:
+            # one seam: cut along the path where the two textures agree best
+            if len(bys) == 1:
+                (jy, _), (ja, _), (jb, _) = bys[0], bxs[0], bxs[1]
+                res = self._quilt(self._crop_one(kind, self.maps[jy, ja], x0, y0),
+                                  self._crop_one(kind, self.maps[jy, jb], x0, y0))
+            else:
+                (jx, _), (ja, _), (jb, _) = bxs[0], bys[0], bys[1]
+                res = self._quilt(
+                    self._crop_one(kind, self.maps[ja, jx], x0, y0).transpose(1, 0, 2),
+                    self._crop_one(kind, self.maps[jb, jx], x0, y0).transpose(1, 0, 2),
+                ).transpose(1, 0, 2)
+            if out is None:
+                return np.ascontiguousarray(res)
+            np.copyto(out, res, casting="unsafe")
+            return out
+        res = np.zeros((t, t, 3), np.float32) if out is None else out
+        if out is not None:
+            res[...] = 0
         tmp = self._buf("seam", (t, t, 3))
         for jy, wy in bys:
             for jx, wx in bxs:
@@ -825,11 +935,84 @@ class _Scene:
                     tmp *= wy[:, None, None]
                 else:
                     tmp *= (wy[:, None] * wx[None, :])[:, :, None]
-                out += tmp
-        return out
+                res += tmp
+        if out is None:
+            res += 0.5
+            return res.astype(np.uint8)
+        return res
 
-    def tile(self, x0: int, y0: int) -> np.ndarray:
-        """Level-0 tile with top-left ``(x0, y0)``: ``(t, t, 3)`` uint8, C-contiguous."""
+    def _quilt(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Join texture ``a`` (left) and ``b`` (right), both ``(t, t, 3)`` uint8.
+
+        Image quilting (Efros & Freeman 2001): within a strip of ``2 * cut`` px around
+        the tile's middle column the boundary follows the minimum-error path between
+        the two textures (dynamic programming on 4x4-px cells), so it runs through
+        stroma where both look alike and around nuclei. The path starts and ends at
+        the middle column, so tiles above and below along the same seam connect. The
+        boundary is feathered over a few pixels. Returns ``(t, t, 3)`` uint8.
+        """
+        t, r, q = self.t, self.cut, 4
+        h = t // 2
+        sa = a[:, h - r: h + r].astype(np.float32)
+        sb = b[:, h - r: h + r].astype(np.float32)
+        d = sa - sb
+        err = np.einsum("ijc,ijc->ij", d, d)
+        n, m = t // q, 2 * r // q
+        e = err.reshape(n, q, m, q).mean(axis=(1, 3))
+        c0 = m // 2
+        cost = np.empty_like(e)
+        big = np.float32(1e30)
+        prev = np.full(m + 2, big, np.float32)
+        prev[1 + c0] = e[0, c0]
+        cost[0] = prev[1:-1]
+        for i in range(1, n):
+            best = np.minimum(np.minimum(prev[:-2], prev[1:-1]), prev[2:])
+            prev[1:-1] = best + e[i]
+            cost[i] = prev[1:-1]
+        path = np.empty(n, np.float32)
+        j = c0
+        for i in range(n - 1, -1, -1):
+            path[i] = j
+            if i:
+                row = cost[i - 1]
+                lo, hi = max(j - 1, 0), min(j + 2, m)
+                j = lo + int(np.argmin(row[lo:hi]))
+        centres = np.arange(n, dtype=np.float32) * q + (q - 1) / 2
+        xb = np.interp(np.arange(t, dtype=np.float32), centres, path * q)  # strip coords
+        xs = np.arange(2 * r, dtype=np.float32) + 0.5
+        w = np.clip((xs[None, :] - xb[:, None]) / 4.0 + 0.5, 0.0, 1.0)[:, :, None]
+        res = np.empty((t, t, 3), np.uint8)
+        res[:, : h - r] = a[:, : h - r]
+        res[:, h + r:] = b[:, h + r:]
+        sb -= sa
+        sb *= w
+        sa += sb
+        sa += 0.5
+        res[:, h - r: h + r] = sa
+        return res
+
+    def _reduced(self, kind, x0, y0):
+        """Level-1 pixels ``(t/4, t/4, 3)`` of a pure, seam-free tile of ``kind``, or None."""
+        bxs, bys = self._seams(x0, y0)
+        if kind == "background":
+            bxs, bys = bxs[-1:], bys[-1:]
+        elif len(bxs) > 1 or len(bys) > 1:
+            return None
+        return self._crop_one(kind, self.maps[bys[0][0], bxs[0][0]], x0, y0, reduced=True)
+
+    def tile(self, x0: int, y0: int):
+        """Level-0 tile with top-left ``(x0, y0)`` and, when free, its 4x reduction.
+
+        Returns
+        -------
+        px : ndarray
+            ``(t, t, 3)`` uint8, C-contiguous.
+        px4 : ndarray or None
+            ``(t/4, t/4, 3)`` uint8 box reduction of ``px`` (exactly what
+            ``PIL.Image.reduce(4)`` gives), or None when it must be computed.
+        bg : int or None
+            Index into ``bg_tiles`` when the tile is pure glass (``px`` is that tile).
+        """
         f, t = self.fields, self.t
         a_tis = self._alpha(f.tissue, _W_TISSUE, x0, y0)
         if not _is_const(a_tis, 0.0):
@@ -839,38 +1022,35 @@ class _Scene:
             elif not _is_const(a_h, 0.0):
                 a_tis = a_tis * (1.0 - a_h)
         if _is_const(a_tis, 0.0):
-            out = self._crop("background", x0, y0)
-        else:
-            base = "normal"
-            layers = []
-            for kind, field, w in (("blur", f.blur, _W_BLUR), ("fold", f.fold, _W_FOLD),
-                                   ("lesion", f.lesion, _W_LESION)):
-                a = self._alpha(field, w, x0, y0)
-                if _is_const(a, 1.0):
-                    base, layers = kind, []
-                elif not _is_const(a, 0.0):
-                    layers.append((kind, a))
-            if _is_const(a_tis, 1.0) and not layers:
-                out = self._crop(base, x0, y0)
-            else:
-                tex = self._crop(base, x0, y0, self._buf("tex", (t, t, 3)))
-                other = self._buf("other", (t, t, 3))
-                for kind, a in layers:
-                    self._crop(kind, x0, y0, other)
-                    other -= tex
-                    other *= a[:, :, None]
-                    tex += other
-                if not _is_const(a_tis, 1.0):
-                    bg = self._crop("background", x0, y0, other)
-                    tex -= bg
-                    tex *= a_tis[:, :, None]
-                    tex += bg
-                out = tex
-        if out.dtype != np.uint8:
-            out += 0.5
-            np.clip(out, 0, 255, out=out)
-            return out.astype(np.uint8)
-        return np.ascontiguousarray(out)
+            k = ((x0 // t) * 73856093 ^ (y0 // t) * 19349663) % len(self.bg_tiles)
+            return self.bg_tiles[k], self.bg_tiles4[k], k
+        base = "normal"
+        layers = []
+        for kind, field, w in (("blur", f.blur, _W_BLUR), ("fold", f.fold, _W_FOLD),
+                               ("lesion", f.lesion, _W_LESION)):
+            a = self._alpha(field, w, x0, y0)
+            if _is_const(a, 1.0):
+                base, layers = kind, []
+            elif not _is_const(a, 0.0):
+                layers.append((kind, a))
+        if _is_const(a_tis, 1.0) and not layers:
+            return (np.ascontiguousarray(self._crop(base, x0, y0)), self._reduced(base, x0, y0),
+                    None)
+        tex = self._crop(base, x0, y0, self._buf("tex", (t, t, 3)))
+        other = self._buf("other", (t, t, 3))
+        for kind, a in layers:
+            self._crop(kind, x0, y0, other)
+            other -= tex
+            other *= a[:, :, None]
+            tex += other
+        if not _is_const(a_tis, 1.0):
+            bg = self._crop("background", x0, y0, other)
+            tex -= bg
+            tex *= a_tis[:, :, None]
+            tex += bg
+        tex += 0.5
+        np.clip(tex, 0, 255, out=tex)
+        return tex.astype(np.uint8), None, None
 
     def lesion_mask(self, width, height, ds):
         """Lesion truth at block centres: bool ``(ceil(H/ds), ceil(W/ds))``."""
@@ -922,7 +1102,7 @@ def _label_image(name: str, seed: int, rng: np.random.Generator) -> np.ndarray:
     d.text((20, 95), f"seed {seed}", fill=(0, 0, 0), font=font)
     code = rng.random((16, 16)) < 0.5
     code[0, :] = code[:, 0] = True
-    for i, j in zip(*np.nonzero(code)):
+    for i, j in zip(*np.nonzero(code), strict=True):
         d.rectangle([140 + 12 * j, 160 + 12 * i, 151 + 12 * j, 171 + 12 * i], fill=(0, 0, 0))
     return np.asarray(img)
 
@@ -1053,16 +1233,18 @@ def write_synthetic_slide(
                 str(k), shape=(3, h, w), chunks=(3, t, t), dtype="uint8",
                 chunk_key_encoding={"name": "v2", "separator": "/"}))
     bands: dict[int, np.ndarray] = {}
+    bg_jpeg = [_encode(b, quality) for b in scene.bg_tiles]
 
     def level0_job(tx, ty):
         def job():
             x0, y0 = tx * t, ty * t
-            px = scene.tile(x0, y0)
-            level1[ty * t4:(ty + 1) * t4, tx * t4:(tx + 1) * t4] = np.asarray(
-                Image.fromarray(px).reduce(4))
+            px, px4, bg = scene.tile(x0, y0)
+            if px4 is None:
+                px4 = np.asarray(Image.fromarray(px).reduce(4))
+            level1[ty * t4:(ty + 1) * t4, tx * t4:(tx + 1) * t4] = px4
             if zgroup is not None:
                 bands[ty][:, :, x0:x0 + t] = px.transpose(2, 0, 1)
-            return _encode(px, quality)
+            return bg_jpeg[bg] if bg is not None else _encode(px, quality)
         return job
 
     def level0_jobs():
@@ -1101,9 +1283,9 @@ def write_synthetic_slide(
             f"|Date = 01/01/26|Time = 00:00:00|MPP = {_fmt(mpp)}"
             f"|OriginalWidth = {width}|OriginalHeight = {height}")
     raw_bytes = width * height * 3
-    common = dict(photometric="rgb", metadata=None, resolutionunit="CENTIMETER")
-    tiled = dict(tile=(t, t), compression="jpeg", subsampling=(1, 1),
-                 compressionargs={"level": quality, "outcolorspace": "RGB"}, dtype=np.uint8)
+    common = {"photometric": "rgb", "metadata": None, "resolutionunit": "CENTIMETER"}
+    tiled = {"tile": (t, t), "compression": "jpeg", "subsampling": (1, 1),
+             "compressionargs": {"level": quality, "outcolorspace": "RGB"}, "dtype": np.uint8}
 
     with ThreadPoolExecutor(max_workers=workers) as ex, \
             tifffile.TiffWriter(out, bigtiff=raw_bytes > 2**31) as tw:
@@ -1121,7 +1303,8 @@ def write_synthetic_slide(
         thumb = np.asarray(ti)
         tw.write(thumb, compression="jpeg", compressionargs={"level": 90, "outcolorspace": "RGB"},
                  subsampling=(1, 1), rowsperstrip=16,
-                 description=f"{_APERIO} \r\n{width}x{height} -> {thumb.shape[1]}x{thumb.shape[0]} - {tail}",
+                 description=(f"{_APERIO} \r\n{width}x{height} -> "
+                              f"{thumb.shape[1]}x{thumb.shape[0]} - {tail}"),
                  **common)
         for k in range(1, len(sizes)):
             if k >= len(arrays):
@@ -1147,7 +1330,7 @@ def write_synthetic_slide(
     lesion_mask = scene.lesion_mask(width, height, ds) if lesion else np.zeros(
         (-(-height // ds), -(-width // ds)), bool)
     tissue_mask = scene.tissue_mask(width, height, ds)
-    Image.fromarray((lesion_mask * np.uint8(255)).astype(np.uint8), mode="L").save(mask_path)
+    Image.fromarray(np.where(lesion_mask, 255, 0).astype(np.uint8)).save(mask_path)
     n_tissue = int(tissue_mask.sum())
     lab, n_regions = ndimage.label(lesion_mask)
     bboxes = []
@@ -1192,6 +1375,7 @@ def write_synthetic_slide(
         "mask_shape": list(lesion_mask.shape),
         "lesion_fraction_of_tissue": float(lesion_mask.sum() / max(n_tissue, 1)),
         "tissue_fraction": float(n_tissue / lesion_mask.size),
+        "lesion_regions_planted": int(scene.fields.n_lesions),
         "lesion_regions": int(n_regions),
         "lesion_bboxes_xywh": bboxes,
         "ome_zarr": zarr_path.name if ome_zarr else None,

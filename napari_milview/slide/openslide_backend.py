@@ -6,7 +6,9 @@ still inside it (or at :meth:`OpenSlideBackend.close`).
 
 OpenSlide explains a broken file poorly ("not a slide format", "Invalid TIFF") or not at
 all (it silently stops at a broken image directory, losing the levels after it), so
-:func:`diagnose_tiff` asks tifffile what is wrong with a TIFF's structure.
+:func:`diagnose_tiff` asks tifffile what is wrong with a TIFF's structure. Some corrupt
+TIFFs kill the process inside OpenSlide (SIGFPE, or an abort on a failed allocation), so
+a TIFF is checked with tifffile before OpenSlide opens it, and tile sizes before it reads.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import threading
 import numpy as np
 
 from .pyramid import MAX_SIDE, SlideError, SlideInfo, parse_mpp, validate_levels
-from .tiff_tiles import DIRECT_VENDORS, TiffTiles
+from .tiff_tiles import DIRECT_VENDORS, TiffTiles, TileOutsideFile
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ def _clean(msg: object, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def tiff_problems(path: str) -> tuple[list[str], list[tuple[int, int]]]:
+def tiff_problems(path: str) -> tuple[list[str], list[tuple[int, int, str | None]]]:
     """What is wrong with a TIFF's structure, most telling first, and its tiled pages.
 
     Reads the image directories only (no pixels), at most :data:`MAX_DIAGNOSED_PAGES`;
@@ -59,12 +61,13 @@ def tiff_problems(path: str) -> tuple[list[str], list[tuple[int, int]]]:
     Returns
     -------
     problems : list of str
-    tiled : list of (page index, NewSubfileType) of the tiled pages.
+    tiled : list of (page index, NewSubfileType, problem or None) of the tiled pages; the
+        problem when its size or tile table is corrupt.
     """
     truncated: list[str] = []
     damaged: list[str] = []
     pages: list[str] = []
-    tiled: list[tuple[int, int]] = []
+    tiled: list[tuple[int, int, str | None]] = []
     size = -1
     keep = _KeepRecords()
     logger = logging.getLogger("tifffile")
@@ -95,8 +98,7 @@ def tiff_problems(path: str) -> tuple[list[str], list[tuple[int, int]]]:
                 if ends and max(ends) > size:
                     truncated.append(f"the file is truncated: it is {size} bytes but page {i}'s "
                                      f"data extend to byte {max(ends)}")
-                if page.is_tiled:
-                    tiled.append((i, int(page.subfiletype)))
+                header = None
                 if w <= 0 or h <= 0:
                     pages.append(f"page {i} has zero size ({w} x {h} px)")
                 elif page.is_tiled and page.tilewidth and page.tilelength:
@@ -104,14 +106,16 @@ def tiff_problems(path: str) -> tuple[list[str], list[tuple[int, int]]]:
                     expected = (math.ceil(w / page.tilewidth) * math.ceil(h / page.tilelength)
                                 * max(1, page.imagedepth) * planes)
                     if w > MAX_SIDE or h > MAX_SIDE or len(page.dataoffsets) != expected:
-                        pages.append(
-                            f"page {i} claims {w} x {h} px ({expected} tiles) but lists "
-                            f"{len(page.dataoffsets)} tiles: its header is corrupt")
+                        header = (f"page {i} claims {w} x {h} px ({expected} tiles) but lists "
+                                  f"{len(page.dataoffsets)} tiles: its header is corrupt")
+                        pages.append(header)
                     elif prev is not None and (w > prev[1] or h > prev[2]):
                         pages.append(
                             f"its levels are not ordered by size (page {i}: {w} x {h} px "
                             f"after page {prev[0]}: {prev[1]} x {prev[2]} px)")
                     prev = (i, w, h)
+                if page.is_tiled:
+                    tiled.append((i, int(page.subfiletype), header))
     except Exception as e:  # noqa: BLE001 - a diagnosis never raises
         damaged.append(f"damaged TIFF structure ({_clean(e)})")
     finally:
@@ -123,6 +127,13 @@ def tiff_problems(path: str) -> tuple[list[str], list[tuple[int, int]]]:
         else:
             damaged.insert(0, f"damaged TIFF structure ({_clean(msg)})")
     return truncated + damaged + pages, tiled
+
+
+def _is_tiff_file(path: str) -> bool:
+    try:
+        return _first_ifd_offset(path) is not None
+    except OSError:
+        return False
 
 
 def _first_ifd_offset(path: str) -> int | None:
@@ -182,6 +193,14 @@ class OpenSlideBackend:
         self._retired: list = []
         self._users: dict[int, int] = {}  # id(handle) -> reads in flight on it
         self.reopened = 0
+        # tifffile's view of a TIFF, first: OpenSlide kills the process (SIGFPE in its
+        # open or first read) when a tiled page's size or tile table is corrupt and a
+        # level-0 tile is empty; libtiff pads such a table with empty tiles, so refuse it
+        self._tiff = tiff_problems(self.path) if _is_tiff_file(self.path) else None
+        if self._tiff:
+            header = next((h for _, _, h in self._tiff[1] if h), None)
+            if header:
+                raise SlideError(self.path, header)
         try:
             self._osr = openslide.OpenSlide(self.path)
         except openslide.OpenSlideUnsupportedFormatError:
@@ -212,7 +231,6 @@ class OpenSlideBackend:
             th = int(props.get(f"openslide.level[{i}].tile-height", 0) or 0)
             raw.append(((int(h), int(w)), float(osr.level_downsamples[i]), (th, tw)))
         kept, notes = validate_levels(self.path, raw)
-        self.file_levels = [i for i, _ in kept]
         mx, my = parse_mpp(props.get("openslide.mpp-x")), parse_mpp(props.get("openslide.mpp-y"))
         mpp = (my or mx, mx or my) if (mx or my) else None
         if mpp is None:
@@ -221,8 +239,8 @@ class OpenSlideBackend:
         if vendor in _TILED_PAGE_VENDORS:
             # OpenSlide stops at a broken image directory without a word: compare with tifffile
             # (a generic TIFF's levels after the first are flagged reduced-resolution)
-            problems, tiled = tiff_problems(self.path)
-            n_file = sum(1 for i, subtype in tiled
+            problems, tiled = self._tiff or tiff_problems(self.path)
+            n_file = sum(1 for i, subtype, _ in tiled
                          if vendor == "aperio" or i == 0 or subtype & 1)
             if n_file > osr.level_count:
                 why = f" ({problems[0]})" if problems else ""
@@ -231,6 +249,7 @@ class OpenSlideBackend:
             cut = next((m for m in problems if m.startswith("the file is truncated")), None)
             if cut:
                 notes.append(f"{cut}; tiles and associated images past its end cannot be read")
+        self.file_levels = [i for i, _ in kept]
         power = parse_mpp(props.get("openslide.objective-power"))
         self.info = SlideInfo(
             path=self.path,
@@ -268,6 +287,8 @@ class OpenSlideBackend:
                 and h <= lv.tile[0] and w <= lv.tile[1]:
             try:
                 tile = self._tiles.read_tile(level, y // lv.tile[0], x // lv.tile[1], h, w)
+            except TileOutsideFile:
+                raise  # a bad tile; OpenSlide would first allocate what the table claims
             except Exception:  # noqa: BLE001 - let OpenSlide have its say on this tile
                 tile = None
             if tile is not None:

@@ -15,6 +15,12 @@ from typing import Any
 MAX_SIDE = 2**31 - 1
 #: More level-0 pixels than this (a 1,000,000 x 1,000,000 image) is refused outright.
 MAX_PIXELS = 10**12
+#: A tile (or chunk) of more pixels than this is a corrupt header: decoding one would
+#: allocate gigabytes, and OpenSlide aborts the whole process when an allocation fails.
+MAX_TILE_PIXELS = 2**26
+#: Dask chunks are at least this many pixels a side (a whole multiple of a smaller native
+#: tile): a file claiming 1 x 1 tiles must not turn one viewport into 10^5 reads.
+MIN_TILE = 64
 
 MPP_SOURCES = ("vendor", "tiff-resolution", "user", "none")
 
@@ -176,14 +182,20 @@ def validate_levels(
         if h <= 0 or w <= 0:
             notes.append(f"level {i} has zero size ({w} x {h} px) and was skipped")
             continue
+        if int(th) * int(tw) > MAX_TILE_PIXELS:
+            problem = f"level {i} claims tiles of {tw} x {th} px, too large to decode"
+            if i == 0:
+                raise SlideError(path, f"{problem}; the header is probably corrupt")
+            notes.append(f"{problem}, and was skipped")
+            continue
         if kept and not (h < kept[-1][1].shape[0] or w < kept[-1][1].shape[1]):
             notes.append(f"level {i} ({w} x {h} px) does not shrink and was skipped")
             continue
         if kept and (h > kept[-1][1].shape[0] or w > kept[-1][1].shape[1]):
             notes.append(f"level {i} ({w} x {h} px) is out of order and was skipped")
             continue
-        th = max(1, min(int(th), h)) if th > 0 else min(512, h)
-        tw = max(1, min(int(tw), w)) if tw > 0 else min(512, w)
+        th = min(-(-MIN_TILE // int(th)) * int(th), h) if th > 0 else min(512, h)
+        tw = min(-(-MIN_TILE // int(tw)) * int(tw), w) if tw > 0 else min(512, w)
         ds = float(ds) if ds and math.isfinite(ds) and ds >= 1 else max(h0 / h, w0 / w)
         kept.append((i, Level((int(h), int(w)), ds, (th, tw))))
     return kept, notes

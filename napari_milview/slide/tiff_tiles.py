@@ -22,6 +22,12 @@ import numpy as np
 DIRECT_VENDORS = ("aperio", "generic-tiff")
 
 
+class TileOutsideFile(OSError):
+    """A tile's offset and byte count point past the end of the file (truncated or corrupt
+    tile table): the tile is bad, and OpenSlide must not be asked, since it would first
+    allocate the byte count the table claims."""
+
+
 @dataclass
 class _PageTiles:
     offsets: tuple[int, ...]
@@ -30,6 +36,7 @@ class _PageTiles:
     tile: tuple[int, int]  # (th, tw)
     decode: object  # tifffile's per-page decode function
     jpegtables: bytes | None
+    page_tile: tuple[int, int] = (0, 0)  # (TileLength, TileWidth): what each JPEG must be
 
 
 class TiffTiles:
@@ -73,6 +80,7 @@ class TiffTiles:
                         tuple(int(o) for o in page.dataoffsets),
                         tuple(int(n) for n in page.databytecounts),
                         cols, tile, page.decode, page.jpegtables,
+                        (int(page.tilelength), int(page.tilewidth)),
                     ))
         except BaseException:
             os.close(self._fd)
@@ -89,6 +97,8 @@ class TiffTiles:
 
         Raises
         ------
+        TileOutsideFile
+            When the tile table points past the end of the file.
         Exception
             Whatever the decoder raises for corrupt data, or OSError for a short read.
         """
@@ -98,14 +108,14 @@ class TiffTiles:
         if not offset or not count:
             return None
         if offset + count > self._size:  # never allocate what a corrupt byte count claims
-            raise OSError(f"tile {index} of level {level} claims {count} bytes at {offset}, "
-                          f"past the end of the file ({self._size} bytes)")
+            raise TileOutsideFile(f"tile {index} of level {level} claims {count} bytes at "
+                                  f"{offset}, past the end of the file ({self._size} bytes)")
         data = os.pread(self._fd, count, offset)
         if len(data) != count:
             raise OSError(f"short read: tile {index} of level {level} wants {count} bytes at "
                           f"{offset}, the file is {self._size} bytes")
         if data[:2] == b"\xff\xd8":
-            check_jpeg_stream(data)
+            check_jpeg_stream(data, pt.page_tile)
         seg, _, _ = pt.decode(data, index, jpegtables=pt.jpegtables)
         if seg is None:
             return None
@@ -125,10 +135,14 @@ class TiffTiles:
 # and in a progressive stream the next scan's DHT (C4), SOS (DA) or DRI (DD).
 _OK_AFTER_FF = np.zeros(256, bool)
 _OK_AFTER_FF[[0x00, 0xFF, 0xC4, 0xDA, 0xDD, *range(0xD0, 0xD8)]] = True
+#: Start-of-frame markers (baseline, extended, progressive, lossless; not DHT/JPG/DAC).
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD,
+                          0xCE, 0xCF})
 
 
-def check_jpeg_stream(data: bytes) -> None:
-    """Raise ValueError for a JPEG stream that is visibly cut or corrupt.
+def check_jpeg_stream(data: bytes, shape: tuple[int, int] | None = None) -> None:
+    """Raise ValueError for a JPEG stream that is visibly cut or corrupt, or whose frame
+    header (SOF) is not ``shape`` = (height, width) when given.
 
     libjpeg reports a damaged stream ("Corrupt JPEG data: premature end of data
     segment") as a *warning*, which OpenSlide turns into an error but imagecodecs
@@ -136,7 +150,8 @@ def check_jpeg_stream(data: bytes) -> None:
     catches what can be seen without decoding: no EOI marker at the end (a cut tile), a
     broken header, or a marker inside the entropy-coded data. A caller falls back to
     OpenSlide, which then reports the tile. Bit flips inside the Huffman data are not
-    caught here.
+    caught here. The frame size is checked before decoding because the decoder allocates
+    what the header claims (a corrupt one can claim 65535 x 65535 px: 12 GB).
     """
     n = len(data)
     if n < 4 or data[:2] != b"\xff\xd8":
@@ -153,6 +168,12 @@ def check_jpeg_stream(data: bytes) -> None:
             continue
         if marker in (0xD8, 0xD9) or 0xD0 <= marker <= 0xD7:
             raise ValueError(f"corrupt JPEG header: marker 0xFF{marker:02X} at byte {i}")
+        if shape is not None and marker in _SOF_MARKERS and i + 9 <= n:
+            h = int.from_bytes(data[i + 5:i + 7], "big")
+            w = int.from_bytes(data[i + 7:i + 9], "big")
+            if (h, w) != tuple(shape):
+                raise ValueError(f"JPEG frame is {w} x {h} px, the TIFF tile {shape[1]} x "
+                                 f"{shape[0]} px")
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
         if marker == 0xDA:
             break

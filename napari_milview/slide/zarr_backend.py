@@ -14,6 +14,9 @@ import numpy as np
 
 from .pyramid import SlideError, SlideInfo, parse_mpp, validate_levels
 
+#: Smallest y/x chunk edge streamed (unless the level itself is smaller).
+MIN_CHUNK = 16
+
 _UNIT_TO_UM = {"micrometer": 1.0, "micron": 1.0, "um": 1.0, "µm": 1.0,
                "nanometer": 1e-3, "nm": 1e-3, "millimeter": 1e3, "mm": 1e3}
 
@@ -81,10 +84,14 @@ class OmeZarrBackend:
             raise SlideError(self.path, f"pixel type {a0.dtype}; uint8 or uint16 is needed")
         iy, ix = axes.index("y"), axes.index("x")
         raw = []
-        for arr in self._arrays:
+        for k, arr in enumerate(self._arrays):
             chunks = arr.chunks
-            raw.append(((int(arr.shape[iy]), int(arr.shape[ix])), 0.0,
-                        (int(chunks[iy]), int(chunks[ix]))))
+            ch, cw = int(chunks[iy]), int(chunks[ix])
+            if ch < min(MIN_CHUNK, int(arr.shape[iy])) or cw < min(MIN_CHUNK, int(arr.shape[ix])):
+                # one file per few pixels: a viewport would take millions of reads
+                raise SlideError(self.path, f"level {k} is stored in chunks of {cw} x {ch} px; "
+                                 f"streaming needs chunks of at least {MIN_CHUNK} x {MIN_CHUNK} px")
+            raw.append(((int(arr.shape[iy]), int(arr.shape[ix])), 0.0, (ch, cw)))
         kept, notes = validate_levels(self.path, raw)
         self._arrays = [self._arrays[i] for i, _ in kept]
         mpp, unit = None, None
