@@ -1,0 +1,254 @@
+"""CLAM-SB and CLAM-MB (mahmoodlab/CLAM, current layout), gated attention.
+
+Reimplemented from ``reference/algorithms.md`` section 2.2-2.4 (CLAM is GPLv3: no code
+was copied). Forward for a bag ``x`` [N, in_dim]::
+
+    h     = Dropout(ReLU(attention_net.0 x))                           [N, hidden]
+    A_raw = attention_c(tanh(attention_a h) * sigmoid(attention_b h))^T   [K, N]
+    A     = softmax_N(A_raw);  M = A h                                  [K, hidden]
+    SB: logits = classifiers(M[0])                 (K = 1)
+    MB: logits[c] = classifiers[c](M[c])           (K = n_classes)
+
+CLAM's own heatmaps use the *raw* scores (``A_raw``; for MB the predicted class's row)
+converted to rank percentiles, so raw sources are exposed next to the softmax ones.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import MILModel, MILOutput, _count_indexed, _shape, _strip_common_prefix, register_model
+
+__all__ = ["CLAM_MB", "CLAM_SB", "CLAM_SIZES"]
+
+#: ``size_arg`` -> (hidden, attention) sizes of the official code
+CLAM_SIZES: dict[str, tuple[int, int]] = {"small": (512, 256), "big": (512, 384)}
+
+_GATED = "attention_net.3"
+
+
+class _GatedAttentionNet(nn.Module):
+    """CLAM ``Attn_Net_Gated``: keys ``attention_a.0.*``, ``attention_b.0.*`` ([D, L] / [D]),
+    ``attention_c.*`` ([K, D] / [K]). Returns raw logits ``[N, K]``."""
+
+    def __init__(self, L: int, D: int, K: int, dropout: float) -> None:
+        super().__init__()
+        self.attention_a = nn.Sequential(nn.Linear(L, D), nn.Tanh(), nn.Dropout(dropout))
+        self.attention_b = nn.Sequential(nn.Linear(L, D), nn.Sigmoid(), nn.Dropout(dropout))
+        self.attention_c = nn.Linear(D, K)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h: [N, L] -> logits [N, K]"""
+        return self.attention_c(self.attention_a(h) * self.attention_b(h))
+
+
+class _ClamBase(MILModel):
+    multi_branch: bool = False
+
+    def __init__(self, in_dim: int, n_classes: int, size_arg: str, hidden_dim: int | None,
+                 attn_dim: int | None, dropout: float, k_sample: int) -> None:
+        super().__init__()
+        if size_arg not in CLAM_SIZES:
+            raise ValueError(f"size_arg must be one of {sorted(CLAM_SIZES)}, got {size_arg!r}")
+        hid, att = CLAM_SIZES[size_arg]
+        hid = hid if hidden_dim is None else int(hidden_dim)
+        att = att if attn_dim is None else int(attn_dim)
+        hp: dict[str, Any] = {"in_dim": in_dim, "n_classes": n_classes, "size_arg": size_arg}
+        if (hid, att) != CLAM_SIZES[size_arg]:
+            hp.update(hidden_dim=hid, attn_dim=att)
+        hp.update(dropout=dropout, k_sample=k_sample)
+        self._set_hparams(**hp)
+        self.hidden_dim, self.attn_dim, self.k_sample = hid, att, k_sample
+        k = n_classes if self.multi_branch else 1
+        self.attention_net = nn.Sequential(
+            nn.Linear(in_dim, hid), nn.ReLU(), nn.Dropout(dropout),
+            _GatedAttentionNet(hid, att, k, dropout))
+        if self.multi_branch:
+            self.classifiers = nn.ModuleList(nn.Linear(hid, 1) for _ in range(n_classes))
+        else:
+            self.classifiers = nn.Linear(hid, n_classes)
+        self.instance_classifiers = nn.ModuleList(nn.Linear(hid, 2) for _ in range(n_classes))
+
+    # -- pieces -----------------------------------------------------------------------------
+    def _attention(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: [N, in_dim] -> (A_raw [K, N], h [N, hidden])"""
+        h = self.attention_net[2](self.attention_net[1](self.attention_net[0](x)))
+        return self.attention_net[3](h).transpose(0, 1), h
+
+    def _instance_sources(self, h: Tensor) -> dict[str, Tensor]:
+        out = {}
+        for c, clf in enumerate(self.instance_classifiers):
+            out[f"instance/{c}"] = torch.softmax(clf(h), dim=-1)[:, 1]
+        return out
+
+    # -- state dict -------------------------------------------------------------------------
+    @classmethod
+    def remap_state_dict(cls, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """CLAM's loader normalisation plus the legacy index.
+
+        * keys containing ``instance_loss_fn`` are dropped (SmoothTop1SVM buffer);
+        * ``.module`` is removed (old multi-GPU runs: ``attention_net.module.0.weight``);
+        * legacy CLAM (< April 2024, trained without dropout) stored the gated net at
+          ``attention_net.2``: renamed to ``attention_net.3``.
+        """
+        sd = _strip_common_prefix(dict(sd), "module.")
+        out = {}
+        for k, v in sd.items():
+            if "instance_loss_fn" in k:
+                continue
+            out[k.replace(".module", "")] = v
+        if ("attention_net.2.attention_c.weight" in out
+                and "attention_net.3.attention_c.weight" not in out):
+            out = {re.sub(r"^attention_net\.2\.", "attention_net.3.", k): v
+                   for k, v in out.items()}
+        return out
+
+    @classmethod
+    def _common_hparams(cls, sd: Mapping[str, Tensor]) -> dict[str, Any]:
+        name = cls.__name__
+        hid, in_dim = _shape(sd, "attention_net.0.weight", name)
+        att, hid2 = _shape(sd, f"{_GATED}.attention_a.0.weight", name)
+        k, att2 = _shape(sd, f"{_GATED}.attention_c.weight", name)
+        if hid2 != hid or att2 != att:
+            raise ValueError(f"inconsistent {name} state_dict shapes")
+        size = next((s for s, v in CLAM_SIZES.items() if v == (hid, att)), None)
+        hp: dict[str, Any] = {"in_dim": in_dim}
+        if size is None:  # e.g. ACMIL's CLAM copy: [D_feat, D_inner, 128]
+            hp.update(size_arg="small", hidden_dim=hid, attn_dim=att)
+        else:
+            hp.update(size_arg=size)
+        hp["_k"] = k
+        return hp
+
+
+@register_model
+class CLAM_SB(_ClamBase):
+    """CLAM single-branch (gated attention).
+
+    Parameters
+    ----------
+    in_dim : int
+        Feature dimension (CLAM ``embed_dim``, 1024 for ResNet50-trunc).
+    n_classes : int
+    size_arg : {"small", "big"}
+        (hidden, attention) = (512, 256) or (512, 384).
+    hidden_dim, attn_dim : int, optional
+        Override the sizes (e.g. ACMIL's CLAM copy uses (D_inner, 128)).
+    dropout : float
+        Dropout after the first layer and in the attention branches (eval: off).
+    k_sample : int
+        Instances sampled for the (training-only) instance loss; not used at inference.
+
+    State dict (in 1024, small, C 2)
+    --------------------------------
+    ``attention_net.0.weight`` [512, 1024], ``attention_net.0.bias`` [512],
+    ``attention_net.3.attention_a.0.weight`` [256, 512], ``...attention_a.0.bias`` [256],
+    ``attention_net.3.attention_b.0.weight`` [256, 512], ``...attention_b.0.bias`` [256],
+    ``attention_net.3.attention_c.weight`` [1, 256], ``attention_net.3.attention_c.bias`` [1],
+    ``classifiers.weight`` [2, 512], ``classifiers.bias`` [2],
+    ``instance_classifiers.{c}.weight`` [2, 512], ``instance_classifiers.{c}.bias`` [2].
+
+    Attention sources
+    -----------------
+    ``"attention"`` softmax attention (default); ``"raw/attention"`` the pre-softmax score
+    CLAM stores in its blockmaps; ``"instance/{c}"`` instance-classifier probability of
+    class ``c`` (an extra overlay, not CLAM's heatmap).
+    """
+
+    arch = "clam_sb"
+    multi_branch = False
+
+    def __init__(self, in_dim: int = 1024, n_classes: int = 2, size_arg: str = "small",
+                 hidden_dim: int | None = None, attn_dim: int | None = None,
+                 dropout: float = 0.0, k_sample: int = 8) -> None:
+        super().__init__(in_dim, n_classes, size_arg, hidden_dim, attn_dim, dropout, k_sample)
+
+    def _forward(self, x: Tensor, with_sources: bool) -> MILOutput:
+        raw, h = self._attention(x)  # [1, N], [N, hid]
+        a = torch.softmax(raw, dim=1)
+        logits = self.classifiers(a @ h)[0]  # [C]
+        sources: dict[str, Tensor] = {}
+        if with_sources:
+            sources = {"attention": a[0], "raw/attention": raw[0], **self._instance_sources(h)}
+        return MILOutput(logits=logits, sources=sources, default_source="attention")
+
+    @classmethod
+    def matches_state_dict(cls, sd: Mapping[str, Tensor]) -> bool:
+        return ("attention_net.0.weight" in sd and f"{_GATED}.attention_c.weight" in sd
+                and "classifiers.weight" in sd)
+
+    @classmethod
+    def hparams_from_state_dict(cls, sd: Mapping[str, Tensor]) -> dict[str, Any]:
+        hp = cls._common_hparams(sd)
+        k = hp.pop("_k")
+        n_classes, _ = _shape(sd, "classifiers.weight", "CLAM_SB")
+        if k != 1:
+            raise ValueError(f"CLAM_SB state_dict with {k} attention branches (a multi-token "
+                             "variant such as ACMIL's CLAM copy is not supported)")
+        hp["n_classes"] = n_classes
+        return hp
+
+
+@register_model
+class CLAM_MB(_ClamBase):
+    """CLAM multi-branch: one gated attention branch and one Linear(hidden, 1) per class.
+
+    Parameters are those of :class:`CLAM_SB`.
+
+    State dict (in 1024, small, C classes)
+    --------------------------------------
+    As CLAM_SB except ``attention_net.3.attention_c.weight`` [C, 256] / ``.bias`` [C],
+    ``classifiers.{c}.weight`` [1, 512], ``classifiers.{c}.bias`` [1].
+
+    Attention sources
+    -----------------
+    ``"class/{c}"`` softmax attention of class ``c``'s branch; ``"raw/class/{c}"`` its
+    pre-softmax score; ``"instance/{c}"`` as CLAM_SB. Default: ``"class/{argmax logits}"``,
+    the predicted class's branch (as CLAM's heatmap script).
+    """
+
+    arch = "clam_mb"
+    multi_branch = True
+
+    def __init__(self, in_dim: int = 1024, n_classes: int = 2, size_arg: str = "small",
+                 hidden_dim: int | None = None, attn_dim: int | None = None,
+                 dropout: float = 0.0, k_sample: int = 8) -> None:
+        super().__init__(in_dim, n_classes, size_arg, hidden_dim, attn_dim, dropout, k_sample)
+
+    def _forward(self, x: Tensor, with_sources: bool) -> MILOutput:
+        raw, h = self._attention(x)  # [C, N], [N, hid]
+        a = torch.softmax(raw, dim=1)
+        m = a @ h  # [C, hid]
+        w = torch.cat([c.weight for c in self.classifiers], dim=0)  # [C, hid]
+        b = torch.cat([c.bias for c in self.classifiers], dim=0)  # [C]
+        logits = (m * w).sum(dim=1) + b
+        pred = int(torch.argmax(logits).item())
+        sources: dict[str, Tensor] = {}
+        if with_sources:
+            for c in range(self.n_classes):
+                sources[f"class/{c}"] = a[c]
+            for c in range(self.n_classes):
+                sources[f"raw/class/{c}"] = raw[c]
+            sources.update(self._instance_sources(h))
+        return MILOutput(logits=logits, sources=sources, default_source=f"class/{pred}")
+
+    @classmethod
+    def matches_state_dict(cls, sd: Mapping[str, Tensor]) -> bool:
+        return ("attention_net.0.weight" in sd and f"{_GATED}.attention_c.weight" in sd
+                and "classifiers.0.weight" in sd)
+
+    @classmethod
+    def hparams_from_state_dict(cls, sd: Mapping[str, Tensor]) -> dict[str, Any]:
+        hp = cls._common_hparams(sd)
+        k = hp.pop("_k")
+        n_cls = _count_indexed(sd, "classifiers.")
+        if n_cls != k:
+            raise ValueError(f"CLAM_MB state_dict: {k} attention branches but {n_cls} "
+                             "classifiers")
+        hp["n_classes"] = k
+        return hp

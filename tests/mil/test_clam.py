@@ -1,0 +1,157 @@
+"""CLAM-SB / CLAM-MB: official layout, legacy layouts, pooling, MB branch choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_milview.mil import CLAM_MB, CLAM_SB, build_from_state_dict, build_model, detect_arch
+
+
+def _sb_table(embed=1024, hid=512, att=256, n_classes=2):
+    """reference/algorithms.md 2.2 (current key names)."""
+    t = {
+        "attention_net.0.weight": (hid, embed),
+        "attention_net.0.bias": (hid,),
+        "attention_net.3.attention_a.0.weight": (att, hid),
+        "attention_net.3.attention_a.0.bias": (att,),
+        "attention_net.3.attention_b.0.weight": (att, hid),
+        "attention_net.3.attention_b.0.bias": (att,),
+        "attention_net.3.attention_c.weight": (1, att),
+        "attention_net.3.attention_c.bias": (1,),
+        "classifiers.weight": (n_classes, hid),
+        "classifiers.bias": (n_classes,),
+    }
+    for c in range(n_classes):
+        t[f"instance_classifiers.{c}.weight"] = (2, hid)
+        t[f"instance_classifiers.{c}.bias"] = (2,)
+    return t
+
+
+def _mb_table(embed=1024, hid=512, att=256, n_classes=3):
+    t = _sb_table(embed, hid, att, n_classes)
+    t["attention_net.3.attention_c.weight"] = (n_classes, att)
+    t["attention_net.3.attention_c.bias"] = (n_classes,)
+    del t["classifiers.weight"], t["classifiers.bias"]
+    for c in range(n_classes):
+        t[f"classifiers.{c}.weight"] = (1, hid)
+        t[f"classifiers.{c}.bias"] = (1,)
+    return t
+
+
+def _random_sd(table, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=g) * 0.05 for k, shape in table.items()}
+
+
+def _shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("size,att", [("small", 256), ("big", 384)])
+def test_sb_keys_shapes_round_trip(size, att):
+    table = _sb_table(att=att)
+    assert _shapes(CLAM_SB(in_dim=1024, n_classes=2, size_arg=size)) == table
+    sd = _random_sd(table)
+    assert detect_arch(sd) == "clam_sb"
+    hp = CLAM_SB.hparams_from_state_dict(sd)
+    assert hp == {"in_dim": 1024, "size_arg": size, "n_classes": 2}
+    build_model("clam_sb", **hp).load_state_dict(sd, strict=True)
+
+
+def test_mb_keys_shapes_round_trip():
+    table = _mb_table(n_classes=3)
+    assert _shapes(CLAM_MB(in_dim=1024, n_classes=3)) == table
+    sd = _random_sd(table)
+    assert detect_arch(sd) == "clam_mb"
+    hp = CLAM_MB.hparams_from_state_dict(sd)
+    assert hp == {"in_dim": 1024, "size_arg": "small", "n_classes": 3}
+    build_model("clam_mb", **hp).load_state_dict(sd, strict=True)
+
+
+def test_nonstandard_sizes_round_trip():
+    """ACMIL's CLAM copy: size small = [D_feat, D_inner, 128]."""
+    table = _sb_table(embed=384, hid=128, att=128, n_classes=2)
+    sd = _random_sd(table)
+    hp = CLAM_SB.hparams_from_state_dict(sd)
+    assert hp == {"in_dim": 384, "size_arg": "small", "hidden_dim": 128, "attn_dim": 128,
+                  "n_classes": 2}
+    build_model("clam_sb", **hp).load_state_dict(sd, strict=True)
+
+
+def test_demo_checkpoint_layout_is_remapped():
+    """Old multi-GPU CLAM_SB checkpoint: '.module' infix and an instance_loss_fn buffer."""
+    sd = _random_sd(_sb_table())
+    demo = {}
+    for k, v in sd.items():
+        demo[k.replace("attention_net.", "attention_net.module.")] = v
+    demo["instance_loss_fn.labels"] = torch.arange(2)
+    assert "attention_net.module.3.attention_a.0.weight" in demo
+    remapped = CLAM_SB.remap_state_dict(demo)
+    assert remapped.keys() == sd.keys()
+    model = build_from_state_dict(demo)  # detects through the remap
+    assert isinstance(model, CLAM_SB)
+    torch.testing.assert_close(model.attention_net[0].weight, sd["attention_net.0.weight"])
+
+
+def test_legacy_index_2_is_remapped():
+    sd = _random_sd(_mb_table(n_classes=2))
+    legacy = {k.replace("attention_net.3.", "attention_net.2."): v for k, v in sd.items()}
+    assert CLAM_MB.remap_state_dict(legacy).keys() == sd.keys()
+    assert isinstance(build_from_state_dict(legacy), CLAM_MB)
+
+
+def test_sb_pooling_and_sources():
+    torch.manual_seed(0)
+    m = CLAM_SB(in_dim=10, n_classes=3, hidden_dim=8, attn_dim=4, dropout=0.25).eval()
+    x = torch.randn(6, 10)
+    out = m.forward_attention(x)
+    h = torch.relu(m.attention_net[0](x))
+    g = m.attention_net[3]
+    raw = g.attention_c(torch.tanh(g.attention_a[0](h)) * torch.sigmoid(g.attention_b[0](h)))
+    a = torch.softmax(raw[:, 0], dim=0)
+    torch.testing.assert_close(out.sources["raw/attention"], raw[:, 0])
+    torch.testing.assert_close(out.sources["attention"], a)
+    torch.testing.assert_close(out.logits, m.classifiers(a @ h))
+    assert out.default_source == "attention"
+    for c in range(3):
+        p = torch.softmax(m.instance_classifiers[c](h), dim=-1)[:, 1]
+        torch.testing.assert_close(out.sources[f"instance/{c}"], p)
+    torch.testing.assert_close(m(x), out.logits)  # dropout is off in eval
+
+
+@pytest.mark.parametrize("winner", [0, 1, 2])
+def test_mb_default_is_predicted_class_branch(winner):
+    torch.manual_seed(winner)
+    m = CLAM_MB(in_dim=10, n_classes=3, hidden_dim=8, attn_dim=4).eval()
+    with torch.no_grad():
+        for c, clf in enumerate(m.classifiers):
+            clf.weight.zero_()
+            clf.bias.fill_(5.0 if c == winner else float(c) * 0.1)
+    out = m.forward_attention(torch.randn(7, 10))
+    assert out.prediction == winner
+    assert out.default_source == f"class/{winner}"
+    assert set(out.sources) == {f"{p}/{c}" for p in ("class", "raw/class", "instance")
+                                for c in range(3)}
+    for c in range(3):
+        torch.testing.assert_close(out.sources[f"class/{c}"],
+                                   torch.softmax(out.sources[f"raw/class/{c}"], dim=0))
+
+
+def test_mb_logits_use_own_branch():
+    torch.manual_seed(3)
+    m = CLAM_MB(in_dim=10, n_classes=3, hidden_dim=8, attn_dim=4).eval()
+    x = torch.randn(5, 10)
+    out = m.forward_attention(x)
+    h = torch.relu(m.attention_net[0](x))
+    for c in range(3):
+        mc = out.sources[f"class/{c}"] @ h
+        torch.testing.assert_close(out.logits[c], m.classifiers[c](mc)[0])
+
+
+def test_sb_rejects_multi_token_variant():
+    table = _sb_table(embed=16, hid=8, att=4)
+    table["attention_net.3.attention_c.weight"] = (5, 4)
+    table["attention_net.3.attention_c.bias"] = (5,)
+    with pytest.raises(ValueError, match="attention branches"):
+        CLAM_SB.hparams_from_state_dict(_random_sd(table))
