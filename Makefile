@@ -37,7 +37,7 @@ test-data: $(REAL_SLIDE)  ## the real Aperio CMU-1-Small-Region slide, hash-chec
 test: system-deps install test-data  ## the whole test suite, headless (Xvfb)
 	$(VENV)/bin/npe2 validate napari-milview --imports
 	$(XVFB) $(PY) -m pytest
-	QT_API=pyqt6 $(XVFB) $(PY) -m pytest -q tests/test_qt_bindings.py
+	QT_API=pyqt6 PYTEST_QT_API=pyqt6 $(XVFB) $(PY) -m pytest -q tests/test_qt_bindings.py
 
 demo: system-deps install  ## napari on the bundled synthetic slide (headless: a screenshot)
 	@if [ -n "$$DISPLAY" ]; then $(VENV)/bin/milview demo; \
