@@ -1,0 +1,1 @@
+"""napari dock widgets (Qt through qtpy); the engine itself never imports Qt."""
