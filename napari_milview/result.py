@@ -18,15 +18,15 @@ Writes go to a temporary name in the same folder and are renamed into place (ato
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from ._io import atomic_write
 
 __all__ = ["FORMAT_NAME", "VERSION", "Result", "ResultError", "load_result", "save_result"]
 
@@ -175,8 +175,8 @@ def save_result(result: Result, path: str | os.PathLike) -> Path:
         result.validate()
     except ResultError as e:
         raise ResultError(dest, f"not written: {e.problem}") from None
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("coords", data=result.coords.astype(np.int64, copy=False))
             f.create_dataset("attention", data=result.attention())
@@ -203,14 +203,8 @@ def save_result(result: Result, path: str | os.PathLike) -> Path:
                 value = getattr(result, key)
                 if value is not None:
                     a[key] = str(value)
-        with open(tmp, "rb") as fh:  # the data is on disk before the name points at it
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return dest
+
+    return atomic_write(dest, write)
 
 
 def _json_default(o: Any) -> Any:

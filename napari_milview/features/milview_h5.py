@@ -14,12 +14,11 @@ Writes go to a temporary name in the same folder and are renamed into place (ato
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
+from .._io import atomic_write
 from . import _h5
 from .bag import Bag, BagError, _as_features
 from .patches import resolve_extent, resolve_mpp
@@ -50,9 +49,9 @@ def save_bag(bag: Bag, path: str | os.PathLike, *, slide: str | os.PathLike | No
     dest = Path(path)
     if not dest.parent.is_dir():
         raise BagError(dest, f"folder {dest.parent} does not exist")
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     slide = slide if slide is not None else bag.meta.get("slide")
-    try:
+
+    def write(tmp: Path) -> None:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("features", data=bag.features.astype("float32", copy=False))
             coords = f.create_dataset("coords", data=bag.coords.astype("int64", copy=False))
@@ -71,14 +70,8 @@ def save_bag(bag: Bag, path: str | os.PathLike, *, slide: str | os.PathLike | No
             label = bag.meta.get("label")
             if isinstance(label, int | float | str) and not isinstance(label, bool):
                 f.attrs["label"] = label
-        with open(tmp, "rb") as fh:  # the data is on disk before the name points at it
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return dest
+
+    return atomic_write(dest, write)
 
 
 def read_milview_h5(path: str | os.PathLike, *, patch_size_level0: int | None = None,

@@ -50,14 +50,12 @@ from __future__ import annotations
 
 import _compat_pickle
 import argparse
-import contextlib
 import io
 import json
 import math
 import os
 import pickle
 import pickletools
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -66,6 +64,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .._io import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from napari_milview.mil.base import MILModel, ModelCard
@@ -247,7 +247,7 @@ def unsafe_globals(path: str | os.PathLike) -> list[str]:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
                 pkls = [n for n in zf.namelist()
-                        if n.endswith("data.pkl") or n.endswith(".pkl")]
+                        if n.endswith(".pkl")]
                 data = b"".join(zf.read(n) for n in pkls[:4])
         else:
             with open(path, "rb") as fh:
@@ -990,19 +990,6 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (same directory)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_model(model: MILModel, card: ModelCard, path: str | os.PathLike) -> Path:
     """Write a model as safetensors with its card, plus a ``<stem>.json`` sidecar.
 
@@ -1051,8 +1038,8 @@ def save_model(model: MILModel, card: ModelCard, path: str | os.PathLike) -> Pat
                for k, v in model.state_dict().items()}
     metadata = {"format": "pt", "milview": text}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-    _atomic_write(sidecar_path(path),
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(sidecar_path(path),
                   lambda tmp: tmp.write_text(json.dumps(d, default=_json_default, indent=2,
                                                         sort_keys=True) + "\n",
                                              encoding="utf-8"))

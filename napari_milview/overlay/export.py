@@ -17,19 +17,17 @@ Every file is written to a temporary name in its folder and renamed into place (
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import secrets
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .._io import atomic_write
 from .heatmap import heatmap_grid, heatmap_layer
 from .normalise import _method, normalise
 from .topk import select, topk_layer
@@ -44,28 +42,6 @@ __all__ = ["SIDECAR_FORMAT", "SIDECAR_SUFFIX", "atomic_write", "layers_from_side
 SIDECAR_FORMAT = "napari-milview-sidecar"
 SIDECAR_SUFFIX = ".milview.json"
 SIDECAR_VERSION = 1
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call ``write(tmp)`` for a temporary path in ``path``'s folder, then rename onto ``path``.
-
-    Raises
-    ------
-    FileNotFoundError
-        The folder does not exist (the message names it).
-    """
-    dest = Path(path)
-    if not dest.parent.is_dir():
-        raise FileNotFoundError(f"{dest}: folder {dest.parent} does not exist")
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return dest
 
 
 # --------------------------------------------------------------------------------------------
