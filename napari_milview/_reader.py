@@ -26,6 +26,14 @@ def napari_get_reader(path: Any):
         return None
 
 
+def is_slide_layer(layer) -> bool:
+    """True for a layer made by :func:`layer_data`: its ``metadata["slide"]`` is the live
+    :class:`~napari_milview.slide.Slide`."""
+    from .slide.core import Slide
+
+    return isinstance(getattr(layer, "metadata", {}).get("slide"), Slide)
+
+
 def layer_data(slide) -> tuple[list, dict, str]:
     """The (data, kwargs, 'image') tuple napari adds for an opened :class:`Slide`."""
     info = slide.info

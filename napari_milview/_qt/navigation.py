@@ -45,6 +45,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .._reader import is_slide_layer
+
 #: The magnification buttons, as on a microscope's nosepiece.
 MAGNIFICATIONS = (1.25, 5.0, 10.0, 20.0, 40.0)
 #: At most one minimap/readout update per this many milliseconds of camera events.
@@ -53,7 +55,7 @@ THROTTLE_MS = 30
 
 # ----------------------------------------------------------------- napari accessors
 # napari 0.9 moved these (viewer.camera -> viewer.scene.camera, ...); older ones lack the new.
-def _camera(viewer):
+def viewer_camera(viewer):
     scene = getattr(viewer, "scene", None)
     return scene.camera if scene is not None else viewer.camera
 
@@ -63,17 +65,12 @@ def _scale_bar(viewer):
     return overlays.scale_bar if overlays is not None else viewer.scale_bar
 
 
-def _viewbox_size(viewer) -> tuple[float, float]:
+def viewbox_size(viewer) -> tuple[float, float]:
     """(height, width) of the canvas view in screen (logical) pixels."""
     canvas = getattr(viewer, "canvas", None)
     if canvas is not None and hasattr(canvas, "viewbox_size"):
         return tuple(canvas.viewbox_size(viewer.layers))
     return tuple(viewer._canvas_size)
-
-
-def is_slide_layer(layer) -> bool:
-    """True for a layer made by our reader (its metadata holds the live ``Slide``)."""
-    return getattr(layer, "metadata", {}).get("slide") is not None
 
 
 # ------------------------------------------------------------------ magnification
@@ -316,7 +313,7 @@ class NavigationWidget(QWidget):
         layout.addLayout(grid)
         layout.addStretch(1)
 
-        cam = _camera(napari_viewer)
+        cam = viewer_camera(napari_viewer)
         self._connect(cam.events.center, self._schedule)
         self._connect(cam.events.zoom, self._schedule)
         size_events = getattr(getattr(napari_viewer, "canvas", None), "events", None)
@@ -405,7 +402,7 @@ class NavigationWidget(QWidget):
     # ------------------------------------------------------------ geometry
     def _screen_per_px(self) -> float:
         """Screen pixels per level-0 pixel at the current zoom."""
-        return float(_camera(self.viewer).zoom) * abs(float(self.layer.scale[-1]))
+        return float(viewer_camera(self.viewer).zoom) * abs(float(self.layer.scale[-1]))
 
     def magnification(self) -> float | None:
         """Effective magnification on screen now, or None when it cannot be known."""
@@ -421,7 +418,7 @@ class NavigationWidget(QWidget):
         base, _ = base_power(self.layer.metadata)
         if base is None:
             return
-        _camera(self.viewer).zoom = mag / (base * abs(float(self.layer.scale[-1])))
+        viewer_camera(self.viewer).zoom = mag / (base * abs(float(self.layer.scale[-1])))
         self.refresh()
 
     def centre_on_thumbnail(self, row: float, col: float) -> None:
@@ -432,7 +429,7 @@ class NavigationWidget(QWidget):
         # of level-0 pixel i is its centre, i
         data = np.array([row, col]) * self._factor - 0.5
         world = self.layer.data_to_world(data)
-        cam = _camera(self.viewer)
+        cam = viewer_camera(self.viewer)
         cam.center = (*tuple(cam.center)[:-2], float(world[-2]), float(world[-1]))
         self.refresh()
 
@@ -440,9 +437,9 @@ class NavigationWidget(QWidget):
         """The visible canvas as (row0, col0, row1, col1) in thumbnail pixels."""
         if self.layer is None:
             return None
-        cam = _camera(self.viewer)
+        cam = viewer_camera(self.viewer)
         cy, cx = tuple(cam.center)[-2:]
-        h, w = _viewbox_size(self.viewer)
+        h, w = viewbox_size(self.viewer)
         hy, hx = h / 2 / cam.zoom, w / 2 / cam.zoom
         corners = [self.layer.world_to_data(np.array(p, float))[-2:]
                    for p in ((cy - hy, cx - hx), (cy + hy, cx + hx))]

@@ -1,0 +1,1523 @@
+"""The "MIL attention" dock: run a MIL model on a slide and show what it looked at.
+
+Sections, top to bottom: Slide (which slide layer), Features (extract them with an encoder,
+or load a bag file), Model (the bundled demo or a checkpoint, with what was inferred from
+it), Device and Run / Cancel, Prediction (class probabilities, predicted class, bag size,
+seconds per stage, device), Display (attention source, normalisation, colormap, opacity,
+interpolation, top-K) and Export.
+
+Threads
+-------
+A run is a :class:`Job`: a plain generator (no Qt in it) that builds the encoder and the
+tissue grid, drives :func:`napari_milview.pipeline.extract_bag` (or reads a bag file) and
+then :func:`napari_milview.pipeline.attend`. It yields one :class:`Update` per batch; the
+widget wraps it in napari's ``create_worker`` (a ``GeneratorWorker``: registered in the
+viewer's task list) and turns the updates into a ``napari.utils.progress`` bar in the
+activity dock. Every ``stream_s`` seconds of extraction the model is also run on the bag
+extracted so far, and the heatmap shows that partial attention (patches not yet encoded
+are transparent), so the map streams in while the run goes on.
+
+Cancel sets the job's ``threading.Event`` (checked by the pipeline between batches) and
+quits the worker (checked between yields): the run ends within one batch. Exceptions are
+caught inside the job and become one readable line in ``show_error``; the buttons come
+back in every case (``finished``). Closing the widget, deleting it, or quitting the app
+cancels every job and joins its thread; the extraction's reader threads end with it.
+
+Display changes (source, normalisation, colormap, ...) recompute the small heatmap grid
+from the stored :class:`~napari_milview.result.Result` (O(N) numpy) and update the
+existing layers in place: the model is never re-run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import weakref
+from collections import Counter
+from collections.abc import Generator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QEvent, Qt, Signal
+from qtpy.QtGui import QFont, QStandardItemModel
+from qtpy.QtWidgets import (
+    QButtonGroup,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QRadioButton,
+    QScrollArea,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .._reader import is_slide_layer
+
+log = logging.getLogger(__name__)
+
+#: Heatmap colormaps offered (napari names).
+COLORMAPS = ("inferno", "magma", "viridis", "plasma", "turbo")
+#: Interpolation choices: label -> napari ``interpolation2d``.
+INTERPOLATIONS = {"blocky": "nearest", "smooth": "linear"}
+#: Export kinds -> button label.
+EXPORTS = {"geojson": "GeoJSON (QuPath)", "csv": "CSV table", "clam": "CLAM h5",
+           "tiff": "Heatmap OME-TIFF", "crops": "Top-K PNGs", "sidecar": "Sidecar JSON"}
+#: How long closing the widget waits for a run's thread to end (seconds).
+JOIN_TIMEOUT_S = 30.0
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, at most 300 characters."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def slide_mpp(layer) -> float | None:
+    """Microns per level-0 pixel along x of a slide layer, None when unknown."""
+    mpp = layer.metadata.get("mpp") if layer is not None else None
+    return float(mpp[-1]) if mpp else None
+
+
+def fill_edge(grid: np.ndarray) -> np.ndarray:
+    """Fill the NaN cells that touch a scored cell with the mean of their scored neighbours.
+
+    For smooth (linear) display: the GPU interpolates between neighbouring cells, and one
+    NaN neighbour makes the result NaN (transparent), which would erase a whole ring of
+    patches along every tissue edge. With this one-cell margin the scored cells stay fully
+    drawn; cells further out stay NaN.
+
+    Parameters
+    ----------
+    grid : np.ndarray
+        [H, W] float32, NaN = no patch.
+
+    Returns
+    -------
+    np.ndarray
+        [H, W] float32, a copy (or ``grid`` itself when nothing needs filling).
+    """
+    from scipy import ndimage
+
+    ok = np.isfinite(grid)
+    if ok.all() or not ok.any():
+        return grid
+    kernel = np.ones((3, 3))
+    total = ndimage.convolve(np.where(ok, grid, 0).astype(np.float64), kernel, mode="constant")
+    count = ndimage.convolve(ok.astype(np.float64), kernel, mode="constant")
+    out = grid.copy()
+    fill = ~ok & (count > 0)
+    out[fill] = (total[fill] / count[fill]).astype(np.float32)
+    return out
+
+
+def source_groups(names: list[str], default: str | None = None) -> list[tuple[str, list[str]]]:
+    """Attention sources grouped for the picker: (group title, names), default first.
+
+    Groups: softmax attention (``attention``, ``class/*``, ``branch/*``, ``head/*``,
+    ``layer*``, ``rollout``), pre-softmax logits (``raw/*``), instance scores
+    (``instance/*``). Empty groups are left out.
+    """
+    groups: dict[str, list[str]] = {"attention": [], "pre-softmax logits": [],
+                                    "instance scores": []}
+    for n in names:
+        key = ("pre-softmax logits" if n.startswith("raw/") else
+               "instance scores" if n.startswith("instance/") else "attention")
+        groups[key].append(n)
+    for members in groups.values():
+        if default in members:
+            members.remove(default)
+            members.insert(0, default)
+    return [(k, v) for k, v in groups.items() if v]
+
+
+# --------------------------------------------------------------------------------------------
+# the job (no Qt: runs in a worker thread)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Update:
+    """What a running job tells the widget.
+
+    Attributes
+    ----------
+    stage : str
+        ``"prepare"``, ``"load"``, ``"extract"`` or ``"attend"``.
+    done, total : int
+        Patches encoded so far (extract stage).
+    message : str
+        A line for the status label (a pipeline message: device, out-of-memory retry).
+    partial : Result or None
+        The model's output on the patches encoded so far, over the whole grid (sources are
+        NaN for the patches not yet encoded).
+    """
+
+    stage: str
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    partial: Any = None
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, gathered in the main thread.
+
+    ``patch_um`` None means the encoder's own patch size (``spec.patch_px`` x ``spec.mpp``).
+    ``stream_s`` < 0 turns off the partial heatmaps.
+    """
+
+    slide: Any
+    model: Any
+    card: Any
+    model_name: str
+    device: str = "auto"
+    bag_path: str | None = None
+    encoder: str | None = None
+    encoder_weights: str | None = None
+    patch_um: float | None = None
+    batch_size: int = 32
+    stream_s: float = 1.0
+
+
+class Job:
+    """One run: :meth:`steps` is the generator a worker drives; the outcome is read after.
+
+    Attributes
+    ----------
+    cancel : threading.Event
+        Set to stop the run between batches.
+    done : threading.Event
+        Set by the worker thread when its ``run`` is over (joined by :meth:`join`).
+    outcome : str
+        ``"pending"``, ``"done"``, ``"cancelled"`` or ``"failed"``.
+    result, error : the Result (done) or the readable error line (failed).
+    calls : Counter
+        How many times each pipeline step ran (``extract``, ``attend``, ``partial``).
+    """
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.cancel = threading.Event()
+        self.done = threading.Event()
+        self.started = False
+        self.orphaned = False  # its widget stopped it (closing or deleted): ignore its signals
+        self.outcome = "pending"
+        self.result = None
+        self.error = ""
+        self.progress = (0, 0)
+        self.calls: Counter = Counter()
+        self.gen = self.steps()
+
+    # -- driving ------------------------------------------------------------------------
+    def steps(self) -> Generator[Update, None, Any]:
+        """The run; catches every ``Exception`` into :attr:`outcome` / :attr:`error`."""
+        from ..pipeline import Cancelled
+
+        self.started = True
+        try:
+            self.result = yield from self._steps()
+            self.outcome = "done"
+        except Cancelled:
+            self.outcome = "cancelled"
+        except Exception as e:  # noqa: BLE001 - shown to the user as one line
+            log.debug("MIL run failed", exc_info=True)
+            self.outcome, self.error = "failed", _one_line(e)
+        return self.result
+
+    def close(self) -> None:
+        """Close the generator if it is suspended (ends the extraction's reader threads)."""
+        try:
+            self.gen.close()
+        except ValueError:  # still executing in the worker: wait for it, then close
+            self.done.wait(JOIN_TIMEOUT_S)
+            if not self.gen.gi_running:
+                self.gen.close()
+
+    def stop(self) -> None:
+        """Ask the run to stop at the next batch."""
+        self.cancel.set()
+
+    def join(self, timeout: float = JOIN_TIMEOUT_S) -> bool:
+        """Wait for the worker thread (if it started) and close the generator."""
+        ok = self.done.wait(timeout) if self.started else True
+        self.close()
+        return ok
+
+    def _check(self) -> None:
+        from ..pipeline import Cancelled
+
+        if self.cancel.is_set():
+            raise Cancelled("run cancelled")
+
+    # -- the work ------------------------------------------------------------------------
+    def _steps(self) -> Generator[Update, None, Any]:
+        from ..features.io import load_bag
+        from ..pipeline import attend
+
+        cfg = self.config
+        yield Update("prepare", message="preparing")
+        if cfg.bag_path:
+            yield Update("load", message=f"reading {Path(cfg.bag_path).name}")
+            bag = load_bag(cfg.bag_path)
+            self._check_bag_coords(bag)
+        else:
+            bag = yield from self._extract()
+        self._check()
+        yield Update("attend", message=f"running {cfg.card.arch} on {bag.n} patches")
+        self.calls["attend"] += 1
+        result = attend(bag, cfg.model, cfg.card, device=cfg.device, model_name=cfg.model_name)
+        import scipy.stats  # noqa: F401 - loaded here, off the GUI thread: 'rank' needs it
+
+        return result
+
+    def _check_bag_coords(self, bag) -> None:
+        w, h = self.config.slide.info.dimensions
+        x, y = bag.coords.max(axis=0)
+        if x >= w or y >= h:
+            import warnings
+
+            warnings.warn(f"{bag.where}: patch coordinates reach ({x}, {y}), beyond this slide "
+                          f"({w} x {h} px): is the bag from another slide?", stacklevel=2)
+
+    def _extract(self) -> Generator[Update, None, Any]:
+        from ..features.encoders import build_encoder
+        from ..pipeline import extract_bag
+        from ..tissue import patch_grid
+
+        cfg = self.config
+        yield Update("prepare", message=f"loading encoder {cfg.encoder}")
+        encoder = build_encoder(cfg.encoder, weights=cfg.encoder_weights or None)
+        spec = encoder.spec
+        want = cfg.card.feature_dim
+        if want is not None and int(want) != spec.dim:
+            raise ValueError(f"encoder {spec.name!r} gives {spec.dim}-d features but the model "
+                             f"{cfg.model_name!r} expects {int(want)}-d: pick the encoder the "
+                             "model was trained on")
+        um = cfg.patch_um if cfg.patch_um else spec.patch_um()
+        self._check()
+        yield Update("prepare", message="finding tissue")
+        grid = patch_grid(cfg.slide, patch_px=spec.patch_px, patch_um=um, mag=None)
+        self._check()
+        self.calls["extract"] += 1
+        gen = extract_bag(cfg.slide, grid, encoder, batch_size=cfg.batch_size,
+                          device=cfg.device, cancel=self.cancel)
+        feats = have = None
+        last = time.perf_counter()
+        try:
+            while True:
+                try:
+                    p = next(gen)
+                except StopIteration as stop:
+                    return stop.value
+                partial_result = None
+                if p.features is not None:
+                    if feats is None:
+                        feats = np.zeros((p.total, p.features.shape[1]), np.float32)
+                        have = np.zeros(p.total, bool)
+                    feats[p.indices] = p.features
+                    have[p.indices] = True
+                    now = time.perf_counter()
+                    if 0 <= cfg.stream_s <= now - last and p.done < p.total:
+                        partial_result = self._partial(grid, feats, have, spec.name)
+                        last = time.perf_counter()
+                self.progress = (p.done, p.total)
+                yield Update("extract", p.done, p.total, p.message, partial_result)
+        finally:
+            gen.close()
+
+    def _partial(self, grid, feats: np.ndarray, have: np.ndarray, encoder: str):
+        """The model on the patches encoded so far, spread back over the whole grid.
+
+        Parameters
+        ----------
+        feats : np.ndarray
+            [N, D] float32, rows of ``have`` filled.
+        have : np.ndarray
+            [N] bool.
+        """
+        import warnings
+
+        from ..features.bag import Bag
+        from ..pipeline import attend
+        from ..result import Result
+
+        cfg = self.config
+        bag = Bag.from_arrays(feats[have], grid.coords[have],
+                              patch_size_level0=grid.patch_size_level0, mpp=grid.mpp,
+                              encoder=encoder, source="partial bag")
+        with warnings.catch_warnings():  # said once, by the final run
+            warnings.simplefilter("ignore")
+            r = attend(bag, cfg.model, cfg.card, device=cfg.device, model_name=cfg.model_name)
+        self.calls["partial"] += 1
+        sources = {}
+        for k, v in r.sources.items():
+            full = np.full(len(have), np.nan, np.float32)
+            full[have] = v
+            sources[k] = full
+        return Result(coords=grid.coords, patch_size_level0=grid.patch_size_level0,
+                      sources=sources, default_source=r.default_source, classes=r.classes,
+                      logits=r.logits, probabilities=r.probabilities, arch=r.arch, mpp=r.mpp,
+                      slide=str(cfg.slide.path), encoder=encoder, model=r.model,
+                      device=r.device, timings=r.timings,
+                      meta={"partial": True, "n_done": int(have.sum())})
+
+
+def _relay(gen):
+    """A generator function around an existing generator (``create_worker`` wants one)."""
+    return (yield from gen)
+
+
+def _stop_jobs(jobs: list, wait: bool = True) -> None:
+    """Cancel every (job, worker) in ``jobs`` and join them; safe from ``destroyed``."""
+    for job, worker in list(jobs):
+        job.orphaned = True
+        job.stop()
+        try:
+            worker.quit()
+        except RuntimeError:  # the worker's Qt object is already gone
+            pass
+    if wait:
+        for job, _ in list(jobs):
+            job.join()
+    jobs.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# prediction panel
+# --------------------------------------------------------------------------------------------
+class PredictionPanel(QWidget):
+    """Class probabilities as bars (predicted class bold), bag size, timings and device."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.grid = QGridLayout()
+        self.grid.setColumnStretch(1, 1)
+        self.grid.setHorizontalSpacing(6)
+        self.grid.setVerticalSpacing(2)
+        self.headline = QLabel("No prediction yet.")
+        self.headline.setWordWrap(True)
+        self.info = QLabel("")
+        self.info.setWordWrap(True)
+        self.info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.headline)
+        layout.addLayout(self.grid)
+        layout.addWidget(self.info)
+        self.bars: list[QProgressBar] = []
+        self.names: list[QLabel] = []
+        self.values: list[QLabel] = []
+
+    def clear(self, text: str = "No prediction yet.") -> None:
+        while self.grid.count():
+            item = self.grid.takeAt(0)
+            if item.widget() is not None:
+                item.widget().hide()
+                item.widget().setParent(None)
+        self.bars, self.names, self.values = [], [], []
+        self.headline.setText(text)
+        self.info.setText("")
+
+    def set_result(self, result, partial: bool = False) -> None:
+        """Show ``result``'s probabilities [C], predicted class, N, timings and device."""
+        probs = np.asarray(result.probabilities, dtype=float)
+        if len(self.bars) != len(probs):
+            self.clear()
+            for i in range(len(probs)):
+                name, bar, value = QLabel(), QProgressBar(), QLabel()
+                bar.setRange(0, 1000)
+                bar.setTextVisible(False)
+                bar.setMaximumHeight(12)
+                value.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                value.setMinimumWidth(44)
+                self.grid.addWidget(name, i, 0)
+                self.grid.addWidget(bar, i, 1)
+                self.grid.addWidget(value, i, 2)
+                self.names.append(name)
+                self.bars.append(bar)
+                self.values.append(value)
+        best = int(np.argmax(probs))
+        for i, p in enumerate(probs):
+            cls = result.classes[i] if i < len(result.classes) else str(i)
+            font = QFont(self.names[i].font())
+            font.setBold(i == best)
+            self.names[i].setFont(font)
+            self.values[i].setFont(font)
+            self.names[i].setText(cls)
+            self.bars[i].setValue(int(round(1000 * float(p))))
+            self.values[i].setText(f"{float(p):.3f}")
+        if partial:
+            n_done = result.meta.get("n_done", result.n)
+            self.headline.setText(f"<i>So far ({n_done} of {result.n} patches): "
+                                  f"{result.predicted_class}</i>")
+        else:
+            self.headline.setText(f"Predicted: <b>{result.predicted_class}</b> "
+                                  f"({float(probs[best]):.1%})")
+        parts = [f"N = {result.n} patches"]
+        order = {"extract": 0, "attend": 1}
+        timings = sorted(result.timings.items(), key=lambda kv: order.get(kv[0], 2))
+        parts += [f"{k} {v:.2f} s" for k, v in timings]
+        parts.append(f"device {result.device}")
+        notes = result.meta.get("notes") or []
+        self.info.setText(" \u00b7 ".join(parts) + "".join(f"<br>\u26a0 {n}" for n in notes))
+
+
+# --------------------------------------------------------------------------------------------
+# the widget
+# --------------------------------------------------------------------------------------------
+def _spin(lo: float, hi: float, value: float, decimals: int = 4, step: float = 0.01,
+          suffix: str = "") -> QDoubleSpinBox:
+    s = QDoubleSpinBox()
+    s.setRange(lo, hi)
+    s.setDecimals(decimals)
+    s.setSingleStep(step)
+    s.setValue(value)
+    if suffix:
+        s.setSuffix(suffix)
+    s.setKeyboardTracking(False)
+    return s
+
+
+class MILWidget(QWidget):
+    """Dock widget "MIL attention".
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        The viewer (npe2 passes it by this name).
+
+    Attributes
+    ----------
+    result : Result or None
+        The last complete result shown.
+    heatmap_layer, topk_layer : the layers this widget owns (None until a result).
+    jobs_started : int
+        Runs started so far (tests check that display changes start none).
+    """
+
+    #: emitted with the Result when a run completes (or a result file is opened)
+    result_ready = Signal(object)
+    #: emitted when a run ends, whatever the outcome ("done", "cancelled", "failed")
+    run_finished = Signal(str)
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer
+        self.result = None
+        self.heatmap_layer = None
+        self.topk_layer = None
+        self.gallery = None
+        self.job: Job | None = None
+        self.worker = None
+        self.pbar = None
+        self.jobs_started = 0
+        self.stream_s = 1.0
+        self._shown = None  # the result drawn now (a partial one during a run)
+        self._jobs: list = []  # (job, worker) pairs not yet finished
+        self._slide_layers: list = []
+        self._model = None  # (model, card, name)
+        self._bag_source = None
+        self._indices = np.zeros(0, np.int64)
+        self._fixed_set = False
+        self._docked = False
+        self._build()
+
+        self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self.viewer.layers.events.removed.connect(self._on_layers_changed)
+        # however the widget goes (closed, deleted with the viewer, app quit): stop the runs
+        self.destroyed.connect(partial(_stop_jobs, self._jobs))
+        from qtpy.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.stop_all)
+        self._on_layers_changed()
+        self._fill_devices()
+        self._on_model_choice()
+
+    # ------------------------------------------------------------------ building
+    def _build(self) -> None:
+        content = QWidget()
+        layout = QVBoxLayout(content)
+        layout.setContentsMargins(4, 4, 4, 4)
+
+        # Slide
+        box = QGroupBox("Slide")
+        form = QFormLayout(box)
+        self.slide_combo = QComboBox()
+        self.slide_combo.setToolTip("The slide layer the model runs on")
+        self.slide_combo.currentIndexChanged.connect(self._on_slide_choice)
+        self.slide_info = QLabel("")
+        self.slide_info.setWordWrap(True)
+        form.addRow("Layer", self.slide_combo)
+        form.addRow(self.slide_info)
+        layout.addWidget(box)
+
+        # Features
+        box = QGroupBox("Features")
+        v = QVBoxLayout(box)
+        self.extract_radio = QRadioButton("Extract with an encoder")
+        self.bag_radio = QRadioButton("Load a bag file")
+        self._feature_group = QButtonGroup(self)
+        self._feature_group.addButton(self.extract_radio)
+        self._feature_group.addButton(self.bag_radio)
+        self.extract_radio.setChecked(True)
+        self.extract_radio.toggled.connect(self._on_feature_choice)
+        v.addWidget(self.extract_radio)
+        self.extract_box = QWidget()
+        form = QFormLayout(self.extract_box)
+        form.setContentsMargins(16, 0, 0, 0)
+        from ..features.encoders import available_encoders
+
+        self.encoder_combo = QComboBox()
+        self.encoder_combo.addItems(available_encoders())
+        self.encoder_combo.setToolTip("Patch encoder (its weights come from a local file; "
+                                      "the demo's ship with the package)")
+        self.encoder_combo.currentTextChanged.connect(self._on_encoder_choice)
+        self.weights_edit = QLineEdit()
+        self.weights_edit.setPlaceholderText("weights file (the demo's are built in)")
+        wbtn = QPushButton("\u2026")
+        wbtn.setMaximumWidth(28)
+        wbtn.clicked.connect(self._pick_weights)
+        row = QHBoxLayout()
+        row.addWidget(self.weights_edit, 1)
+        row.addWidget(wbtn)
+        self.patch_um = _spin(1.0, 4096.0, 64.0, decimals=1, step=8.0, suffix=" \u00b5m")
+        self.patch_um.setToolTip("Patch side in microns (the encoder's by default)")
+        self.patch_um.valueChanged.connect(self._update_patch_label)
+        self.patch_label = QLabel("")
+        form.addRow("Encoder", self.encoder_combo)
+        form.addRow("Weights", row)
+        form.addRow("Patch", self.patch_um)
+        form.addRow(self.patch_label)
+        v.addWidget(self.extract_box)
+        v.addWidget(self.bag_radio)
+        self.bag_box = QWidget()
+        row = QHBoxLayout(self.bag_box)
+        row.setContentsMargins(16, 0, 0, 0)
+        self.bag_edit = QLineEdit()
+        self.bag_edit.setPlaceholderText("CLAM / TRIDENT / ACMIL h5, .pt bag")
+        bbtn = QPushButton("\u2026")
+        bbtn.setMaximumWidth(28)
+        bbtn.clicked.connect(self._pick_bag)
+        row.addWidget(self.bag_edit, 1)
+        row.addWidget(bbtn)
+        v.addWidget(self.bag_box)
+        layout.addWidget(box)
+
+        # Model
+        box = QGroupBox("Model")
+        v = QVBoxLayout(box)
+        row = QHBoxLayout()
+        self.demo_radio = QRadioButton("Demo")
+        self.demo_radio.setToolTip("The tiny ACMIL shipped with the package (for the demo "
+                                   "encoder and synthetic slides)")
+        self.file_radio = QRadioButton("File")
+        self._model_group = QButtonGroup(self)
+        self._model_group.addButton(self.demo_radio)
+        self._model_group.addButton(self.file_radio)
+        self.demo_radio.setChecked(True)
+        self.model_edit = QLineEdit()
+        self.model_edit.setPlaceholderText(".safetensors / .pt checkpoint")
+        self.model_edit.editingFinished.connect(self._on_model_choice)
+        mbtn = QPushButton("\u2026")
+        mbtn.setMaximumWidth(28)
+        mbtn.clicked.connect(self._pick_model)
+        row.addWidget(self.demo_radio)
+        row.addWidget(self.file_radio)
+        row.addWidget(self.model_edit, 1)
+        row.addWidget(mbtn)
+        self.demo_radio.toggled.connect(self._on_model_choice)
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        self.model_info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        v.addLayout(row)
+        v.addWidget(self.model_info)
+        layout.addWidget(box)
+
+        # Run
+        box = QGroupBox("Run")
+        g = QGridLayout(box)
+        self.device_combo = QComboBox()
+        self.device_combo.setToolTip("auto: CUDA when available, else the CPU")
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(1, 4096)
+        self.batch_spin.setValue(32)
+        self.batch_spin.setToolTip("Patches encoded per batch (Cancel acts between batches)")
+        self.run_button = QPushButton("Run")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.status = QLabel("Idle.")
+        self.status.setWordWrap(True)
+        g.addWidget(QLabel("Device"), 0, 0)
+        g.addWidget(self.device_combo, 0, 1)
+        g.addWidget(QLabel("Batch"), 0, 2)
+        g.addWidget(self.batch_spin, 0, 3)
+        g.addWidget(self.run_button, 1, 0, 1, 2)
+        g.addWidget(self.cancel_button, 1, 2, 1, 2)
+        g.addWidget(self.status, 2, 0, 1, 4)
+        layout.addWidget(box)
+
+        # Prediction
+        box = QGroupBox("Prediction")
+        v = QVBoxLayout(box)
+        self.prediction = PredictionPanel()
+        v.addWidget(self.prediction)
+        layout.addWidget(box)
+
+        # Display
+        box = QGroupBox("Display")
+        form = QFormLayout(box)
+        self.source_combo = QComboBox()
+        self.source_combo.setToolTip("Which attention the heatmap shows (class, branch, head, "
+                                     "layer, mean, pre-softmax logits)")
+        self.source_combo.currentIndexChanged.connect(self._on_source)
+        self.method_combo = QComboBox()
+        from ..overlay.normalise import METHODS
+
+        for key, label in METHODS.items():
+            self.method_combo.addItem(label, key)
+        self.method_combo.currentIndexChanged.connect(self._on_method)
+        self.vmin = _spin(-1e9, 1e9, 0.0, decimals=6, step=0.001)
+        self.vmax = _spin(-1e9, 1e9, 1.0, decimals=6, step=0.001)
+        for s in (self.vmin, self.vmax):
+            s.setToolTip("The range shared across slides (normalisation 'fixed')")
+            s.valueChanged.connect(self._on_fixed_range)
+        self.range_row = QWidget()
+        row = QHBoxLayout(self.range_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.vmin)
+        row.addWidget(QLabel("to"))
+        row.addWidget(self.vmax)
+        self.cmap_combo = QComboBox()
+        self.cmap_combo.addItems(COLORMAPS)
+        self.cmap_combo.currentTextChanged.connect(self._on_look)
+        self.opacity = QSlider(Qt.Orientation.Horizontal)
+        self.opacity.setRange(0, 100)
+        self.opacity.setValue(50)
+        self.opacity.valueChanged.connect(self._on_look)
+        self.interp_combo = QComboBox()
+        for label, key in INTERPOLATIONS.items():
+            self.interp_combo.addItem(label, key)
+        self.interp_combo.currentIndexChanged.connect(self._on_look)
+        self.topk_mode = QComboBox()
+        for label, key in (("top K", "top"), ("bottom K", "bottom"), ("score range", "range")):
+            self.topk_mode.addItem(label, key)
+        self.topk_mode.currentIndexChanged.connect(self._on_topk)
+        self.k_spin = QSpinBox()
+        self.k_spin.setRange(0, 10000)
+        self.k_spin.setValue(20)
+        self.k_spin.setKeyboardTracking(False)
+        self.k_spin.valueChanged.connect(self._on_topk)
+        self.lo = _spin(-1e9, 1e9, 0.9, decimals=4, step=0.05)
+        self.hi = _spin(-1e9, 1e9, 1.0, decimals=4, step=0.05)
+        for s in (self.lo, self.hi):
+            s.setToolTip("Score range in the normalised (colour-bar) units")
+            s.valueChanged.connect(self._on_topk)
+        self.topk_range = QWidget()
+        row = QHBoxLayout(self.topk_range)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.lo)
+        row.addWidget(QLabel("to"))
+        row.addWidget(self.hi)
+        krow = QHBoxLayout()
+        krow.addWidget(self.topk_mode)
+        krow.addWidget(QLabel("K"))
+        krow.addWidget(self.k_spin)
+        self.gallery_button = QPushButton("Gallery")
+        self.gallery_button.setToolTip("Thumbnails of the top-K patches; click one to go there")
+        self.gallery_button.clicked.connect(self.show_gallery)
+        krow.addWidget(self.gallery_button)
+        form.addRow("Source", self.source_combo)
+        form.addRow("Normalise", self.method_combo)
+        form.addRow("Fixed range", self.range_row)
+        form.addRow("Colormap", self.cmap_combo)
+        form.addRow("Opacity", self.opacity)
+        form.addRow("Look", self.interp_combo)
+        form.addRow("Patches", krow)
+        form.addRow("Range", self.topk_range)
+        self._display_form = form
+        self.display_box = box
+        layout.addWidget(box)
+
+        # Export
+        box = QGroupBox("Export")
+        g = QGridLayout(box)
+        self.export_buttons: dict[str, QPushButton] = {}
+        for i, (kind, label) in enumerate(EXPORTS.items()):
+            b = QPushButton(label)
+            b.clicked.connect(partial(self._export_dialog, kind))
+            self.export_buttons[kind] = b
+            g.addWidget(b, i // 2, i % 2)
+        self.open_button = QPushButton("Open result\u2026")
+        self.open_button.setToolTip("Show a saved result (.h5) or sidecar (.milview.json)")
+        self.open_button.clicked.connect(self._open_dialog)
+        g.addWidget(self.open_button, len(EXPORTS) // 2 + 1, 0, 1, 2)
+        layout.addWidget(box)
+        layout.addStretch(1)
+
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(content)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        self.setMinimumWidth(320)
+
+        self._on_feature_choice()
+        self._on_encoder_choice(self.encoder_combo.currentText())
+        if "demo" in [self.encoder_combo.itemText(i) for i in range(self.encoder_combo.count())]:
+            self.encoder_combo.setCurrentText("demo")
+        self._set_display_enabled(False)
+        self._on_method()
+        self._on_topk_mode_visible()
+
+    def _fill_devices(self) -> None:
+        import torch
+
+        self.device_combo.addItems(["auto", "cpu"])
+        if torch.cuda.is_available():
+            self.device_combo.addItems([f"cuda:{i}" for i in range(torch.cuda.device_count())])
+
+    # ------------------------------------------------------------------ slide
+    @property
+    def slide_layer(self):
+        """The slide layer picked now (None without one)."""
+        i = self.slide_combo.currentIndex()
+        return self._slide_layers[i] if 0 <= i < len(self._slide_layers) else None
+
+    def _on_layers_changed(self, event=None) -> None:
+        layers = [lyr for lyr in self.viewer.layers if is_slide_layer(lyr)]
+        keep = self.slide_layer if any(lyr is self.slide_layer for lyr in layers) else None
+        added = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
+        if added is not None and is_slide_layer(added):
+            keep = added
+        if keep is None and layers:
+            keep = layers[-1]
+        self._slide_layers = layers
+        self.slide_combo.blockSignals(True)
+        self.slide_combo.clear()
+        self.slide_combo.addItems([lyr.name for lyr in layers])
+        if keep is not None:
+            self.slide_combo.setCurrentIndex(next(i for i, lyr in enumerate(layers)
+                                                  if lyr is keep))
+        self.slide_combo.blockSignals(False)
+        if self.heatmap_layer is not None and self.heatmap_layer not in self.viewer.layers:
+            self.heatmap_layer = None
+        if self.topk_layer is not None and self.topk_layer not in self.viewer.layers:
+            self.topk_layer = None
+        self._on_slide_choice()
+
+    def _on_slide_choice(self, index: int = -1) -> None:
+        layer = self.slide_layer
+        if layer is None:
+            self.slide_info.setText("Open a slide (File > Open, or File > Open Sample > "
+                                    "napari-milview).")
+        else:
+            meta = layer.metadata
+            w, h = meta["slide"].info.dimensions
+            mpp = slide_mpp(layer)
+            um = f"{mpp:.4g} \u00b5m/px ({meta.get('mpp_source', '?')})" if mpp else \
+                "mpp unknown: pixel units"
+            self.slide_info.setText(f"{w} x {h} px \u00b7 {um}")
+        self._update_run_enabled()
+
+    # ------------------------------------------------------------------ features
+    def _on_feature_choice(self, checked: bool = True) -> None:
+        extract = self.extract_radio.isChecked()
+        self.extract_box.setEnabled(extract)
+        self.bag_box.setEnabled(not extract)
+
+    def _on_encoder_choice(self, name: str) -> None:
+        from ..features.encoders import EncoderError, encoder_spec
+
+        try:
+            spec = encoder_spec(name) if name != "torchscript" else None
+        except EncoderError:
+            spec = None
+        self._encoder_spec = spec
+        if spec is not None and spec.patch_um() is not None:
+            self.patch_um.setValue(spec.patch_um())
+        self._update_patch_label()
+
+    def _update_patch_label(self, *_) -> None:
+        spec = self._encoder_spec
+        if spec is None:
+            self.patch_label.setText("input size and mpp from the file's sidecar")
+            return
+        um = self.patch_um.value()
+        per_px = um / spec.patch_px
+        self.patch_label.setText(f"{spec.dim}-d \u00b7 {spec.patch_px} px at {per_px:.3g} "
+                                 f"\u00b5m/px ({10 / per_px:.3g}x)")
+
+    def _pick_weights(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Encoder weights", "",
+                                              "Weights (*.safetensors *.pt *.pth *.bin "
+                                              "*.jit *.torchscript);;All files (*)")
+        if path:
+            self.weights_edit.setText(path)
+
+    def _pick_bag(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Feature bag", "",
+                                              "Bags (*.h5 *.hdf5 *.pt);;All files (*)")
+        if path:
+            self.bag_edit.setText(path)
+            self.bag_radio.setChecked(True)
+
+    # ------------------------------------------------------------------ model
+    def _pick_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "MIL checkpoint", "",
+                                              "Checkpoints (*.safetensors *.pt *.pth *.ckpt "
+                                              "*.bin);;All files (*)")
+        if path:
+            self.model_edit.setText(path)
+            self.file_radio.setChecked(True)
+            self._on_model_choice()
+
+    def _on_model_choice(self, *_) -> None:
+        """Load the chosen model now, so what was inferred is shown before running."""
+        if self.demo_radio.isChecked():
+            from ..assets import demo_model_path
+
+            path, name = demo_model_path(), "demo"
+            if not path.is_file():
+                self._set_model(None, f"demo model not installed ({path.name} missing)")
+                return
+        else:
+            text = self.model_edit.text().strip()
+            if not text:
+                self._set_model(None, "choose a checkpoint file")
+                return
+            path = Path(text).expanduser()
+            name = str(path)
+        self.load_model(path, name)
+
+    def load_model(self, path, name: str | None = None) -> bool:
+        """Load a checkpoint (safely) and show its card; False (and a message) on failure."""
+        from napari.utils.notifications import show_error
+
+        from ..mil.checkpoint import load_model
+
+        try:
+            model, card = load_model(path, device="cpu")
+        except Exception as e:  # noqa: BLE001 - shown as one line
+            self._set_model(None, f"not loaded: {_one_line(e)}")
+            show_error(f"Model: {_one_line(e)}")
+            return False
+        self._model = (model, card, name or str(path))
+        classes = ", ".join(card.classes) if card.classes else "?"
+        parts = [f"<b>{card.arch}</b>", f"classes: {classes}",
+                 f"{card.feature_dim}-d features" if card.feature_dim else "feature dim ?"]
+        if card.patch_size_um:
+            parts.append(f"patch {card.patch_size_um:g} \u00b5m")
+        if card.encoder:
+            parts.append(f"encoder {card.encoder}")
+        self.model_info.setText(" \u00b7 ".join(parts))
+        # follow what the model was trained with
+        if card.encoder and self.encoder_combo.findText(card.encoder) >= 0:
+            self.encoder_combo.setCurrentText(card.encoder)
+        if card.patch_size_um:
+            self.patch_um.setValue(float(card.patch_size_um))
+        self._update_run_enabled()
+        return True
+
+    def _set_model(self, model, text: str) -> None:
+        self._model = model
+        self.model_info.setText(text)
+        self._update_run_enabled()
+
+    # ------------------------------------------------------------------ running
+    def _update_run_enabled(self) -> None:
+        busy = self.job is not None
+        ready = self.slide_layer is not None and self._model is not None
+        self.run_button.setEnabled(ready and not busy)
+        self.run_button.setToolTip("" if ready else
+                                   "needs a slide layer and a loaded model")
+        self.cancel_button.setEnabled(busy)
+
+    @property
+    def busy(self) -> bool:
+        """A run is in progress."""
+        return self.job is not None
+
+    def run_config(self) -> RunConfig:
+        """The run the controls describe now (raises ValueError when incomplete)."""
+        layer = self.slide_layer
+        if layer is None:
+            raise ValueError("no slide layer: open a slide first")
+        if self._model is None:
+            raise ValueError("no model loaded")
+        model, card, name = self._model
+        cfg = RunConfig(slide=layer.metadata["slide"], model=model, card=card, model_name=name,
+                        device=self.device_combo.currentText() or "auto",
+                        batch_size=self.batch_spin.value(), stream_s=self.stream_s)
+        if self.bag_radio.isChecked():
+            path = self.bag_edit.text().strip()
+            if not path:
+                raise ValueError("choose a bag file")
+            cfg.bag_path = path
+        else:
+            cfg.encoder = self.encoder_combo.currentText()
+            cfg.encoder_weights = self.weights_edit.text().strip() or None
+            cfg.patch_um = self.patch_um.value()
+        return cfg
+
+    def run(self, *_) -> Job | None:
+        """Start a run in a worker thread; returns the job (None when nothing could start)."""
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+        from napari.utils.notifications import show_error
+
+        if self.job is not None:
+            return None
+        try:
+            cfg = self.run_config()
+        except ValueError as e:
+            show_error(f"MIL attention: {e}")
+            return None
+        job = Job(cfg)
+        worker = create_worker(_relay, job.gen, _start_thread=False, _ignore_errors=True)
+        worker.finished.connect(job.done.set, Qt.ConnectionType.DirectConnection)
+        worker.yielded.connect(partial(self._on_update, job))
+        worker.finished.connect(partial(self._on_finished, job))
+        self.job, self.worker = job, worker
+        self._jobs.append((job, worker))
+        self._bag_source = (cfg.bag_path if cfg.bag_path else f"extracted with {cfg.encoder}")
+        self.pbar = progress(total=0, desc="MIL attention: starting")
+        self.jobs_started += 1
+        self.status.setText("Starting\u2026")
+        self._update_run_enabled()
+        worker.start()
+        return job
+
+    def cancel(self, *_) -> None:
+        """Stop the current run at its next batch."""
+        if self.job is None:
+            return
+        self.job.stop()
+        self.worker.quit()
+        self.status.setText("Cancelling\u2026")
+        self.cancel_button.setEnabled(False)
+
+    def _on_update(self, job: Job, u: Update) -> None:
+        # napari's progress bar widget calls processEvents(): later updates (and the end of
+        # the run) can be handled inside the pbar calls, so they come last and every step
+        # re-checks that this job is still the current one
+        if job.orphaned or job is not self.job:
+            return
+        if u.stage == "extract" and u.total:
+            text = f"Encoding patches: {u.done} / {u.total}"
+            if u.message:
+                text = f"{text} ({u.message})" if u.done else u.message
+        else:
+            text = u.message
+        self.status.setText(text[:1].upper() + text[1:])
+        if u.partial is not None:
+            self.show_result(u.partial, partial=True)
+        pbar = self.pbar
+        if job is not self.job or pbar is None:
+            return
+        if u.stage != "extract":
+            pbar.set_description(f"MIL attention: {u.message}")
+        elif u.total:
+            if pbar.total != u.total:
+                pbar.total = u.total
+                pbar.set_description("MIL attention: encoding patches")
+            if u.done > pbar.n and job is self.job:
+                pbar.update(u.done - pbar.n)
+
+    def _on_finished(self, job: Job, *_) -> None:
+        from napari.utils.notifications import show_error, show_info
+
+        job.close()  # a run stopped between yields: end its reader threads now
+        if job.orphaned:  # stopped by closing the widget (which may be deleted by now)
+            return
+        self._jobs[:] = [(j, w) for j, w in self._jobs if j is not job]
+        if job is not self.job:
+            return
+        pbar, self.pbar = self.pbar, None
+        self.job = self.worker = None
+        if pbar is not None:
+            pbar.close()
+        outcome = job.outcome if job.outcome != "pending" else "cancelled"
+        if outcome == "done":
+            self.status.setText("Done.")
+            self.show_result(job.result)
+        elif outcome == "failed":
+            self.status.setText(f"Failed: {job.error}")
+            show_error(f"MIL attention: {job.error}")
+        else:
+            done, total = job.progress
+            self.status.setText(f"Cancelled after {done} of {total} patches." if total
+                                else "Cancelled.")
+            show_info("MIL attention: run cancelled")
+        self._update_run_enabled()
+        self.run_finished.emit(outcome)
+
+    def stop_all(self, wait: bool = True) -> None:
+        """Cancel every run of this widget and (by default) join its thread."""
+        _stop_jobs(self._jobs, wait=wait)
+        pbar, self.pbar = self.pbar, None
+        self.job = self.worker = None
+        if pbar is not None:
+            pbar.close()
+        if self.gallery is not None:
+            self.gallery.stop()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        self.teardown()
+        super().closeEvent(event)
+
+    def event(self, event) -> bool:
+        # napari's dock close button takes the widget out of its dock without closing it
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):
+                self.teardown()
+        return super().event(event)
+
+    def teardown(self) -> None:
+        """Stop the runs, join them, and disconnect from the viewer (idempotent)."""
+        self.stop_all(wait=True)
+        for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            try:
+                emitter.disconnect(self._on_layers_changed)
+            except (ValueError, RuntimeError):
+                pass
+        from qtpy.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        if app is not None:
+            try:
+                app.aboutToQuit.disconnect(self.stop_all)
+            except (TypeError, RuntimeError):
+                pass
+
+    # ------------------------------------------------------------------ results
+    def show_result(self, result, partial: bool = False) -> None:
+        """Show ``result``: prediction panel, heatmap layer, top-K layer (not for partial)."""
+        first = self.result is None or self.result.sources.keys() != result.sources.keys()
+        if partial and self.job is None:
+            return  # a late partial of a run that has ended
+        if not partial:
+            self.result = result
+        self._shown = result
+        self.prediction.set_result(result, partial=partial)
+        if first or self.source_combo.count() == 0:
+            self._fill_sources(result)
+        self._set_display_enabled(not partial)
+        self.update_heatmap()
+        if not partial:
+            self.update_topk()
+            self.result_ready.emit(result)
+            if self.gallery is None:
+                self.show_gallery()
+
+    def _fill_sources(self, result) -> None:
+        current = self.source
+        self.source_combo.blockSignals(True)
+        self.source_combo.clear()
+        model: QStandardItemModel = self.source_combo.model()
+        groups = source_groups(list(result.sources), result.default_source)
+        for title, names in groups:
+            if len(groups) > 1:
+                self.source_combo.addItem(f"\u2014 {title} \u2014", None)
+                model.item(self.source_combo.count() - 1).setEnabled(False)
+            for n in names:
+                self.source_combo.addItem(n, n)
+        pick = current if current in result.sources else result.default_source
+        self.source_combo.setCurrentIndex(self.source_combo.findData(pick))
+        self.source_combo.blockSignals(False)
+
+    @property
+    def source(self) -> str | None:
+        """The attention source shown (None before a result)."""
+        return self.source_combo.currentData()
+
+    @property
+    def method(self) -> str:
+        """The normalisation shown (a key of ``overlay.normalise.METHODS``)."""
+        return self.method_combo.currentData()
+
+    def set_source(self, name: str) -> None:
+        """Show another attention source (no re-run)."""
+        i = self.source_combo.findData(name)
+        if i < 0:
+            raise KeyError(f"no attention source {name!r}")
+        self.source_combo.setCurrentIndex(i)
+
+    def set_method(self, method: str) -> None:
+        """Show another normalisation (no re-run)."""
+        from ..overlay.normalise import _method
+
+        self.method_combo.setCurrentIndex(self.method_combo.findData(_method(method)))
+
+    def _set_display_enabled(self, enabled: bool) -> None:
+        for b in self.export_buttons.values():
+            b.setEnabled(enabled)
+        self.gallery_button.setEnabled(enabled)
+
+    def _heatmap_kwargs(self) -> dict:
+        return {"colormap": self.cmap_combo.currentText(),
+                "opacity": self.opacity.value() / 100,
+                "interpolation": self.interp_combo.currentData(),
+                "vmin": self.vmin.value(), "vmax": self.vmax.value()}
+
+    @property
+    def mpp(self) -> float | None:
+        """Microns per level-0 pixel the layers are placed with (slide layer's, else result's)."""
+        mpp = slide_mpp(self.slide_layer)
+        if mpp is None and self.slide_layer is None and self._shown is not None:
+            return self._shown.mpp
+        return mpp
+
+    def update_heatmap(self) -> None:
+        """(Re)draw the heatmap of the shown result with the current display settings."""
+        from ..overlay.heatmap import heatmap_layer
+
+        result = self._shown
+        if result is None or self.source is None:
+            return
+        kw = self._heatmap_kwargs()
+        data, kwargs, _ = heatmap_layer(result, self.source, self.method, mpp=self.mpp,
+                                        name="attention", **kw)
+        if kwargs["interpolation2d"] == "linear":
+            data = fill_edge(data)
+        layer = self.heatmap_layer
+        if layer is None or layer not in self.viewer.layers:
+            kwargs.pop("name")
+            layer = self.viewer.add_image(data, name=self._layer_name("attention"), **kwargs)
+            layer.colorbar.visible = True
+            _install_status(layer, self)
+            self.heatmap_layer = layer
+            if self._shown is not result:  # another result came in while the layer was added
+                self.update_heatmap()
+            return
+        cl = kwargs["contrast_limits"]
+        layer.metadata = kwargs["metadata"]
+        layer.scale = kwargs["scale"]
+        layer.translate = kwargs["translate"]
+        layer.data = data
+        layer.contrast_limits_range = cl
+        layer.contrast_limits = cl
+        layer.colormap = kwargs["colormap"]
+        layer.opacity = kwargs["opacity"]
+        layer.interpolation2d = kwargs["interpolation2d"]
+
+    def _layer_name(self, what: str) -> str:
+        layer = self.slide_layer
+        return f"{what} ({layer.name})" if layer is not None else what
+
+    def selection(self) -> np.ndarray:
+        """[K] bag indices the top-K settings pick from the current result (best first)."""
+        from ..overlay.normalise import normalise
+        from ..overlay.topk import select
+
+        r = self.result
+        if r is None:
+            return np.zeros(0, np.int64)
+        mode = self.topk_mode.currentData()
+        k = self.k_spin.value()
+        if mode == "range":
+            shown = normalise(r.attention(self.source), self.method, **self._norm_kw())
+            lo, hi = sorted((self.lo.value(), self.hi.value()))
+            return select(shown, k, "range", lo, hi)
+        return select(r.attention(self.source), k, mode)
+
+    def _norm_kw(self) -> dict:
+        return {"vmin": self.vmin.value(), "vmax": self.vmax.value()}
+
+    def update_topk(self) -> None:
+        """(Re)draw the top-K rectangles (and the gallery) for the current settings."""
+        from ..overlay.topk import topk_layer
+
+        r = self.result
+        if r is None or self.source is None:
+            return
+        idx = self.selection()
+        self._indices = idx
+        data, kwargs, _ = topk_layer(r, idx, self.source, mpp=self.mpp)
+        layer = self.topk_layer
+        mode = self.topk_mode.currentData()
+        name = self._layer_name(f"{mode} {len(idx)}" if mode != "range" else "score range")
+        if layer is not None and layer in self.viewer.layers and layer.nshapes == len(idx) > 0:
+            layer.data = list(data)
+            layer.features = kwargs["features"]
+            layer.metadata = kwargs["metadata"]
+            layer.name = name
+        else:
+            active = self.viewer.layers.selection.active
+            index = None
+            if layer is not None and layer in self.viewer.layers:
+                index = self.viewer.layers.index(layer)
+                self.viewer.layers.remove(layer)
+            kwargs.pop("name")
+            from napari.layers import Shapes
+
+            rects = data if len(data) else np.zeros((0, 4, 2))
+            new = Shapes(rects, name=name, **kwargs)
+            if index is None:
+                self.viewer.layers.append(new)
+            else:
+                self.viewer.layers.insert(index, new)
+            self.topk_layer = new
+            keep = active if active is not None and active in self.viewer.layers and \
+                active is not layer else self.heatmap_layer
+            if keep is not None:
+                self.viewer.layers.selection.active = keep
+        if self.gallery is not None:
+            self.gallery.set_items(self.slide_layer, r, idx, self.source, mpp=self.mpp)
+
+    def raw_score_at(self, position, world: bool = True) -> float | None:
+        """The raw score of the source shown at a viewer position, None outside the patches.
+
+        Parameters
+        ----------
+        position : sequence of float
+            (row, col) in world (``world=True``) or heatmap data coordinates.
+        """
+        layer = self.heatmap_layer
+        if layer is None:
+            return None
+        pos = np.asarray(position, dtype=float)
+        data = layer.world_to_data(pos) if world else pos
+        raw = layer.metadata.get("raw_grid")
+        if raw is None:
+            return None
+        r, c = (int(np.floor(v + 0.5)) for v in data[-2:])
+        if not (0 <= r < raw.shape[0] and 0 <= c < raw.shape[1]):
+            return None
+        v = float(raw[r, c])
+        return v if np.isfinite(v) else None
+
+    # ------------------------------------------------------------------ display events
+    def _on_source(self, *_) -> None:
+        if self.source is None:
+            return
+        self.update_heatmap()
+        self.update_topk()
+
+    def _on_method(self, *_) -> None:
+        fixed = self.method == "fixed"
+        self.range_row.setEnabled(fixed)
+        if fixed and not self._fixed_set and self._shown is not None and self.source is not None:
+            s = self._shown.attention(self.source)
+            s = s[np.isfinite(s)]
+            if s.size:
+                self.vmin.blockSignals(True)
+                self.vmax.blockSignals(True)
+                lo, hi = float(s.min()), float(s.max())
+                self.vmin.setValue(lo)
+                self.vmax.setValue(hi if hi > lo else lo + 1)
+                self.vmin.blockSignals(False)
+                self.vmax.blockSignals(False)
+            self._fixed_set = True
+        self.update_heatmap()
+        if self.topk_mode.currentData() == "range":
+            self.update_topk()
+
+    def _on_fixed_range(self, *_) -> None:
+        self._fixed_set = True
+        if self.vmax.value() <= self.vmin.value():
+            return
+        if self.method == "fixed":
+            self.update_heatmap()
+
+    def _on_look(self, *_) -> None:
+        layer = self.heatmap_layer
+        if layer is None or layer not in self.viewer.layers:
+            return
+        layer.colormap = self.cmap_combo.currentText()
+        layer.opacity = self.opacity.value() / 100
+        if str(layer.interpolation2d) != self.interp_combo.currentData():
+            self.update_heatmap()  # smooth display fills a margin around the patches
+
+    def _on_topk_mode_visible(self) -> None:
+        self.topk_range.setEnabled(self.topk_mode.currentData() == "range")
+
+    def _on_topk(self, *_) -> None:
+        self._on_topk_mode_visible()
+        self.update_topk()
+
+    # ------------------------------------------------------------------ gallery
+    def show_gallery(self, *_) -> None:
+        """Open (or raise) the top-K gallery dock, filled with the current selection."""
+        from .gallery import TopKGallery
+
+        if self.gallery is None:
+            self.gallery = TopKGallery(self.viewer)
+            window = getattr(self.viewer, "window", None)
+            if window is not None and hasattr(window, "add_dock_widget"):
+                window.add_dock_widget(self.gallery, name="Top-K gallery", area="right",
+                                       tabify=False)
+            self.gallery.destroyed.connect(self._gallery_gone)
+        if self.result is not None:
+            self.gallery.set_items(self.slide_layer, self.result, self._indices, self.source,
+                                   mpp=self.mpp)
+
+    def _gallery_gone(self, *_) -> None:
+        self.gallery = None
+
+    # ------------------------------------------------------------------ export
+    def export(self, kind: str, path) -> Path | list[Path]:
+        """Write the current result as ``kind`` (a key of :data:`EXPORTS`) to ``path``.
+
+        ``crops`` takes a folder and returns the PNG paths; the others return ``path``.
+        """
+        from ..overlay import export as ex
+        from ..overlay.geojson import to_geojson
+
+        r = self.result
+        if r is None:
+            raise ValueError("nothing to export: run the model first")
+        src, method = self.source, self.method
+        fixed = self._norm_kw() if method == "fixed" else {}
+        if kind == "geojson":
+            to_geojson(r, path, source=src, top_k=self.k_spin.value())
+            return Path(path)
+        if kind == "csv":
+            return ex.write_csv(r, path)
+        if kind == "clam":
+            return ex.write_clam_h5(r, path, source=src)
+        if kind == "tiff":
+            return ex.write_heatmap_tiff(r, path, source=src, method=method, mpp=self.mpp,
+                                         **fixed)
+        if kind == "crops":
+            layer = self.slide_layer
+            slide = layer.metadata["slide"] if layer is not None else None
+            return ex.write_topk_crops(r, path, self._indices, source=src, slide=slide)
+        if kind == "sidecar":
+            topk = {"k": self.k_spin.value(), "mode": self.topk_mode.currentData()}
+            if topk["mode"] == "range":
+                topk.update(lo=self.lo.value(), hi=self.hi.value())
+            return ex.write_sidecar(path, r, source=src, method=method,
+                                    bag_source=self._bag_source,
+                                    colormap=self.cmap_combo.currentText(), topk=topk,
+                                    **fixed)
+        raise ValueError(f"unknown export {kind!r}; choose one of {list(EXPORTS)}")
+
+    def _ask_path(self, kind: str) -> str:
+        """The file (or folder, for crops) to export to, from a dialog ('' = cancelled)."""
+        stem = (self.result.slide_id or "result") if self.result is not None else "result"
+        if kind == "crops":
+            return QFileDialog.getExistingDirectory(self, "Folder for the top-K PNGs")
+        from ..overlay.export import SIDECAR_SUFFIX
+
+        suffix, filt = {"geojson": (".geojson", "GeoJSON (*.geojson *.json)"),
+                        "csv": (".csv", "CSV (*.csv)"),
+                        "clam": (".h5", "HDF5 (*.h5)"),
+                        "tiff": (".ome.tif", "OME-TIFF (*.ome.tif *.tif)"),
+                        "sidecar": (SIDECAR_SUFFIX, "Sidecar (*.json)")}[kind]
+        path, _ = QFileDialog.getSaveFileName(self, EXPORTS[kind], stem + suffix, filt)
+        return path
+
+    def _export_dialog(self, kind: str, *_) -> None:
+        from napari.utils.notifications import show_error, show_info
+
+        path = self._ask_path(kind)
+        if not path:
+            return
+        try:
+            out = self.export(kind, path)
+        except Exception as e:  # noqa: BLE001 - shown as one line
+            show_error(f"Export {EXPORTS[kind]}: {_one_line(e)}")
+            return
+        n = f"{len(out)} files in " if isinstance(out, list) else ""
+        show_info(f"Exported {EXPORTS[kind]}: {n}{path}")
+
+    # ------------------------------------------------------------------ open a result
+    def open_result(self, path) -> Any:
+        """Show a saved result: an h5 from ``save_result`` or a ``.milview.json`` sidecar.
+
+        A sidecar also restores the source, normalisation, colormap and top-K settings, and
+        opens its slide when no slide layer is open.
+        """
+        from ..overlay.export import read_sidecar
+        from ..result import load_result
+
+        p = Path(path)
+        doc = None
+        if p.suffix.lower() == ".json":
+            doc = read_sidecar(p)
+            result = load_result(doc["result"])
+            slide = doc.get("slide") or result.slide
+            if self.slide_layer is None and slide and Path(slide).exists():
+                self.viewer.open(slide, plugin="napari-milview")
+        else:
+            result = load_result(p)
+        self.result = None
+        self.show_result(result)
+        if doc is not None:
+            norm = doc.get("normalisation") or {}
+            if norm.get("vmin") is not None and norm.get("vmax") is not None:
+                self._fixed_set = True
+                self.vmin.setValue(float(norm["vmin"]))
+                self.vmax.setValue(float(norm["vmax"]))
+            if doc.get("colormap") in COLORMAPS:
+                self.cmap_combo.setCurrentText(doc["colormap"])
+            tk = doc.get("topk") or {}
+            if tk.get("k") is not None:
+                self.k_spin.setValue(int(tk["k"]))
+            mode = self.topk_mode.findData(tk.get("mode", "top"))
+            if mode >= 0:
+                self.topk_mode.setCurrentIndex(mode)
+            if doc.get("attention_source") in result.sources:
+                self.set_source(doc["attention_source"])
+            self.set_method(norm.get("method", "raw"))
+        return result
+
+    def _open_dialog(self) -> None:
+        from napari.utils.notifications import show_error
+
+        path, _ = QFileDialog.getOpenFileName(self, "Open result", "",
+                                              "Results (*.h5 *.json);;All files (*)")
+        if not path:
+            return
+        try:
+            self.open_result(path)
+        except Exception as e:  # noqa: BLE001 - shown as one line
+            show_error(f"Open result: {_one_line(e)}")
+
+
+def _install_status(layer, widget: MILWidget) -> None:
+    """Make the heatmap layer's status line end with the raw score under the cursor.
+
+    napari builds the status bar from the active layer's ``get_status``; this wraps it for
+    this one layer (the Image class is untouched).
+    """
+    wref, lref = weakref.ref(widget), weakref.ref(layer)
+    base = type(layer).get_status
+
+    def get_status(position=None, *, view_direction=None, dims_displayed=None, world=False,
+                   value=None):
+        lyr = lref()
+        status = base(lyr, position, view_direction=view_direction,
+                      dims_displayed=dims_displayed, world=world, value=value)
+        w = wref()
+        if lyr is None or w is None or position is None or not isinstance(status, dict):
+            return status
+        v = w.raw_score_at(position, world=world)
+        if v is not None:
+            src = lyr.metadata.get("source", "")
+            status["coordinates"] = f"{status.get('coordinates', '')}; raw {src} = {v:.6g}"
+        return status
+
+    layer.get_status = get_status

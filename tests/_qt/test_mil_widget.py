@@ -1,0 +1,436 @@
+"""The "MIL attention" dock on a real viewer: runs, streaming, cancel, errors, display, export.
+
+Real parts throughout: the synthetic SVS with a planted lesion (``svs`` fixture), OpenSlide
+reads, the shipped demo encoder and demo ACMIL-GA (trained on other synthetic slides to tell
+lesion from normal), napari thread workers.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gui
+
+PATCH_UM = 64.0
+
+
+@pytest.fixture(scope="module")
+def assets():
+    """The shipped demo encoder (64-d, 64 px at 1 um/px) and demo ACMIL-GA checkpoint."""
+    from napari_milview.assets import demo_encoder_path, demo_model_path
+
+    for p in (demo_encoder_path(), demo_model_path()):
+        assert p.is_file(), f"{p} missing: the demo assets ship with the package"
+    return {"encoder": "demo", "model": demo_model_path(), "dim": 64}
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _setup(make_napari_viewer, qtbot, svs, assets, *, patch_um=PATCH_UM, batch=16,
+           model_file=False):
+    """A viewer with the slide and the widget; the demo model (or its file, loaded as a user's
+    checkpoint would be); the widget follows the model card's encoder and patch size."""
+    from napari_milview._qt.mil_widget import MILWidget
+
+    viewer = make_napari_viewer()
+    [slide_layer] = viewer.open(str(svs.path), plugin="napari-milview")
+    w = MILWidget(viewer)
+    viewer.window.add_dock_widget(w, name="MIL attention")
+    assert w.demo_radio.isChecked() and w._model is not None, w.model_info.text()
+    if model_file:
+        w.file_radio.setChecked(True)
+        w.model_edit.setText(str(assets["model"]))
+        w._on_model_choice()
+        assert w._model is not None and w._model[2] == str(assets["model"])
+    assert w.encoder_combo.currentText() == assets["encoder"]
+    assert w.patch_um.value() == PATCH_UM
+    w.patch_um.setValue(patch_um)
+    w.batch_spin.setValue(batch)
+    w.device_combo.setCurrentText("cpu")
+    return viewer, w, slide_layer
+
+
+def _run(qtbot, w, timeout=30_000) -> tuple:
+    with qtbot.waitSignal(w.run_finished, timeout=timeout) as blocker:
+        job = w.run()
+        assert job is not None
+    return job, blocker.args[0]
+
+
+def _threads() -> set[str]:
+    """Live Python threads, without the process-wide tile pool and Qt's pool threads."""
+    return {t.name for t in threading.enumerate()
+            if not isinstance(t, threading._DummyThread)  # a Qt pool thread that ran Python
+            and not t.name.startswith("milview-tiles")}
+
+
+def _no_threads_left(qtbot, before: set[str]) -> None:
+    from qtpy.QtCore import QThreadPool
+
+    from napari_milview.pipeline import THREAD_PREFIX
+
+    assert not any(t.name.startswith(THREAD_PREFIX) for t in threading.enumerate())
+    assert _threads() <= before
+    qtbot.waitUntil(lambda: QThreadPool.globalInstance().activeThreadCount() == 0,
+                    timeout=5000)
+
+
+def _lesion_fraction(svs, coords, ps) -> np.ndarray:
+    """[K] fraction of each patch (level-0 (x, y), side ps) inside the lesion mask."""
+    from PIL import Image
+
+    mask = np.asarray(Image.open(svs.mask_path)) > 0
+    ds = svs.mask_downsample
+    return np.array([mask[y // ds:(y + ps) // ds, x // ds:(x + ps) // ds].mean()
+                     for x, y in np.asarray(coords).tolist()])
+
+
+def _errors(text: str) -> list[str]:
+    from napari.utils.notifications import NotificationSeverity, notification_manager
+
+    return [str(n.message) for n in notification_manager.records
+            if n.severity == NotificationSeverity.ERROR and text in str(n.message)]
+
+
+# --------------------------------------------------------------------------------------------
+# tests
+# --------------------------------------------------------------------------------------------
+def test_end_to_end_streams_then_topk_inside_lesion(make_napari_viewer, qtbot, svs, assets):
+    from napari_milview.overlay.normalise import normalise
+
+    viewer, w, slide_layer = _setup(make_napari_viewer, qtbot, svs, assets, batch=8)
+    w.stream_s = 0.0  # a partial heatmap after every batch
+    assert w.run_button.isEnabled() and not w.cancel_button.isEnabled()
+    info = w.model_info.text()  # what was inferred from the checkpoint
+    assert "acmil_ga" in info and "classes: normal, lesion" in info and "64-d" in info
+    assert "patch 64 \u00b5m" in info and "encoder demo" in info
+
+    streamed, bars = [], []
+
+    def on_insert(event):
+        layer = event.value
+        if layer.metadata.get("milview") == "heatmap":
+            layer.events.data.connect(lambda e: streamed.append(int(np.isfinite(
+                layer.data).sum())))
+
+    viewer.layers.events.inserted.connect(on_insert)
+    with qtbot.waitSignal(w.run_finished, timeout=30_000) as blocker:
+        job = w.run()
+        assert w.busy and not w.run_button.isEnabled() and w.cancel_button.isEnabled()
+        w.worker.yielded.connect(lambda u: bars.append((w.pbar.total, w.pbar.n)
+                                                       if w.pbar is not None else None))
+    assert blocker.args == ["done"], w.status.text()
+    r = w.result
+    n = r.n
+    assert n > 100 and job.progress == (n, n)
+    assert job.calls["extract"] == 1 and job.calls["attend"] == 1 and job.calls["partial"] >= 3
+    # the activity-dock progress bar counted patches, per batch
+    counted = [b for b in bars if b is not None and b[0]]
+    assert counted[-1] == (n, n) and len(counted) >= n // 8
+    # the heatmap streamed in: updates with more and more patches, fewer than all
+    assert len(streamed) >= 3 and streamed == sorted(streamed) and streamed[0] < n
+    assert not w.busy and w.run_button.isEnabled() and not w.cancel_button.isEnabled()
+    assert w.status.text() == "Done."
+
+    # prediction panel
+    assert r.predicted_class == "lesion"
+    i = r.classes.index("lesion")
+    assert w.prediction.names[i].font().bold() and not w.prediction.names[1 - i].font().bold()
+    assert w.prediction.values[i].text() == f"{r.probabilities[i]:.3f}"
+    assert f"N = {n} patches" in w.prediction.info.text() and "cpu" in w.prediction.info.text()
+    assert "extract" in w.prediction.info.text() and "attend" in w.prediction.info.text()
+
+    # heatmap: colour bar on, and every patch's cell is where the patch is (no one-patch shift)
+    heat = w.heatmap_layer
+    assert heat in viewer.layers and heat.colorbar.visible
+    assert viewer.layers.selection.active is heat
+    shown = normalise(r.attention(w.source), w.method)
+    ps = r.patch_size_level0
+    mpp = float(slide_layer.scale[-1])
+    centres = (r.coords + (ps - 1) / 2) * mpp  # world (x, y) of the patch centres
+    cells = np.floor(np.stack([heat.world_to_data(np.array([y, x]))
+                               for x, y in centres]) + 0.5).astype(int)
+    np.testing.assert_allclose(heat.data[cells[:, 0], cells[:, 1]], shown, rtol=1e-6)
+    # smooth look: the scored cells unchanged, a one-cell margin filled, the rest transparent
+    from scipy import ndimage
+
+    blocky = heat.data.copy()
+    ok = np.isfinite(blocky)
+    w.interp_combo.setCurrentIndex(w.interp_combo.findData("linear"))
+    assert str(heat.interpolation2d) == "linear"
+    np.testing.assert_array_equal(heat.data[ok], blocky[ok])
+    np.testing.assert_array_equal(np.isfinite(heat.data),
+                                  ndimage.binary_dilation(ok, np.ones((3, 3))))
+    assert np.isnan(heat.data).any()
+    w.interp_combo.setCurrentIndex(w.interp_combo.findData("nearest"))
+    np.testing.assert_array_equal(heat.data, blocky)
+    # the same centres are the patch centres on the slide layer
+    px = np.stack([slide_layer.world_to_data(np.array([y, x])) for x, y in centres[:5]])
+    np.testing.assert_allclose(px[:, ::-1], r.coords[:5] + (ps - 1) / 2, atol=1e-6)
+
+    # another attention source re-colours the same layer, without running anything
+    before = heat.data.copy()
+    other = next(s for s in r.sources if s.startswith("branch/") and s != w.source)
+    w.set_source(other)
+    assert not np.array_equal(before, heat.data, equal_nan=True)
+    assert heat.metadata["source"] == other and w.jobs_started == 1 and not w.busy
+    w.set_source(r.default_source)
+
+    # top-K rectangles lie inside the planted lesion
+    topk = w.topk_layer
+    k = w.k_spin.value()
+    assert topk.nshapes == k == 20
+    idx = topk.features["index"].to_numpy()
+    np.testing.assert_allclose(topk.features["score"], r.attention(w.source)[idx])
+    assert (_lesion_fraction(svs, r.coords[idx], ps) > 0.5).all()
+    rect = np.asarray(topk.data[0])
+    x0, y0 = r.coords[idx[0]]
+    np.testing.assert_allclose(rect.min(0), [(y0 - 0.5) * mpp, (x0 - 0.5) * mpp])
+
+    # hover: the status line carries the raw score of the patch under the cursor
+    raw = r.attention(w.source)
+    cy, cx = centres[idx[0]][::-1]
+    assert w.raw_score_at((cy, cx)) == pytest.approx(float(raw[idx[0]]), rel=1e-6)
+    status = heat.get_status((cy, cx), world=True)
+    assert f"raw {w.source} = {float(raw[idx[0]]):.6g}" in status["coordinates"]
+    assert w.raw_score_at((-1e6, -1e6)) is None
+
+    # the gallery opened with the top-K; K follows the widget; a click goes to the patch
+    gal = w.gallery
+    assert gal is not None
+    qtbot.waitUntil(lambda: gal._reader.worker is None, timeout=10_000)
+    assert len(gal.buttons) == k and all(not b.icon().isNull() for b in gal.buttons)
+    with qtbot.waitSignal(gal.loaded, timeout=10_000):
+        w.k_spin.setValue(5)
+    assert len(gal.buttons) == 5 and w.topk_layer.nshapes == 5
+    with qtbot.waitSignal(gal.activated, timeout=2000) as clicked:
+        gal.buttons[0].click()
+    assert clicked.args == [int(idx[0])]
+    cam = viewer.scene.camera
+    np.testing.assert_allclose(cam.center[-2:], (cy, cx), atol=1e-6)
+    h, wd = viewer.canvas.viewbox_size(viewer.layers)
+    assert cam.zoom * ps * mpp == pytest.approx(min(h, wd) / 3)
+
+
+def test_cancel_mid_run_stops_within_a_batch(make_napari_viewer, qtbot, svs, assets):
+    # 16 um patches: ~2000 of them, 4 per batch, so the run is far from over when cancelled
+    viewer, w, _ = _setup(make_napari_viewer, qtbot, svs, assets, patch_um=16.0, batch=4)
+    w.stream_s = -1.0
+    before = _threads()
+    with qtbot.waitSignal(w.run_finished, timeout=30_000) as blocker:
+        job = w.run()
+        qtbot.waitUntil(lambda: job.progress[0] > 0, timeout=20_000)
+        at_cancel = job.progress[0]
+        w.cancel()
+        assert not w.cancel_button.isEnabled()
+    assert blocker.args == ["cancelled"]
+    done, total = job.progress
+    assert total > 1000 and done <= at_cancel + 2 * 4  # within a batch (one in flight)
+    assert job.calls["attend"] == 0 and w.result is None and w.heatmap_layer is None
+    assert not w.busy and w.run_button.isEnabled() and not w.cancel_button.isEnabled()
+    assert w.status.text().startswith("Cancelled after")
+    assert job.done.is_set() and job.gen.gi_frame is None  # the generator is closed
+    _no_threads_left(qtbot, before)
+
+
+def test_error_then_a_good_run(make_napari_viewer, qtbot, svs, assets, tmp_path):
+    from napari_milview.features.bag import Bag
+    from napari_milview.features.milview_h5 import save_bag
+    from napari_milview.slide import open_slide
+    from napari_milview.tissue import patch_grid
+
+    viewer, w, _ = _setup(make_napari_viewer, qtbot, svs, assets, model_file=True)
+    dim = assets["dim"]
+    with open_slide(svs.path) as s:
+        grid = patch_grid(s, patch_px=64, patch_um=PATCH_UM)
+    rng = np.random.default_rng(0)
+    bad = save_bag(Bag.from_arrays(rng.random((len(grid), dim + 12), dtype=np.float32),
+                                   grid.coords, patch_size_level0=grid.patch_size_level0,
+                                   mpp=grid.mpp, slide_id="svs"), tmp_path / "bad.h5")
+    w.bag_radio.setChecked(True)
+    w.bag_edit.setText(str(bad))
+    n_before = len(_errors(""))
+    job, outcome = _run(qtbot, w)
+    assert outcome == "failed"
+    msgs = _errors("")[n_before:]
+    assert len(msgs) == 1, msgs  # one readable notification, naming both dimensions
+    assert f"{dim + 12}-d" in msgs[0] and f"{dim}-d" in msgs[0] and "\n" not in msgs[0]
+    assert w.status.text().startswith("Failed:")
+    assert w.run_button.isEnabled() and not w.busy and w.result is None
+
+    # the same widget runs again, correctly
+    w.extract_radio.setChecked(True)
+    job, outcome = _run(qtbot, w)
+    assert outcome == "done" and w.result.n == len(grid)
+    assert len(_errors("")) == n_before + 1
+
+
+def test_source_and_normalisation_switch_without_rerun(make_napari_viewer, qtbot, svs):
+    """Re-colouring a 40 000-patch result is O(N) numpy, in place, with no worker started."""
+    from napari_milview._qt.mil_widget import MILWidget
+    from napari_milview.overlay.normalise import METHODS, contrast_limits, normalise
+    from napari_milview.result import Result
+
+    viewer = make_napari_viewer()
+    viewer.open(str(svs.path), plugin="napari-milview")
+    w = MILWidget(viewer)
+    viewer.window.add_dock_widget(w, name="MIL attention")
+    rng = np.random.default_rng(1)
+    side, ps = 200, 16
+    yy, xx = np.mgrid[0:side, 0:side]
+    coords = np.stack([xx.ravel(), yy.ravel()], 1) * ps
+    logits = rng.normal(size=(3, side * side)).astype(np.float32)
+    att = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    sources = {"branch/0": att[0], "branch/1": att[1], "branch/mean": att[:2].mean(0),
+               "raw/branch/0": logits[0], "raw/branch/1": logits[1], "instance/1": att[2]}
+    r = Result(coords=coords, patch_size_level0=ps, sources=sources,
+               default_source="branch/mean", classes=["normal", "lesion"],
+               logits=np.array([0.1, 0.9]), probabilities=np.array([0.31, 0.69]),
+               arch="acmil_ga", mpp=svs.mpp)
+    w.show_result(r)
+    assert w.source == "branch/mean"
+    items = [w.source_combo.itemText(i) for i in range(w.source_combo.count())]
+    assert items[0].startswith("\u2014 attention") and items[1] == "branch/mean"
+    assert items.index("raw/branch/0") > items.index("branch/1")  # logits in their own group
+    heat, n_layers = w.heatmap_layer, len(viewer.layers)
+    seen = set()
+    times = []
+    for source in ("branch/0", "raw/branch/1", "branch/mean"):
+        for method in METHODS:
+            if method == "fixed":
+                w.vmin.setValue(0.0)
+                w.vmax.setValue(float(np.quantile(sources[source], 0.9)))
+            t = time.perf_counter()
+            w.set_source(source)
+            w.set_method(method)
+            times.append(time.perf_counter() - t)
+            want = normalise(sources[source], method, **w._norm_kw())
+            np.testing.assert_allclose(heat.data.reshape(-1), want, rtol=1e-6)
+            assert tuple(heat.contrast_limits) == pytest.approx(
+                contrast_limits(method, want, **w._norm_kw()))
+            assert heat.metadata["source"] == source and heat.metadata["method"] == method
+            seen.add(heat.data.tobytes())
+            raw = heat.metadata["raw_grid"].reshape(-1)
+            np.testing.assert_array_equal(raw, sources[source])  # hover reads raw scores
+    assert len(seen) == 3 * len(METHODS)
+    assert w.heatmap_layer is heat and len(viewer.layers) == n_layers  # updated in place
+    assert w.jobs_started == 0 and w.job is None
+    assert float(np.median(times)) < 0.1, times  # switching re-colours in under 100 ms
+    # look changes touch the same layer
+    w.cmap_combo.setCurrentText("viridis")
+    w.opacity.setValue(80)
+    w.interp_combo.setCurrentIndex(w.interp_combo.findData("linear"))
+    assert heat.colormap.name == "viridis" and heat.opacity == pytest.approx(0.8)
+    assert str(heat.interpolation2d) == "linear"
+    # top-K follows the source and the range mode picks in the colour-bar units
+    w.set_method("rank")
+    w.topk_mode.setCurrentIndex(w.topk_mode.findData("range"))
+    w.lo.setValue(0.5)
+    w.hi.setValue(0.6)
+    w.k_spin.setValue(7)
+    pct = normalise(sources["branch/mean"], "rank")[w._indices]
+    assert len(w._indices) == 7 and ((pct >= 0.5) & (pct <= 0.6)).all()
+    assert w.topk_layer.nshapes == 7
+
+
+def test_export_round_trip(make_napari_viewer, qtbot, svs, assets, tmp_path):
+    import csv
+
+    import h5py
+    import tifffile
+
+    from napari_milview._qt.mil_widget import MILWidget
+    from napari_milview.overlay.export import read_sidecar
+
+    viewer, w, _ = _setup(make_napari_viewer, qtbot, svs, assets, model_file=True)
+    w.stream_s = -1.0
+    _, outcome = _run(qtbot, w)
+    assert outcome == "done"
+    r = w.result
+    w.set_method("minmax")
+    w.k_spin.setValue(4)
+
+    gj = w.export("geojson", tmp_path / "a.geojson")
+    doc = json.loads(Path(gj).read_text())
+    assert doc["type"] == "FeatureCollection"
+    kinds = [f["properties"]["objectType"] for f in doc["features"]]
+    assert kinds.count("detection") == r.n and kinds.count("annotation") == 4
+    for f in doc["features"]:
+        ring = f["geometry"]["coordinates"][0]
+        assert f["geometry"]["type"] == "Polygon" and len(ring) == 5 and ring[0] == ring[-1]
+    det = doc["features"][0]
+    assert det["geometry"]["coordinates"][0][0] == r.coords[0].tolist()
+    assert det["properties"]["measurements"]["attention"] == pytest.approx(
+        float(r.attention(w.source)[0]))
+
+    with open(w.export("csv", tmp_path / "a.csv"), newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == r.n and float(rows[3][w.source]) == pytest.approx(
+        float(r.attention(w.source)[3]))
+
+    with h5py.File(w.export("clam", tmp_path / "a.h5"), "r") as f:
+        assert f["attention_scores"].shape == (r.n, 1) and f["coords"].shape == (r.n, 2)
+
+    grid = tifffile.imread(w.export("tiff", tmp_path / "a.ome.tif"))
+    assert grid.dtype == np.float32 and np.nanmax(grid) == pytest.approx(1.0)
+
+    pngs = w.export("crops", tmp_path)
+    assert len(pngs) == 4 and all(p.suffix == ".png" and p.exists() for p in pngs)
+
+    side = w.export("sidecar", tmp_path / "a.milview.json")
+    meta = read_sidecar(side)
+    assert meta["attention_source"] == w.source and meta["normalisation"]["method"] == "minmax"
+    assert meta["topk"]["k"] == 4 and meta["n_instances"] == r.n
+    assert Path(meta["result"]).exists()
+
+    # reopening the sidecar shows the same heatmap and settings
+    w2 = MILWidget(viewer)
+    viewer.window.add_dock_widget(w2, name="MIL attention 2")
+    again = w2.open_result(side)
+    assert again.n == r.n and w2.method == "minmax" and w2.k_spin.value() == 4
+    np.testing.assert_array_equal(w2.heatmap_layer.data, w.heatmap_layer.data)
+    assert w2.jobs_started == 0
+
+
+def test_closing_widget_or_viewer_mid_run_leaves_no_threads(make_napari_viewer, qtbot, svs,
+                                                            assets):
+    viewer, w, _ = _setup(make_napari_viewer, qtbot, svs, assets, patch_um=16.0, batch=4)
+    w.stream_s = -1.0
+    before = _threads()
+    job = w.run()
+    qtbot.waitUntil(lambda: job.progress[0] > 0, timeout=20_000)
+    w.close()  # joins
+    assert job.done.is_set() and job.cancel.is_set() and job.gen.gi_frame is None
+    _no_threads_left(qtbot, before)
+
+    from napari_milview._qt.mil_widget import MILWidget
+
+    # napari's dock close button (remove_dock_widget) stops it too
+    w1 = MILWidget(viewer)
+    viewer.window.add_dock_widget(w1, name="MIL attention 1")
+    w1.patch_um.setValue(16.0)
+    w1.batch_spin.setValue(4)
+    job1 = w1.run()
+    qtbot.waitUntil(lambda: job1.progress[0] > 0, timeout=20_000)
+    viewer.window.remove_dock_widget(w1)
+    assert job1.done.is_set() and job1.gen.gi_frame is None and not w1.busy
+    _no_threads_left(qtbot, before)
+
+    # and so does the viewer closing under a running widget
+    w2 = MILWidget(viewer)
+    viewer.window.add_dock_widget(w2, name="MIL attention 2")
+    w2.patch_um.setValue(16.0)
+    w2.batch_spin.setValue(4)
+    job2 = w2.run()
+    qtbot.waitUntil(lambda: job2.progress[0] > 0, timeout=20_000)
+    viewer.close()
+    qtbot.waitUntil(job2.done.is_set, timeout=10_000)
+    qtbot.waitUntil(lambda: job2.gen.gi_frame is None, timeout=10_000)
+    _no_threads_left(qtbot, before)
