@@ -1,10 +1,12 @@
-"""The ``milview`` command: info, synth, demo (more sub-commands arrive with the engine)."""
+"""The ``milview`` command: info, synth, extract, attend, demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -47,6 +49,208 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         "ome_zarr": str(res.zarr_path) if res.zarr_path else None,
         "seconds": round(time.perf_counter() - t0, 2),
     }))
+    return 0
+
+
+def _progress_bar(total: int, desc: str):
+    """A tqdm bar on stderr (tqdm comes with napari), or a plain line per update."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - napari depends on tqdm
+        class _Line:
+            def __init__(self):
+                self.n = 0
+
+            def update(self, k):
+                self.n += k
+                print(f"{desc}: {self.n}/{total}", file=sys.stderr)
+
+            def write(self, msg, file=None):
+                print(msg, file=file or sys.stderr)
+
+            def close(self):
+                pass
+
+        return _Line()
+    return tqdm(total=total, desc=desc, unit="patch", file=sys.stderr, dynamic_ncols=True)
+
+
+def _cmd_extract(args: argparse.Namespace) -> int:
+    import time
+
+    from .features.bag import BagError
+    from .features.encoders import build_encoder
+    from .features.milview_h5 import save_bag
+    from .pipeline import collect, extract_bag
+    from .slide import open_slide
+    from .tissue import patch_grid
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise BagError(out, f"folder {out.parent} does not exist")
+    t0 = time.perf_counter()
+    with open_slide(args.slide, mpp=args.mpp, remember_mpp=False) as slide:
+        encoder = build_encoder(args.encoder, weights=args.weights)
+        spec = encoder.spec
+        mag, patch_um = args.mag, args.patch_um
+        if mag is None and patch_um is None:
+            if spec.mpp is not None:  # the encoder's own resolution
+                patch_um = spec.patch_px * spec.mpp
+            else:
+                mag = 20.0
+        grid = patch_grid(slide, patch_px=spec.patch_px, mag=mag, patch_um=patch_um,
+                          min_tissue=args.min_tissue)
+        bar = None
+
+        def show(p) -> None:
+            nonlocal bar
+            if bar is None:
+                bar = _progress_bar(p.total, f"extract {Path(args.slide).name}")
+            if p.message:
+                bar.write(f"milview extract: {p.message}", file=sys.stderr)
+            if p.features is not None:
+                bar.update(len(p.features))
+
+        try:
+            workers = args.workers or max(2, min(8, os.cpu_count() or 2))
+            bag = collect(extract_bag(slide, grid, encoder, batch_size=args.batch_size,
+                                      device=args.device, workers=workers), show)
+        except KeyboardInterrupt:  # the generator has shut its readers down
+            print("milview extract: cancelled; nothing written", file=sys.stderr)
+            return 130
+        finally:
+            if bar is not None:
+                bar.close()
+    save_bag(bag, out, slide=Path(args.slide).resolve())
+    print(json.dumps({
+        "bag": str(out), "slide": str(args.slide), "n_instances": bag.n, "dim": bag.dim,
+        "encoder": bag.encoder, "patch_size_level0": bag.patch_size_level0, "mpp": bag.mpp,
+        "bad_tiles": bag.meta.get("bad_tiles", 0), "device": bag.meta.get("device"),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }))
+    return 0
+
+
+def _load_mil(model: str, arch: str | None):
+    """(model, card, name) for a checkpoint path or ``demo`` (the shipped demo model)."""
+    from .mil.checkpoint import load_model
+
+    if model == "demo":
+        from .assets import demo_model_path
+
+        return (*load_model(demo_model_path(), arch=arch), "demo")
+    return (*load_model(model, arch=arch), str(model))
+
+
+def _cmd_attend(args: argparse.Namespace) -> int:
+    from .features.io import load_bag
+    from .pipeline import attend
+    from .result import save_result
+
+    out = Path(args.out)
+    for dest in (out, None if args.geojson is None else Path(args.geojson)):
+        if dest is not None and not dest.parent.is_dir():
+            raise ValueError(f"{dest}: folder {dest.parent} does not exist")
+    bag = load_bag(args.bag, patch_size_level0=args.patch_size_level0,
+                   patches_h5=args.patches_h5, slide_id=args.slide_id, mpp=args.mpp)
+    model, card, name = _load_mil(args.model, args.arch)
+    result = attend(bag, model, card, device=args.device, model_name=name)
+    if args.source is not None and args.source not in result.sources:
+        raise ValueError(f"{args.model}: no attention source {args.source!r}; this model has "
+                         f"{', '.join(result.sources)}")
+    result.meta["bag"] = str(args.bag)
+    save_result(result, out)
+    if args.geojson is not None:
+        from .overlay.geojson import to_geojson
+
+        to_geojson(result, args.geojson, source=args.source, top_k=args.top_k)
+    print(json.dumps(result.summary()))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .cohort import CohortConfig, run_cohort
+
+    config = CohortConfig(
+        encoder=args.encoder, weights=args.weights, model=args.model, arch=args.arch,
+        patch_um=args.patch_um, mag=args.mag, min_tissue=args.min_tissue, mpp=args.mpp,
+        device=args.device, source=args.source, top_k=args.top_k,
+        batch_size=args.batch_size, readers=args.readers)
+    bar = None
+
+    def show(row, finished: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = _progress_bar(total, "milview run")
+            bar.unit = "slide"
+            if hasattr(bar, "refresh"):
+                bar.refresh()
+        if row is None:
+            return
+        if not row.ok:
+            bar.write(f"milview run: error: {row.message}")
+        bar.update(1)
+
+    try:
+        report = run_cohort(args.inputs, args.out, config, scheduler=args.scheduler,
+                            workers=args.workers, threads_per_worker=args.threads_per_worker,
+                            progress=show)
+    finally:
+        if bar is not None:
+            bar.close()
+    d = report.to_dict()
+    for key, value in (("slides", d["total"]), ("done", d["done"]),
+                       ("skipped", f"{d['skipped']} (finished before)"),
+                       ("failed", d["failed"]),
+                       ("seconds", f"{d['seconds']:.1f} (cluster start "
+                                   f"{d['seconds_startup']:.1f})"),
+                       ("slides/hour", f"{d['slides_per_hour']:.1f}"),
+                       ("summary", d["summary"])):
+        print(f"  {key:<12} {value}", file=sys.stderr)
+    print(json.dumps(d))
+    return 1 if report.failed else 0
+
+
+def _cmd_stain(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .slide import open_slide
+    from .stain import CONDITIONS, estimate_slide, load_reference, make_condition, normalise_to
+
+    if args.condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {args.condition!r}; choose one of "
+                         f"{', '.join(CONDITIONS)}")
+    try:
+        x, y, w, h = (int(v) for v in args.region.split(","))
+    except ValueError:
+        raise ValueError(f"--region must be x,y,w,h (four integers), got {args.region!r}"
+                         ) from None
+    if w <= 0 or h <= 0 or w * h > 100_000_000:
+        raise ValueError(f"--region {args.region}: w and h must be positive and w x h at "
+                         "most 100 Mpx")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ValueError(f"{out}: folder {out.parent} does not exist")
+    library = load_reference(args.reference_folder) if args.reference_folder else None
+    reference = normalise_to(args.reference) if args.reference else None
+    with open_slide(args.slide, remember_mpp=False) as slide:
+        levels = slide.info.levels
+        if not 0 <= args.level < len(levels):
+            raise ValueError(f"{args.slide}: no level {args.level} (levels 0-{len(levels) - 1})")
+        ds = levels[args.level].downsample
+        w0, h0 = slide.info.dimensions
+        if x >= w0 or y >= h0 or x + w * ds <= 0 or y + h * ds <= 0:
+            raise ValueError(f"{args.slide}: region {args.region} at level {args.level} lies "
+                             f"outside the slide ({w0} x {h0} level-0 px)")
+        stain = None if args.condition == "reference" else estimate_slide(slide)
+        pert = make_condition(args.condition, stain, reference=reference, library=library,
+                              seed=args.seed)
+        rgb = slide.read_region((x, y), args.level, (w, h))
+    Image.fromarray(pert(rgb)).save(out, format="PNG")
+    print(json.dumps({"out": str(out), "slide": str(args.slide), "condition": args.condition,
+                      "region": [x, y, w, h], "level": args.level,
+                      "stain": None if stain is None else stain.to_dict(),
+                      "params": pert.params}))
     return 0
 
 
@@ -95,6 +299,98 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plant lesion regions (default) or not")
     s.add_argument("--ome-zarr", action="store_true", help="also write OUT.ome.zarr")
     s.set_defaults(func=_cmd_synth)
+
+    s = sub.add_parser("extract", help="encode a slide's tissue patches into a feature bag (h5)")
+    s.add_argument("slide")
+    s.add_argument("--encoder", required=True, help="encoder name (see the encoder registry)")
+    s.add_argument("--weights", default=None, metavar="FILE",
+                   help="local weights for the encoder (.safetensors/.pt/.pth or a folder)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--patch-um", type=float, default=None, metavar="UM",
+                   help="patch side in microns (default: the encoder's own, else 20x)")
+    g.add_argument("--mag", type=float, default=None, metavar="X",
+                   help="magnification to cut patches at (20x = 0.5 um/px)")
+    s.add_argument("--out", required=True, metavar="BAG.h5")
+    s.add_argument("--mpp", type=float, default=None, help="override microns per pixel")
+    s.add_argument("--min-tissue", type=float, default=0.25,
+                   help="keep patches with at least this tissue fraction (default 0.25)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=None,
+                   help="reader threads (default: min(8, CPU cores), at least 2)")
+    s.add_argument("--device", default="auto", help="auto (cuda, then cpu), cpu, cuda, cuda:N")
+    s.set_defaults(func=_cmd_extract)
+
+    s = sub.add_parser("attend", help="run a MIL model on a feature bag: prediction and "
+                                      "attention")
+    s.add_argument("bag", help="feature file: napari-milview, CLAM, TRIDENT, ACMIL h5 or .pt")
+    s.add_argument("--model", required=True, metavar="CKPT_OR_demo",
+                   help="checkpoint (.safetensors/.pt/.pth/.ckpt) or 'demo'")
+    s.add_argument("--arch", default=None, help="architecture (default: detected)")
+    s.add_argument("--patch-size-level0", type=int, default=None, metavar="PX",
+                   help="patch side in level-0 pixels, when the bag does not say")
+    s.add_argument("--patches-h5", default=None, help="CLAM/TRIDENT patches h5 (extent)")
+    s.add_argument("--slide-id", default=None, help="which slide of an ACMIL grouped h5")
+    s.add_argument("--mpp", type=float, default=None, help="microns per level-0 pixel")
+    s.add_argument("--out", required=True, metavar="RESULT.h5")
+    s.add_argument("--geojson", default=None, metavar="OUT.geojson",
+                   help="also write a QuPath GeoJSON (one detection per patch)")
+    s.add_argument("--source", default=None, help="attention source for the GeoJSON "
+                                                  "(default: the model's default)")
+    s.add_argument("--top-k", type=int, default=20, help="top-K annotations in the GeoJSON")
+    s.add_argument("--device", default="auto", help="auto (cuda, then cpu), cpu, cuda, cuda:N")
+    s.set_defaults(func=_cmd_attend)
+
+    s = sub.add_parser("run", help="run encoder + MIL model over many slides on "
+                                   "dask.distributed (resumable; exit status 1 when a "
+                                   "slide failed)")
+    s.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="slides, glob patterns or a CSV with a 'slide' column")
+    s.add_argument("--encoder", required=True, help="encoder name (see the encoder registry)")
+    s.add_argument("--weights", default=None, metavar="FILE", help="local encoder weights")
+    s.add_argument("--model", required=True, metavar="CKPT_OR_demo",
+                   help="MIL checkpoint (.safetensors/.pt/.pth/.ckpt) or 'demo'")
+    s.add_argument("--arch", default=None, help="architecture (default: detected)")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: per-slide files and summary.csv")
+    s.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="a running dask scheduler (default: a local cluster)")
+    s.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes of the local cluster (default: one per core)")
+    s.add_argument("--threads-per-worker", type=int, default=1, metavar="T")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--patch-um", type=float, default=None, metavar="UM",
+                   help="patch side in microns (default: the encoder's own, else 20x)")
+    g.add_argument("--mag", type=float, default=None, metavar="X",
+                   help="magnification to cut patches at (20x = 0.5 um/px)")
+    s.add_argument("--min-tissue", type=float, default=0.25)
+    s.add_argument("--mpp", type=float, default=None, help="microns per pixel for every slide")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--readers", type=int, default=2, help="reader threads per slide")
+    s.add_argument("--device", default="auto", help="auto (cuda, then cpu), cpu, cuda, cuda:N")
+    s.add_argument("--source", default=None, help="attention source of the exports")
+    s.add_argument("--top-k", type=int, default=20, help="top-K annotations and layer")
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("stain", help="write a region of a slide under a staining condition "
+                                     "(PNG)")
+    s.add_argument("slide")
+    s.add_argument("--condition", required=True,
+                   help="reference, low-intensity, high-intensity, low-similarity, "
+                        "high-similarity, hed-light, hed-strong, macenko, reinhard")
+    s.add_argument("--region", required=True, metavar="X,Y,W,H",
+                   help="x, y in level-0 pixels; w, h in pixels at --level (OpenSlide's "
+                        "read_region)")
+    s.add_argument("--level", type=int, default=0)
+    s.add_argument("--out", required=True, metavar="OUT.png")
+    s.add_argument("--reference", default=None, metavar="TILE_SLIDE_OR_JSON",
+                   help="target of macenko/reinhard: an image tile, a slide or a reference "
+                        "JSON (default: the built-in CMU-1-Small-Region reference)")
+    s.add_argument("--reference-folder", default=None, metavar="DIR",
+                   help="published PLISM matrices/intensities (*_median.npz, "
+                        "median_intensities_per_condition.csv) or reference JSON files: the "
+                        "protocol's conditions then use them instead of the presets")
+    s.add_argument("--seed", type=int, default=0, help="seed of the HED jitter (default 0)")
+    s.set_defaults(func=_cmd_stain)
 
     s = sub.add_parser("demo", help="open napari on the bundled synthetic slide")
     s.add_argument("--screenshot", default=None, metavar="OUT.png",

@@ -1,0 +1,311 @@
+#!/usr/bin/env python
+"""Extraction pipeline throughput against the bare encoder forward (issue 3, point 9).
+
+On one synthetic slide (20,000 x 15,000 px, mpp 0.25, 256-px JPEG tiles, 4 levels; written
+once into ``$MILVIEW_BENCH_CACHE``, default ``~/.cache/napari_milview/bench/``) and its tissue
+grid at the encoder's own resolution, with the demo encoder (or, while its weights are not
+shipped, the same network with random weights: the same cost) on the CPU:
+
+(a) bare forward: the encoder over the same batches, read and preprocessed into memory
+    beforehand (patches/s);
+(b) the full pipeline ``extract_bag`` (read + JPEG decode + preprocess + forward) with 1
+    and 2 reader threads, each run on a fresh ``Slide`` with its own empty tile cache (the
+    OS page cache is warm: the file is read once before timing);
+(c) the reading side alone: the same pipeline with a no-op encoder (read + decode +
+    preprocess, 2 readers).
+
+On a CPU run reading and the forward compete for the same cores, so the pipeline cannot
+beat ``1 / (1/a + 1/c)`` (the "bound" row; ``min(a, c)`` on a GPU, where they overlap);
+"b / bound" says how much of that the pipeline reaches.
+
+Efficiency = (b) / (a); the target is >= 0.9. Each figure is the median of ``--repeats``
+runs, interleaved (a, b1, b2, a, b1, b2, ...). GPU rows are "unmeasured" unless run on a
+CUDA machine (``--device cuda``).
+
+    .venv/bin/python bench/extract.py [--docs docs/BENCHMARKS.md] [--quick] [--regenerate]
+                                      [--wait-quiet 900]
+
+The machine's load matters a lot here: on a shared 2-core machine, other processes take
+the cores unevenly (a process with more runnable threads gets a larger share), so the
+header records the load average before and after the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+WIDTH, HEIGHT, MPP, TILE, LEVELS, SEED = 20_000, 15_000, 0.25, 256, 4, 0
+QUICK = (6_000, 4_500)
+BEGIN = "<!-- bench/extract.py: generated block, begin -->"
+END = "<!-- bench/extract.py: generated block, end -->"
+SECTION = "## Extraction pipeline (issue 3)"
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("MILVIEW_BENCH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "napari_milview" / "bench"
+
+
+def get_slide(width: int, height: int, regenerate: bool = False) -> tuple[Path, float]:
+    """The cached synthetic slide (written when absent); (path, seconds spent writing)."""
+    from napari_milview.synthetic import write_synthetic_slide
+
+    folder = cache_dir() / f"synthetic-{width}x{height}-mpp{MPP}-t{TILE}-l{LEVELS}-seed{SEED}"
+    path = folder / "slide.svs"
+    if path.exists() and (folder / "slide.json").exists() and not regenerate:
+        return path, 0.0
+    folder.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    write_synthetic_slide(path, width=width, height=height, mpp=MPP, tile=TILE, levels=LEVELS,
+                          seed=SEED, lesion=True)
+    return path, time.perf_counter() - t
+
+
+def get_encoder():
+    """(encoder, how): the shipped demo encoder, else the same network with random weights."""
+    import torch
+
+    from napari_milview.features.encoders import DEMO, build_encoder
+    from napari_milview.features.encoders._common import EncoderModule
+    from napari_milview.features.encoders.demo import DemoEncoder
+
+    try:
+        return build_encoder("demo"), "demo (shipped weights)"
+    except Exception:  # noqa: BLE001 - weights not shipped yet: same network, same cost
+        torch.manual_seed(0)
+        return EncoderModule(DemoEncoder(), DEMO).eval(), "demo network, random weights"
+
+
+class NoEncoder:
+    """Stands in for an encoder at no cost: zeros [B, dim] (measures the reading side)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def eval(self):
+        return self
+
+    def __call__(self, x):
+        import torch
+
+        return torch.zeros(len(x), self.spec.dim)
+
+
+def machine() -> dict:
+    import torch
+
+    model = platform.processor() or "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "gpu": gpu, "load_before": os.getloadavg()}
+
+
+def cpu_seconds() -> tuple[float, float, float]:
+    """(wall, busy CPU seconds of the whole machine from /proc/stat, this process's CPU)."""
+    busy = float("nan")
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(v[:8]) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    t = os.times()
+    return time.monotonic(), busy, t.user + t.system
+
+
+def others_cores(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
+    """Cores other processes kept busy on average between two :func:`cpu_seconds`."""
+    return max(0.0, ((b[1] - a[1]) - (b[2] - a[2])) / max(b[0] - a[0], 1e-9))
+
+
+def warm_page_cache(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def run(args: argparse.Namespace) -> tuple[str, dict]:
+    import torch
+
+    from napari_milview.features.encoders import preprocess
+    from napari_milview.pipeline import collect, extract_bag, resolve_device
+    from napari_milview.slide import open_slide
+    from napari_milview.slide.cache import TileCache
+    from napari_milview.tissue import patch_grid, read_patches
+
+    width, height = QUICK if args.quick else (WIDTH, HEIGHT)
+    path, t_write = get_slide(width, height, args.regenerate)
+    deadline = time.monotonic() + args.wait_quiet
+    while os.getloadavg()[0] >= 0.5 and time.monotonic() < deadline:
+        time.sleep(10)
+    warm_page_cache(path)
+    info = machine()
+    encoder, how = get_encoder()
+    spec = encoder.spec
+    dev = resolve_device(args.device)
+    bs = args.batch_size
+
+    def fresh():
+        return open_slide(path, cache=TileCache(1 << 30), remember_mpp=False)
+
+    with fresh() as slide:
+        grid = patch_grid(slide, patch_px=spec.patch_px, patch_um=spec.patch_px * spec.mpp)
+    n = len(grid.coords)
+    batches = [np.arange(s, min(s + bs, n)) for s in range(0, n, bs)]
+
+    # the batches (a) runs on
+    with fresh() as slide:
+        xs = [preprocess(read_patches(slide, grid, b), spec) for b in batches]
+
+    # (a) bare forward over the same batches
+    encoder = encoder.to(dev)
+    cuda = dev.type == "cuda"
+    if cuda:
+        encoder = encoder.to(memory_format=torch.channels_last)
+        xs = [x.to(dev).contiguous(memory_format=torch.channels_last) for x in xs]
+
+    def bare() -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for x in xs:
+                if cuda:
+                    with torch.autocast("cuda", dtype=torch.bfloat16):
+                        encoder(x).float().cpu()
+                else:
+                    encoder(x)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    nothing = NoEncoder(spec)  # (c): the pipeline's reading side alone
+
+    def pipeline(workers: int, enc=encoder) -> tuple[float, float]:
+        with fresh() as slide:
+            t = time.perf_counter()
+            bag = collect(extract_bag(slide, grid, enc, batch_size=bs, device=dev,
+                                      workers=workers))
+            seconds = time.perf_counter() - t
+        assert bag.n == n
+        return seconds, bag.meta["timings"]["wait_read"]
+
+    bare()  # warm-up (allocator, kernels)
+    fwd_t: list[float] = []
+    read_t: list[float] = []
+    pipe: dict[int, list[float]] = {1: [], 2: []}
+    waits: dict[int, list[float]] = {1: [], 2: []}
+    cpu0 = cpu_seconds()
+    for _ in range(args.repeats):  # interleaved, so a burst of load hits all alike
+        fwd_t.append(bare())
+        for workers in (1, 2):
+            seconds, wait = pipeline(workers)
+            pipe[workers].append(seconds)
+            waits[workers].append(wait)
+        read_t.append(pipeline(2, nothing)[0])
+    info["others"] = others_cores(cpu0, cpu_seconds())
+    info["load_after"] = os.getloadavg()
+
+    rate = {k: n / statistics.median(v) for k, v in
+            {"read": read_t, "bare": fwd_t, **{f"pipe{w}": pipe[w] for w in pipe}}.items()}
+    dev_name = info["gpu"] if cuda else info["cpu"]
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
+        f"({info['torch_threads']} intra-op threads), python {info['python']}; "
+        f"date {_dt.date.today().isoformat()}. Load average (1/5/15 min) before the run "
+        f"{'/'.join(f'{v:.2f}' for v in info['load_before'])}, after "
+        f"{'/'.join(f'{v:.2f}' for v in info['load_after'])}; other processes kept "
+        f"{info['others']:.2f} cores busy on average during the timed runs (from /proc/stat; "
+        "0 is a quiet machine).",
+        "",
+        f"Command: `.venv/bin/python bench/extract.py{' --quick' if args.quick else ''}"
+        f"{' --docs ' + str(args.docs) if args.docs else ''}"
+        f"{f' --wait-quiet {args.wait_quiet:g}' if args.wait_quiet else ''}`. Slide: synthetic "
+        f"{width} x {height} px, mpp {MPP}, {TILE}-px JPEG tiles, {LEVELS} levels"
+        f"{f' (written in {t_write:.0f} s)' if t_write else ''}. Encoder: {how}, "
+        f"{spec.dim}-d, {spec.input_size} px input; grid: {n} tissue patches of "
+        f"{grid.patch_size_level0} level-0 px ({spec.patch_px} px at {spec.mpp} um/px), read "
+        f"from level {grid.read_level}. Batch {bs}; medians of {args.repeats} runs; each "
+        "pipeline run on a fresh slide with an empty tile cache (JPEG decode included).",
+        "",
+        "| device | what | patches/s | efficiency (b / a) | b / bound | main thread waiting "
+        "for reads |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+        f"| {dev_name} | (a) bare encoder forward, batches in memory | {rate['bare']:.0f} | "
+        "1 | - | - |",
+    ]
+    # reading and the forward share the same cores on a CPU run; on a GPU they overlap
+    bound = (min(rate["bare"], rate["read"]) if cuda
+             else 1 / (1 / rate["bare"] + 1 / rate["read"]))
+    for w in (1, 2):
+        wait = statistics.median(waits[w]) / statistics.median(pipe[w])
+        lines.append(f"| {dev_name} | (b) pipeline, {w} reader thread{'s' if w > 1 else ''} "
+                     f"| {rate[f'pipe{w}']:.0f} | {rate[f'pipe{w}'] / rate['bare']:.2f} | "
+                     f"{rate[f'pipe{w}'] / bound:.2f} | {wait:.0%} |")
+    lines.append(f"| {dev_name} | (c) pipeline with a no-op encoder (read + decode + "
+                 f"preprocess), 2 readers | {rate['read']:.0f} | - | - | - |")
+    how_bound = "min(a, c)" if cuda else "1 / (1/a + 1/c), the cores shared by both"
+    lines.append(f"| {dev_name} | bound: {how_bound} | {bound:.0f} | "
+                 f"{bound / rate['bare']:.2f} | 1 | - |")
+    if not cuda:
+        lines.append("| GPU (bf16 autocast, channels_last) | (a), (b), (c) | unmeasured | "
+                     "unmeasured | unmeasured | unmeasured |")
+    body = "\n".join(lines)
+    return body, info
+
+
+def write_docs(docs: Path, body: str) -> None:
+    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
+    text = docs.read_text(encoding="utf-8") if docs.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        a, rest = text.split(BEGIN, 1)
+        _, b = rest.split(END, 1)
+        text = a + block + b
+    elif SECTION in text:
+        a, b = text.split(SECTION, 1)
+        text = a + SECTION + "\n\n" + block + "\n" + b
+    else:
+        text = text.rstrip() + f"\n\n{SECTION}\n\n{block}\n"
+    docs.write_text(text, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"{QUICK[0]} x {QUICK[1]} slide")
+    p.add_argument("--regenerate", action="store_true", help="rewrite the cached slide")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--docs", type=Path, default=None, help="write the table into this file")
+    p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
+                   help="first wait up to S seconds for a 1-min load average below 0.5")
+    args = p.parse_args(argv)
+    body, _ = run(args)
+    print(f"{SECTION}\n\n{body}")
+    if args.docs:
+        write_docs(args.docs, body)
+        print(f"\nwritten into {args.docs} under '{SECTION}'", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The extraction / attention pipeline (``pipeline.py``) on real synthetic slides.
+
+Real OpenSlide reads, real torch forwards. The encoder is the shipped demo encoder when it
+loads, else a tiny random CNN with an ``EncoderSpec`` (same contract).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_milview.features.bag import BagError
+from napari_milview.features.encoders import EncoderSpec, build_encoder, preprocess
+from napari_milview.pipeline import (
+    THREAD_PREFIX,
+    Cancelled,
+    Progress,
+    _forward,
+    attend,
+    collect,
+    extract_bag,
+    resolve_device,
+)
+from napari_milview.slide import BadTileWarning, open_slide
+from napari_milview.tissue import patch_grid, read_patches
+
+PATCH_PX = 64
+
+
+class TinyEncoder(torch.nn.Module):
+    """A small random CNN with the encoder contract ([B, 3, S, S] -> [B, dim])."""
+
+    def __init__(self, dim: int = 16, size: int = PATCH_PX, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, dim, 3, stride=2, padding=1), torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        self.spec = EncoderSpec(name="tiny_test", dim=dim, input_size=size,
+                                mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), mpp=1.0,
+                                patch_px=size)
+        self.eval()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class OOMAbove(TinyEncoder):
+    """Raises CUDA's out-of-memory error for batches larger than ``k`` (the retry path)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+        self.sizes: list[int] = []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        if len(x) > self.k:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(x)
+
+
+def make_encoder():
+    """The shipped demo encoder when available, else the tiny random CNN."""
+    try:
+        return build_encoder("demo")
+    except Exception:  # noqa: BLE001 - the demo weights are not shipped yet
+        return TinyEncoder()
+
+
+@pytest.fixture(scope="module")
+def slide(svs):
+    with open_slide(svs.path) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return make_encoder()
+
+
+@pytest.fixture(scope="module")
+def grid(slide, encoder):
+    spec = encoder.spec
+    return patch_grid(slide, patch_px=spec.patch_px, patch_um=spec.patch_px * (spec.mpp or 1.0))
+
+
+def run(gen):
+    """Drive ``gen``; return (progress list, bag)."""
+    seen: list[Progress] = []
+    bag = collect(gen, seen.append)
+    return seen, bag
+
+
+def direct_features(slide, grid, encoder) -> np.ndarray:
+    """The same features without the pipeline: read all, preprocess, one forward."""
+    x = preprocess(read_patches(slide, grid, np.arange(len(grid.coords))), encoder.spec)
+    with torch.inference_mode():
+        return encoder(x).numpy()
+
+
+def test_extract_bag_features_coords_progress(slide, grid, encoder):
+    n = len(grid.coords)
+    assert n > 20
+    seen, bag = run(extract_bag(slide, grid, encoder, batch_size=7, device="cpu", workers=2))
+    assert bag.features.shape == (n, encoder.spec.dim)
+    assert bag.features.dtype == np.float32
+    np.testing.assert_array_equal(bag.coords, grid.coords)  # grid order kept
+    assert bag.patch_size_level0 == grid.patch_size_level0
+    assert bag.mpp == pytest.approx(grid.mpp)
+    assert bag.encoder == encoder.spec.name
+    assert bag.slide_id == Path(str(slide.path)).stem
+    assert bag.meta["slide"] == str(slide.path) and bag.meta["bad_tiles"] == 0
+    # rows line up with the patches: same as reading everything and one forward pass
+    np.testing.assert_allclose(bag.features, direct_features(slide, grid, encoder),
+                               rtol=1e-4, atol=1e-5)
+    # progress: starts at 0, monotone, per batch, ends at the total
+    dones = [p.done for p in seen]
+    assert dones[0] == 0 and seen[0].features is None and "cpu" in seen[0].message
+    assert dones == sorted(dones) and dones[-1] == n
+    assert all(p.total == n and p.stage == "extract" for p in seen)
+    batches = [p for p in seen if p.features is not None]
+    assert [len(p.indices) for p in batches[:-1]] == [7] * (len(batches) - 1)
+    np.testing.assert_array_equal(np.concatenate([p.indices for p in batches]), np.arange(n))
+    np.testing.assert_array_equal(np.concatenate([p.features for p in batches]), bag.features)
+
+
+def _extract_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+
+
+@pytest.mark.parametrize("how", ["cancel", "close"])
+def test_cancel_and_close_leave_no_threads(slide, grid, encoder, how):
+    run(extract_bag(slide, grid, encoder, batch_size=8, device="cpu"))  # warm shared pools
+    before = set(threading.enumerate())
+    stop = threading.Event()
+    gen = extract_bag(slide, grid, encoder, batch_size=4, device="cpu", workers=2, cancel=stop)
+    next(gen)  # start message
+    first = next(gen)
+    assert first.done == 4 and _extract_threads()  # the readers are running
+    if how == "cancel":
+        stop.set()
+        with pytest.raises(Cancelled, match="cancelled"):
+            next(gen)
+    else:
+        gen.close()
+    assert not _extract_threads()
+    assert set(threading.enumerate()) == before
+
+
+def test_cancel_before_start(slide, grid, encoder):
+    stop = threading.Event()
+    stop.set()
+    gen = extract_bag(slide, grid, encoder, cancel=stop, device="cpu")
+    next(gen)
+    with pytest.raises(Cancelled):
+        next(gen)
+    assert not _extract_threads()
+
+
+def test_oom_retry_halves_the_batch(slide, grid, encoder):
+    ref = TinyEncoder()
+    _, want = run(extract_bag(slide, grid, ref, batch_size=16, device="cpu"))
+    enc = OOMAbove(k=5)
+    seen, bag = run(extract_bag(slide, grid, enc, batch_size=16, device="cpu"))
+    np.testing.assert_allclose(bag.features, want.features, rtol=1e-5, atol=1e-6)
+    msgs = [p.message for p in seen if p.message]
+    assert any("out of memory" in m and "batch size 8" in m for m in msgs)
+    assert any("batch size 4" in m for m in msgs)
+    assert max(enc.sizes[enc.sizes.index(4):]) <= 4  # the smaller batch is kept
+    assert bag.meta["forward_batch"] == 4
+    # even one patch does not fit: the error comes out, not a silent empty bag
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        run(extract_bag(slide, grid, OOMAbove(k=0), batch_size=4, device="cpu"))
+    assert not _extract_threads()
+
+
+def test_forward_chunks_directly():
+    enc = OOMAbove(k=3)
+    x = torch.randn(10, 3, PATCH_PX, PATCH_PX)
+    y, chunk, msgs = _forward(enc, x, 10, torch.device("cpu"))
+    assert y.shape == (10, 16) and chunk == 2 and len(msgs) == 2
+    with torch.inference_mode():
+        np.testing.assert_allclose(y, TinyEncoder()(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_empty_grid_is_refused(slide, grid, encoder):
+    empty = dataclasses.replace(grid, coords=np.zeros((0, 2), np.int64),
+                                tissue_fraction=np.zeros(0, np.float32))
+    with pytest.raises(BagError, match="no patches"):
+        run(extract_bag(slide, empty, encoder, device="cpu"))
+
+
+def test_wrong_encoder_output_is_refused(slide, grid):
+    enc = TinyEncoder()
+    enc.spec = dataclasses.replace(enc.spec, dim=32)  # says 32, gives 16
+    with pytest.raises(BagError, match=r"returned shape \[\d+, 16\].*expected \[\d+, 32\]"):
+        run(extract_bag(slide, grid, enc, device="cpu"))
+    assert not _extract_threads()
+
+
+def _zero_tile(src, dst, level_page: int, row: int, col: int, tile: int) -> None:
+    """Copy ``src`` to ``dst`` with the first 16 bytes of one JPEG tile zeroed."""
+    import tifffile
+
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tf:
+        page = tf.pages[level_page]
+        per_row = -(-page.shape[1] // tile)
+        off = page.dataoffsets[row * per_row + col]
+    data[off:off + 16] = bytes(16)
+    dst.write_bytes(bytes(data))
+
+
+def test_corrupt_tile_still_gives_a_bag(tmp_path):
+    from napari_milview.synthetic import write_synthetic_slide
+
+    src = write_synthetic_slide(tmp_path / "ok.svs", width=1536, height=1024, mpp=0.25,
+                                tile=128, levels=2, seed=3, lesion=False)
+    enc = TinyEncoder()
+    with open_slide(src.path) as s:  # 64-px patches at 0.25 um/px: read from level 0
+        g = patch_grid(s, patch_px=PATCH_PX, patch_um=PATCH_PX * 0.25)
+    assert g.read_level == 0 and len(g.coords) > 10
+    x, y = g.coords[len(g.coords) // 2]
+    bad = tmp_path / "bad.svs"
+    _zero_tile(src.path, bad, 0, int(y) // 128, int(x) // 128, 128)
+    with open_slide(bad) as s, warnings.catch_warnings():
+        warnings.simplefilter("ignore", BadTileWarning)
+        g2 = patch_grid(s, patch_px=PATCH_PX, patch_um=PATCH_PX * 0.25)
+        np.testing.assert_array_equal(g2.coords, g.coords)
+        seen, bag = run(extract_bag(s, g2, enc, batch_size=16, device="cpu"))
+    assert bag.n == len(g.coords)
+    assert bag.meta["bad_tiles"] >= 1
+    assert any("unreadable tile" in p.message for p in seen)
+
+
+def test_resolve_device():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+# ------------------------------------------------------------------------------- attend
+def _model(dim: int, arch: str = "abmil", classes=("normal", "lesion")):
+    from napari_milview.mil import ModelCard, build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch, in_dim=dim, n_classes=len(classes))
+    card = ModelCard(arch=arch, hparams=dict(model.hparams), classes=list(classes),
+                     feature_dim=dim)
+    return model, card
+
+
+def test_attend_matches_the_model(slide, grid, encoder):
+    _, bag = run(extract_bag(slide, grid, encoder, device="cpu"))
+    model, card = _model(bag.dim, "acmil_ga")
+    res = attend(bag, model, card, device="cpu", model_name="ckpt.safetensors")
+    with torch.inference_mode():
+        out = model.forward_attention(torch.from_numpy(bag.features))
+    assert set(res.sources) == set(out.sources) and res.default_source == out.default_source
+    for k, v in out.sources.items():
+        np.testing.assert_allclose(res.sources[k], v.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(res.probabilities, torch.softmax(out.logits, -1).numpy(),
+                               rtol=1e-5)
+    np.testing.assert_array_equal(res.coords, bag.coords)
+    assert res.patch_size_level0 == bag.patch_size_level0 and res.mpp == bag.mpp
+    assert res.classes == ["normal", "lesion"] and res.model == "ckpt.safetensors"
+    assert res.slide == str(slide.path) and res.encoder == bag.encoder
+    assert res.summary()["n_instances"] == bag.n and "attend" in res.timings
+
+
+def test_attend_refuses_wrong_dim_and_unknown_extent(slide, grid, encoder):
+    from napari_milview.features.bag import Bag
+
+    rng = np.random.default_rng(0)
+    bag = Bag.from_arrays(rng.standard_normal((5, 8)), np.zeros((5, 2)), patch_size_level0=256)
+    model, card = _model(12)
+    with pytest.raises(BagError, match="8-d.*12-d"):
+        attend(bag, model, card, device="cpu")
+    no_extent = Bag.from_arrays(rng.standard_normal((5, 12)), np.zeros((5, 2)))
+    with pytest.raises(BagError, match="patch extent unknown"):
+        attend(no_extent, model, card, device="cpu")
