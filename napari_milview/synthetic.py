@@ -663,7 +663,7 @@ class _Canvases:
                 c = spr.shape[0] // 2
                 oy = int(round(0.3 * b * math.sin(q[11] * 40) + c - nuc.shape[0] // 2))
                 ox = int(round(0.3 * a * math.cos(q[11] * 40) + c - nuc.shape[0] // 2))
-                if 0 <= oy and 0 <= ox and oy + nuc.shape[0] <= spr.shape[0] \
+                if oy >= 0 and ox >= 0 and oy + nuc.shape[0] <= spr.shape[0] \
                         and ox + nuc.shape[1] <= spr.shape[1]:
                     v = spr[oy: oy + nuc.shape[0], ox: ox + nuc.shape[1]]
                     np.maximum(v, nuc, out=v)

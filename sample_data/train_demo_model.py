@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from napari_milview.assets import ASSETS
-from napari_milview.features.encoders import preprocess
 from napari_milview.features.encoders import demo as demo_enc
+from napari_milview.features.encoders import preprocess
 from napari_milview.mil import ModelCard, build_model
 from napari_milview.mil.checkpoint import save_model, sidecar_path
 from napari_milview.pipeline import collect, extract_bag

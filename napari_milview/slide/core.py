@@ -19,7 +19,7 @@ import numpy as np
 
 from . import overrides
 from .cache import TileCache, shared_cache
-from .pyramid import Level, SlideError, SlideInfo, derived_levels
+from .pyramid import SlideError, SlideInfo, derived_levels
 from .sniff import sniff
 
 log = logging.getLogger(__name__)

@@ -8,13 +8,27 @@ import numpy as np
 import pytest
 from stain_synth import MACENKO_REF, RUIFROK, he_concentrations, render, unit
 
-from napari_milview.stain import (CONDITIONS, DEFAULT_REFERENCE, Perturbation, Reference,
-                                  SlideStain, concentrations, estimate_tiles, fit_macenko,
-                                  load_reference, make_condition, normalise_to,
-                                  save_reference)
+from napari_milview.stain import (
+    CONDITIONS,
+    DEFAULT_REFERENCE,
+    Perturbation,
+    Reference,
+    SlideStain,
+    concentrations,
+    estimate_tiles,
+    fit_macenko,
+    load_reference,
+    make_condition,
+    normalise_to,
+    save_reference,
+)
 from napari_milview.stain._common import angle_deg
-from napari_milview.stain.conditions import (HIGH_INTENSITY_RATIO, LOW_INTENSITY_RATIO,
-                                             PLISM_SOURCES, scale_he_angle)
+from napari_milview.stain.conditions import (
+    HIGH_INTENSITY_RATIO,
+    LOW_INTENSITY_RATIO,
+    PLISM_SOURCES,
+    scale_he_angle,
+)
 
 I0 = 240.0
 

@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 from napari_milview.slide import open_slide
-from napari_milview.stain import (CONDITIONS, Perturbation, StainPerturbation, estimate_slide,
-                                  lazy_preview, make_condition)
+from napari_milview.stain import (
+    CONDITIONS,
+    Perturbation,
+    StainPerturbation,
+    estimate_slide,
+    lazy_preview,
+    make_condition,
+)
 
 
 @pytest.fixture(scope="module")
