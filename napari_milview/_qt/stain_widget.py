@@ -1,0 +1,1075 @@
+"""The "Staining preview and robustness" dock.
+
+Sections, top to bottom: Slide (which slide layer), Condition (a named staining condition and
+its parameters: intensity ratio, H-E angle factor, HED sigma and seed, the macenko/reinhard
+reference, the PLISM folder), Preview (a lazily perturbed copy of the slide, on top of it or
+side by side), Robustness (run the model under several conditions: table, range, stability
+layer, CSV/JSON export).
+
+Preview
+-------
+The preview layer is ``stain.lazy_preview(slide.to_dask(), perturbation)``: the same pyramid,
+chunks and world placement (``scale``, ``units``) as the slide layer, each chunk perturbed when
+napari draws it (only what is on screen; per-pixel, so no seams). "On top" places it exactly
+over the slide: its visibility check box toggles between original and perturbed. "Side by
+side" moves it right by the slide's width plus :data:`GAP` of it, in world units (microns when
+the slide's mpp is known), which the widget states. Changing the condition or a parameter
+updates the layer's data in place.
+
+Threads
+-------
+Estimating the slide's staining (``stain.estimate_slide``, 1-4 s, cached per file) and loading
+a reference run in a :class:`PrepareJob`; a robustness run is a :class:`RobustnessJob` that
+drives :func:`napari_milview.stain.robustness.robustness`. Both are ``_common.Job``
+generators wrapped in napari's ``create_worker``, with a progress bar in the activity dock;
+Cancel stops a run within one batch; closing or deleting the widget, or quitting, cancels and
+joins every job (no thread outlives it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QEvent, Qt, Signal
+from qtpy.QtWidgets import (
+    QButtonGroup,
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGridLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QProgressBar,
+    QPushButton,
+    QRadioButton,
+    QScrollArea,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .._reader import is_slide_layer
+from ._common import Job, relay, slide_mpp, spin, stop_jobs
+from ._common import one_line as _one_line
+
+log = logging.getLogger(__name__)
+
+#: side by side: gap between the slide and its preview, as a fraction of the slide's width
+GAP = 0.05
+#: preview placements: key -> label
+PLACEMENTS = {"overlay": "On top (toggle with 'Visible')", "side": "Side by side"}
+#: conditions whose main parameter the widget can change: condition -> (param, label)
+PARAMS = {"low-intensity": "ratio", "high-intensity": "ratio", "low-similarity": "angle",
+          "high-similarity": "angle", "hed-light": "sigma", "hed-strong": "sigma"}
+
+
+def _preset(name: str) -> float | None:
+    """The preset value of a condition's main parameter (None: it has none)."""
+    from ..stain import conditions as c
+    from ..stain.hed import HED_PRESETS
+
+    return {"low-intensity": c.LOW_INTENSITY_RATIO, "high-intensity": c.HIGH_INTENSITY_RATIO,
+            "low-similarity": c.LOW_SIMILARITY_ANGLE,
+            "high-similarity": c.HIGH_SIMILARITY_ANGLE}.get(name, HED_PRESETS.get(name))
+
+
+# --------------------------------------------------------------------------------------------
+# jobs (no Qt: run in worker threads)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Inputs:
+    """What the conditions are built from: the slide's staining and the optional targets.
+
+    ``key`` says what they were made for: (slide path, reference path, PLISM folder).
+    """
+
+    key: tuple
+    stain: Any = None
+    reference: Any = None
+    library: Any = None
+
+
+def prepare(slide, reference: str = "", folder: str = "") -> Inputs:
+    """Estimate the slide's staining (cached per file) and load the reference and folder.
+
+    Parameters
+    ----------
+    slide : Slide
+    reference : str
+        A tile image, reference JSON or slide for ``macenko``/``reinhard`` ('' = built-in).
+    folder : str
+        A PLISM / reference folder (``stain.load_reference``), '' = the presets.
+    """
+    from ..stain import estimate_slide, load_reference, normalise_to
+
+    stain = estimate_slide(slide)
+    ref = normalise_to(reference) if reference else None
+    lib = load_reference(folder) if folder else None
+    return Inputs((str(slide.path), reference, folder), stain, ref, lib)
+
+
+def make_perturbation(name: str, inputs: Inputs | None, params: dict, seed: int = 0):
+    """The condition ``name`` with the widget's parameter overrides ``params`` (may be {})."""
+    from ..stain.robustness import build_condition
+
+    kw = {"ratio": params.get("ratio"), "angle_factor": params.get("angle"),
+          "sigma": params.get("sigma")}
+    if inputs is None:
+        return build_condition(name, None)  # only the reference needs no inputs
+    return build_condition(name, inputs.stain, seed=seed, reference=inputs.reference,
+                           library=inputs.library, **kw)
+
+
+@dataclass
+class Update:
+    """What a running job tells the widget (``stage``, counts, a line, a finished result)."""
+
+    stage: str
+    done: int = 0
+    total: int = 0
+    message: str = ""
+    condition: str = ""
+    result: Any = None
+
+
+class PrepareJob(Job):
+    """Estimate the staining and load the targets (``config`` = kwargs of :func:`prepare`)."""
+
+    def _steps(self) -> Generator[Update, None, Any]:
+        yield Update("stain", message="estimating the slide's staining")
+        return prepare(**self.config)
+
+
+@dataclass
+class RunConfig:
+    """A robustness run, gathered in the main thread."""
+
+    slide: Any
+    model: Any
+    card: Any
+    model_name: str
+    encoder: str
+    conditions: list[str]
+    params: dict[str, dict] = field(default_factory=dict)
+    reference: str = ""
+    folder: str = ""
+    seed: int = 0
+    encoder_weights: str | None = None
+    patch_um: float | None = None
+    top_k: int = 20
+    batch_size: int = 32
+    device: str = "auto"
+
+
+class RobustnessJob(Job):
+    """Encoder + grid + :func:`~napari_milview.stain.robustness.robustness`."""
+
+    config: RunConfig
+
+    def _steps(self) -> Generator[Update, None, Any]:
+        from ..features.encoders import build_encoder
+        from ..stain.robustness import robustness
+        from ..tissue import patch_grid
+
+        cfg = self.config
+        yield Update("prepare", message=f"loading encoder {cfg.encoder}")
+        encoder = build_encoder(cfg.encoder, weights=cfg.encoder_weights or None)
+        spec = encoder.spec
+        want = cfg.card.feature_dim
+        if want is not None and int(want) != spec.dim:
+            raise ValueError(f"encoder {spec.name!r} gives {spec.dim}-d features but the model "
+                             f"{cfg.model_name!r} expects {int(want)}-d: pick the encoder the "
+                             "model was trained on")
+        self._check()
+        yield Update("prepare", message="estimating the staining, finding tissue")
+        inputs = prepare(cfg.slide, cfg.reference, cfg.folder)
+        perts = [make_perturbation(c, inputs, cfg.params.get(c, {}), cfg.seed)
+                 for c in cfg.conditions]
+        grid = patch_grid(cfg.slide, patch_px=spec.patch_px,
+                          patch_um=cfg.patch_um or spec.patch_um(), mag=None)
+        self._check()
+        self.calls["robustness"] += 1
+        gen = robustness(cfg.slide, grid, encoder, cfg.model, cfg.card, perts,
+                         stain=inputs.stain, top_k=cfg.top_k, batch_size=cfg.batch_size,
+                         device=cfg.device, cancel=self.cancel, model_name=cfg.model_name)
+        try:
+            while True:
+                try:
+                    p = next(gen)
+                except StopIteration as stop:
+                    return stop.value
+                self.progress = (p.done, p.total)
+                if p.stage == "extract" and p.cache == "extracted":
+                    self.calls["extract_batches"] += 1
+                yield Update(p.stage, p.done, p.total, p.message, p.condition, p.result)
+        finally:
+            gen.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the widget
+# --------------------------------------------------------------------------------------------
+class StainWidget(QWidget):
+    """Dock widget "Staining preview and robustness".
+
+    Parameters
+    ----------
+    napari_viewer : napari.Viewer
+        The viewer (npe2 passes it by this name).
+
+    Attributes
+    ----------
+    preview_layer, stability_layer : the layers this widget owns (None until made).
+    report : RobustnessReport or None
+        The last finished robustness run.
+    inputs : Inputs or None
+        The staining estimate and targets the preview uses now.
+    """
+
+    #: emitted when the preview layer shows a new condition (with the layer)
+    preview_shown = Signal(object)
+    #: emitted when a staining estimate finishes ("done", "failed", "cancelled")
+    prepared = Signal(str)
+    #: emitted when a robustness run ends ("done", "cancelled", "failed")
+    run_finished = Signal(str)
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        # the Plugins menu passes a PublicOnlyProxy, whose layers are new proxies on every
+        # access (``is`` never matches): work on the viewer itself
+        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
+        self.preview_layer = None
+        self.stability_layer = None
+        self.report = None
+        self.inputs: Inputs | None = None
+        self.job: RobustnessJob | None = None
+        self.worker = None
+        self.prep: PrepareJob | None = None
+        self.pbar = None
+        self.jobs_started = 0
+        self._jobs: list = []  # (job, worker) pairs not yet finished
+        self._slide_layers: list = []
+        self._params: dict[str, dict] = {}  # condition -> overridden parameters
+        self._want_preview = False
+        self._model = None  # (model, card, name)
+        self._docked = False
+        self._build()
+
+        self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self.viewer.layers.events.removed.connect(self._on_layers_changed)
+        self.destroyed.connect(partial(stop_jobs, self._jobs))
+        from qtpy.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.stop_all)
+        self._on_layers_changed()
+        self._on_condition()
+        self._on_model_choice()
+
+    # ------------------------------------------------------------------ building
+    def _build(self) -> None:
+        from ..features.encoders import available_encoders
+        from ..stain import CONDITIONS
+        from ..stain.robustness import DEFAULT_CONDITIONS
+
+        content = QWidget()
+        layout = QVBoxLayout(content)
+        layout.setContentsMargins(4, 4, 4, 4)
+
+        box = QGroupBox("Slide")
+        form = QFormLayout(box)
+        self.slide_combo = QComboBox()
+        self.slide_combo.currentIndexChanged.connect(self._on_slide_choice)
+        self.stain_info = QLabel("")
+        self.stain_info.setWordWrap(True)
+        self.stain_busy = QProgressBar()
+        self.stain_busy.setRange(0, 0)  # busy indicator while estimating
+        self.stain_busy.setMaximumHeight(8)
+        self.stain_busy.setTextVisible(False)
+        self.stain_busy.hide()
+        form.addRow("Layer", self.slide_combo)
+        form.addRow(self.stain_info)
+        form.addRow(self.stain_busy)
+        layout.addWidget(box)
+
+        box = QGroupBox("Condition")
+        form = QFormLayout(box)
+        self.condition_combo = QComboBox()
+        for name, text in CONDITIONS.items():
+            self.condition_combo.addItem(name, name)
+            self.condition_combo.setItemData(self.condition_combo.count() - 1, text,
+                                             Qt.ItemDataRole.ToolTipRole)
+        self.condition_combo.currentIndexChanged.connect(self._on_condition)
+        self.description = QLabel("")
+        self.description.setWordWrap(True)
+        self.param_spin = spin(0.0, 5.0, 1.0, decimals=3, step=0.05)
+        self.param_spin.valueChanged.connect(self._on_param)
+        self.param_label = QLabel("Ratio")
+        self.reset_button = QPushButton("Preset")
+        self.reset_button.setToolTip("Back to the condition's preset value")
+        self.reset_button.clicked.connect(self._reset_param)
+        prow = QHBoxLayout()
+        prow.addWidget(self.param_spin, 1)
+        prow.addWidget(self.reset_button)
+        self.seed_spin = QSpinBox()
+        self.seed_spin.setRange(0, 2**31 - 1)
+        self.seed_spin.setToolTip("Seed of the HED jitter draw (one draw per slide)")
+        self.seed_spin.setKeyboardTracking(False)
+        self.seed_spin.valueChanged.connect(self._on_inputs_changed)
+        self.reference_edit = QLineEdit()
+        self.reference_edit.setPlaceholderText("built-in CMU-1-Small-Region")
+        self.reference_edit.setToolTip("Target of macenko / reinhard: an image tile, a "
+                                       "reference JSON or a slide")
+        self.reference_edit.editingFinished.connect(self._on_inputs_changed)
+        self.folder_edit = QLineEdit()
+        self.folder_edit.setPlaceholderText("presets (no folder)")
+        self.folder_edit.setToolTip("PLISM files (*_median.npz, median_intensities_per_"
+                                    "condition.csv) or reference JSONs: the protocol's four "
+                                    "conditions then use the published values")
+        self.folder_edit.editingFinished.connect(self._on_inputs_changed)
+        form.addRow("Condition", self.condition_combo)
+        form.addRow(self.description)
+        form.addRow(self.param_label, prow)
+        form.addRow("HED seed", self.seed_spin)
+        form.addRow("Reference", self._with_button(self.reference_edit, self._pick_reference))
+        form.addRow("PLISM folder", self._with_button(self.folder_edit, self._pick_folder))
+        layout.addWidget(box)
+
+        box = QGroupBox("Preview")
+        g = QGridLayout(box)
+        self.placement_combo = QComboBox()
+        for key, label in PLACEMENTS.items():
+            self.placement_combo.addItem(label, key)
+        self.placement_combo.currentIndexChanged.connect(self._place_preview)
+        self.visible_check = QCheckBox("Visible")
+        self.visible_check.setChecked(True)
+        self.visible_check.setToolTip("On top: unchecked shows the original slide")
+        self.visible_check.toggled.connect(self._on_visible)
+        self.preview_button = QPushButton("Show preview")
+        self.preview_button.clicked.connect(self.show_preview)
+        self.placement_info = QLabel("")
+        self.placement_info.setWordWrap(True)
+        g.addWidget(self.preview_button, 0, 0, 1, 2)
+        g.addWidget(self.visible_check, 0, 2)
+        g.addWidget(QLabel("Place"), 1, 0)
+        g.addWidget(self.placement_combo, 1, 1, 1, 2)
+        g.addWidget(self.placement_info, 2, 0, 1, 3)
+        layout.addWidget(box)
+
+        box = QGroupBox("Robustness")
+        v = QVBoxLayout(box)
+        self.conditions_list = QListWidget()
+        self.conditions_list.setMaximumHeight(120)
+        for name in CONDITIONS:
+            item = QListWidgetItem(name)
+            item.setData(Qt.ItemDataRole.UserRole, name)
+            item.setCheckState(Qt.CheckState.Checked if name in DEFAULT_CONDITIONS
+                               else Qt.CheckState.Unchecked)
+            if name == "reference":  # always run: everything is compared with it
+                item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsUserCheckable)
+            self.conditions_list.addItem(item)
+        v.addWidget(QLabel("Conditions (the parameters set above are used)"))
+        v.addWidget(self.conditions_list)
+        form = QFormLayout()
+        row = QHBoxLayout()
+        self.demo_radio = QRadioButton("Demo")
+        self.file_radio = QRadioButton("File")
+        self._model_group = QButtonGroup(self)
+        self._model_group.addButton(self.demo_radio)
+        self._model_group.addButton(self.file_radio)
+        self.demo_radio.setChecked(True)
+        self.demo_radio.toggled.connect(self._on_model_choice)
+        self.model_edit = QLineEdit()
+        self.model_edit.setPlaceholderText(".safetensors / .pt checkpoint")
+        self.model_edit.editingFinished.connect(self._on_model_choice)
+        row.addWidget(self.demo_radio)
+        row.addWidget(self.file_radio)
+        row.addWidget(self._with_button(self.model_edit, self._pick_model), 1)
+        self.model_info = QLabel("")
+        self.model_info.setWordWrap(True)
+        self.encoder_combo = QComboBox()
+        self.encoder_combo.addItems(available_encoders())
+        if self.encoder_combo.findText("demo") >= 0:
+            self.encoder_combo.setCurrentText("demo")
+        self.weights_edit = QLineEdit()
+        self.weights_edit.setPlaceholderText("encoder weights (the demo's are built in)")
+        self.patch_um = spin(1.0, 4096.0, 64.0, decimals=1, step=8.0, suffix=" \u00b5m")
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(["auto", "cpu"])
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(1, 4096)
+        self.batch_spin.setValue(32)
+        self.k_spin = QSpinBox()
+        self.k_spin.setRange(1, 10000)
+        self.k_spin.setValue(20)
+        self.k_spin.setToolTip("K of the top-K overlap (Jaccard) with the reference")
+        form.addRow("Model", row)
+        form.addRow(self.model_info)
+        form.addRow("Encoder", self.encoder_combo)
+        form.addRow("Weights", self.weights_edit)
+        form.addRow("Patch", self.patch_um)
+        runrow = QHBoxLayout()
+        for label, w in (("Device", self.device_combo), ("Batch", self.batch_spin),
+                         ("Top-K", self.k_spin)):
+            runrow.addWidget(QLabel(label))
+            runrow.addWidget(w)
+        form.addRow(runrow)
+        v.addLayout(form)
+        brow = QHBoxLayout()
+        self.run_button = QPushButton("Run robustness")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        brow.addWidget(self.run_button)
+        brow.addWidget(self.cancel_button)
+        v.addLayout(brow)
+        self.status = QLabel("Idle.")
+        self.status.setWordWrap(True)
+        v.addWidget(self.status)
+        self.table = QTableWidget(0, 0)
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table.verticalHeader().setVisible(False)
+        self.table.setMinimumHeight(150)
+        v.addWidget(self.table)
+        self.range_label = QLabel("")
+        self.range_label.setWordWrap(True)
+        self.range_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        v.addWidget(self.range_label)
+        erow = QHBoxLayout()
+        self.csv_button = QPushButton("Export CSV")
+        self.csv_button.clicked.connect(partial(self._export_dialog, "csv"))
+        self.json_button = QPushButton("Export JSON")
+        self.json_button.clicked.connect(partial(self._export_dialog, "json"))
+        erow.addWidget(self.csv_button)
+        erow.addWidget(self.json_button)
+        v.addLayout(erow)
+        layout.addWidget(box)
+        layout.addStretch(1)
+
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(content)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+        self.setMinimumWidth(320)
+        self._set_export_enabled(False)
+
+    @staticmethod
+    def _with_button(edit: QLineEdit, pick) -> QWidget:
+        w = QWidget()
+        row = QHBoxLayout(w)
+        row.setContentsMargins(0, 0, 0, 0)
+        b = QPushButton("\u2026")
+        b.setMaximumWidth(28)
+        b.clicked.connect(pick)
+        row.addWidget(edit, 1)
+        row.addWidget(b)
+        return w
+
+    # ------------------------------------------------------------------ slide
+    @property
+    def slide_layer(self):
+        """The slide layer picked now (None without one)."""
+        i = self.slide_combo.currentIndex()
+        return self._slide_layers[i] if 0 <= i < len(self._slide_layers) else None
+
+    @property
+    def slide(self):
+        layer = self.slide_layer
+        return None if layer is None else layer.metadata["slide"]
+
+    def _on_layers_changed(self, event=None) -> None:
+        layers = [lyr for lyr in self.viewer.layers if is_slide_layer(lyr)]
+        keep = self.slide_layer if any(lyr is self.slide_layer for lyr in layers) else None
+        added = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
+        if added is not None and is_slide_layer(added):
+            keep = added
+        if keep is None and layers:
+            keep = layers[-1]
+        changed = keep is not self.slide_layer
+        self._slide_layers = layers
+        self.slide_combo.blockSignals(True)
+        self.slide_combo.clear()
+        self.slide_combo.addItems([lyr.name for lyr in layers])
+        if keep is not None:
+            self.slide_combo.setCurrentIndex(next(i for i, lyr in enumerate(layers)
+                                                  if lyr is keep))
+        self.slide_combo.blockSignals(False)
+        if self.preview_layer is not None and self.preview_layer not in self.viewer.layers:
+            self.preview_layer = None  # removed by the user: no preview until asked again
+            self._want_preview = False
+        if self.stability_layer is not None and self.stability_layer not in self.viewer.layers:
+            self.stability_layer = None
+        if changed or event is None:
+            self._on_slide_choice()
+
+    def _on_slide_choice(self, *_) -> None:
+        layer = self.slide_layer
+        if layer is None:
+            self.stain_info.setText("Open a slide (File > Open, or File > Open Sample > "
+                                    "napari-milview).")
+        elif self.inputs is None or self.inputs.key[0] != str(self.slide.path):
+            self.stain_info.setText("Staining not estimated yet (done when needed).")
+        self._update_enabled()
+        if self.preview_layer is not None:
+            self.show_preview()
+
+    # ------------------------------------------------------------------ condition
+    @property
+    def condition(self) -> str:
+        """The condition chosen now."""
+        return self.condition_combo.currentData()
+
+    def set_condition(self, name: str) -> None:
+        """Choose a condition (updates the preview when there is one)."""
+        i = self.condition_combo.findData(name)
+        if i < 0:
+            raise KeyError(f"no condition {name!r}")
+        self.condition_combo.setCurrentIndex(i)
+
+    def set_param(self, value: float) -> None:
+        """Set the chosen condition's main parameter (ratio, angle factor or sigma)."""
+        self.param_spin.setValue(float(value))
+
+    def _on_condition(self, *_) -> None:
+        from ..stain import CONDITIONS
+
+        name = self.condition
+        self.description.setText(CONDITIONS[name])
+        kind = PARAMS.get(name)
+        self.param_spin.setEnabled(kind is not None)
+        self.reset_button.setEnabled(kind is not None)
+        self.param_label.setText({"ratio": "H&E ratio", "angle": "Angle \u00d7",
+                                  "sigma": "HED \u03c3", None: "Parameter"}[kind])
+        value = self._params.get(name, {}).get(kind, _preset(name)) if kind else 0.0
+        self.param_spin.blockSignals(True)  # setRange may clamp: not a user's change either
+        self.param_spin.setRange(*{"ratio": (0.05, 5.0), "angle": (0.05, 3.0),
+                                   "sigma": (0.0, 0.95), None: (0.0, 5.0)}[kind])
+        self.param_spin.setValue(float(value or 0.0))
+        self.param_spin.blockSignals(False)
+        self.seed_spin.setEnabled(name.startswith("hed"))
+        self.reference_edit.setEnabled(name in ("macenko", "reinhard"))
+        self._refresh_preview()
+
+    def _on_param(self, value: float) -> None:
+        kind = PARAMS.get(self.condition)
+        if kind is None:
+            return
+        self._params.setdefault(self.condition, {})[kind] = float(value)
+        self._refresh_preview()
+
+    def _reset_param(self) -> None:
+        self._params.pop(self.condition, None)
+        self._on_condition()
+
+    def _on_inputs_changed(self, *_) -> None:
+        self._refresh_preview()
+
+    def _pick_reference(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Reference (tile, JSON or slide)", "",
+            "References (*.png *.jpg *.jpeg *.bmp *.json *.svs *.tif *.tiff *.ndpi "
+            "*.mrxs);;All files (*)")
+        if path:
+            self.reference_edit.setText(path)
+            self._on_inputs_changed()
+
+    def _pick_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "PLISM / reference folder")
+        if path:
+            self.folder_edit.setText(path)
+            self._on_inputs_changed()
+
+    def _inputs_key(self) -> tuple | None:
+        slide = self.slide
+        if slide is None:
+            return None
+        return (str(slide.path), self.reference_edit.text().strip(),
+                self.folder_edit.text().strip())
+
+    def perturbation(self, name: str | None = None):
+        """The perturbation of ``name`` (default: the chosen condition) with the current
+        parameters; None when the staining is not estimated yet (see :meth:`estimate`)."""
+        name = name or self.condition
+        if name == "reference":
+            return make_perturbation(name, None, {})
+        if self.inputs is None or self.inputs.key != self._inputs_key():
+            return None
+        return make_perturbation(name, self.inputs, self._params.get(name, {}),
+                                 self.seed_spin.value())
+
+    # ------------------------------------------------------------------ estimation
+    def estimate(self) -> PrepareJob | None:
+        """Estimate the slide's staining (and load the targets) in a worker thread."""
+        from napari.qt.threading import create_worker
+
+        key = self._inputs_key()
+        if key is None or self.prep is not None:
+            return self.prep
+        job = PrepareJob({"slide": self.slide, "reference": key[1], "folder": key[2]})
+        worker = create_worker(relay, job.gen, _start_thread=False, _ignore_errors=True)
+        worker.finished.connect(job.done.set, Qt.ConnectionType.DirectConnection)
+        worker.finished.connect(partial(self._on_prepared, job))
+        self.prep = job
+        self._jobs.append((job, worker))
+        self.stain_busy.show()
+        self.stain_info.setText("Estimating the slide's staining\u2026")
+        worker.start()
+        return job
+
+    def _on_prepared(self, job: PrepareJob, *_) -> None:
+        from napari.utils.notifications import show_error
+
+        job.close()
+        if job.orphaned:
+            return
+        self._jobs[:] = [(j, w) for j, w in self._jobs if j is not job]
+        self.prep = None
+        self.stain_busy.hide()
+        outcome = job.outcome if job.outcome != "pending" else "cancelled"
+        if outcome == "done":
+            self.inputs = job.result
+            s = job.result.stain
+            angle = _angle(s.matrix)
+            text = (f"H&E estimated from {s.tiles.shape[0]} tiles \u00b7 angle {angle:.1f}\u00b0"
+                    f" \u00b7 I0 {np.round(s.i0).astype(int).tolist()}")
+            if s.fallback or s.notes:
+                text += "".join(f"<br>\u26a0 {n}" for n in s.notes)
+            self.stain_info.setText(text)
+        elif outcome == "failed":
+            self._want_preview = False
+            self.stain_info.setText(f"Failed: {job.error}")
+            show_error(f"Staining: {job.error}")
+        self.prepared.emit(outcome)
+        if outcome == "done" and self._want_preview:
+            self._refresh_preview()
+
+    # ------------------------------------------------------------------ preview
+    def show_preview(self, *_) -> None:
+        """Add (or update) the preview layer for the chosen condition."""
+        self._want_preview = True
+        self._refresh_preview()
+
+    def _refresh_preview(self) -> None:
+        """Update the preview when one is wanted: now, or after the staining is estimated."""
+        if not self._want_preview or self.slide_layer is None:
+            return
+        try:
+            pert = self.perturbation()
+        except (ValueError, KeyError) as e:  # e.g. a reference folder without the values
+            from napari.utils.notifications import show_error
+
+            show_error(f"Staining preview: {_one_line(e)}")
+            return
+        if pert is None:
+            self.estimate()
+            return
+        self._apply_preview(pert)
+
+    def _apply_preview(self, pert) -> None:
+        from ..stain import lazy_preview
+
+        layer = self.slide_layer
+        data = lazy_preview(layer.metadata["slide"].to_dask(), pert)
+        name = f"{pert.name} preview ({layer.name})"
+        meta = {"milview": "stain-preview", "condition": pert.name, "params": pert.params,
+                "token": pert.token, "slide_path": str(layer.metadata["slide"].path)}
+        prev = self.preview_layer
+        if prev is None or prev not in self.viewer.layers:
+            # perturbed chunks are not in the slide's tile cache: napari's dask cache keeps them
+            self.preview_layer = self.viewer.add_image(
+                data, rgb=True, multiscale=True, scale=tuple(layer.scale),
+                units=tuple(layer.units), contrast_limits=(0, 255), metadata=meta, name=name,
+                cache=True)
+        else:
+            prev.data = data
+            prev.scale = tuple(layer.scale)
+            prev.metadata = meta
+            prev.name = name
+        self._place_preview()
+        self.preview_layer.visible = self.visible_check.isChecked()
+        self.preview_shown.emit(self.preview_layer)
+
+    def preview_shift(self) -> float:
+        """How far right "side by side" moves the preview, in world units (level-0 width x
+        scale x (1 + :data:`GAP`))."""
+        layer = self.slide_layer
+        w = layer.level_shapes[0][1]
+        return float(w * layer.scale[-1] * (1 + GAP))
+
+    def _place_preview(self, *_) -> None:
+        layer, prev = self.slide_layer, self.preview_layer
+        if layer is None:
+            self.placement_info.setText("")
+            return
+        side = self.placement_combo.currentData() == "side"
+        units = str(layer.units[-1]) if layer.units is not None else "pixel"
+        units = "\u00b5m" if units in ("micrometer", "um") else units
+        if side:
+            self.placement_info.setText(f"Preview right of the slide, moved by "
+                                        f"{self.preview_shift():,.1f} {units} (slide width + "
+                                        f"{GAP:.0%} gap, world units).")
+        else:
+            self.placement_info.setText("Preview exactly over the slide: untick 'Visible' to "
+                                        "see the original.")
+        if prev is None or prev not in self.viewer.layers:
+            return
+        t = np.asarray(layer.translate, dtype=float).copy()
+        if side:
+            t[-1] += self.preview_shift()
+        prev.translate = tuple(t)
+
+    def _on_visible(self, checked: bool) -> None:
+        if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
+            self.preview_layer.visible = checked
+
+    # ------------------------------------------------------------------ model
+    def _pick_model(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "MIL checkpoint", "",
+                                              "Checkpoints (*.safetensors *.pt *.pth *.ckpt "
+                                              "*.bin);;All files (*)")
+        if path:
+            self.model_edit.setText(path)
+            self.file_radio.setChecked(True)
+            self._on_model_choice()
+
+    def _on_model_choice(self, *_) -> None:
+        from ..mil.checkpoint import load_model
+
+        if self.demo_radio.isChecked():
+            from ..assets import demo_model_path
+
+            path, name = demo_model_path(), "demo"
+        else:
+            text = self.model_edit.text().strip()
+            if not text:
+                self._model = None
+                self.model_info.setText("choose a checkpoint file")
+                self._update_enabled()
+                return
+            path = Path(text).expanduser()
+            name = str(path)
+        try:
+            model, card = load_model(path, device="cpu")
+        except Exception as e:  # noqa: BLE001 - shown as one line
+            self._model = None
+            self.model_info.setText(f"not loaded: {_one_line(e)}")
+            self._update_enabled()
+            return
+        self._model = (model, card, name)
+        classes = ", ".join(card.classes) if card.classes else "?"
+        self.model_info.setText(f"<b>{card.arch}</b> \u00b7 classes: {classes}")
+        if card.encoder and self.encoder_combo.findText(card.encoder) >= 0:
+            self.encoder_combo.setCurrentText(card.encoder)
+        if card.patch_size_um:
+            self.patch_um.setValue(float(card.patch_size_um))
+        self._update_enabled()
+
+    # ------------------------------------------------------------------ robustness run
+    def checked_conditions(self) -> list[str]:
+        """The conditions ticked for a robustness run (``reference`` first, always)."""
+        out = []
+        for i in range(self.conditions_list.count()):
+            item = self.conditions_list.item(i)
+            name = item.data(Qt.ItemDataRole.UserRole)
+            if name == "reference" or item.checkState() == Qt.CheckState.Checked:
+                out.append(name)
+        return out
+
+    def set_conditions(self, names) -> None:
+        """Tick exactly ``names`` (``reference`` stays ticked)."""
+        for i in range(self.conditions_list.count()):
+            item = self.conditions_list.item(i)
+            name = item.data(Qt.ItemDataRole.UserRole)
+            item.setCheckState(Qt.CheckState.Checked if name in names or name == "reference"
+                               else Qt.CheckState.Unchecked)
+
+    @property
+    def busy(self) -> bool:
+        """A robustness run is in progress."""
+        return self.job is not None
+
+    def _update_enabled(self) -> None:
+        ready = self.slide_layer is not None and self._model is not None
+        self.run_button.setEnabled(ready and not self.busy)
+        self.cancel_button.setEnabled(self.busy)
+        self.preview_button.setEnabled(self.slide_layer is not None)
+
+    def run_config(self) -> RunConfig:
+        """The run the controls describe now (ValueError when incomplete)."""
+        if self.slide_layer is None:
+            raise ValueError("no slide layer: open a slide first")
+        if self._model is None:
+            raise ValueError("no model loaded")
+        model, card, name = self._model
+        return RunConfig(slide=self.slide, model=model, card=card, model_name=name,
+                         encoder=self.encoder_combo.currentText(),
+                         conditions=self.checked_conditions(),
+                         params={k: dict(v) for k, v in self._params.items()},
+                         reference=self.reference_edit.text().strip(),
+                         folder=self.folder_edit.text().strip(), seed=self.seed_spin.value(),
+                         encoder_weights=self.weights_edit.text().strip() or None,
+                         patch_um=self.patch_um.value(), top_k=self.k_spin.value(),
+                         batch_size=self.batch_spin.value(),
+                         device=self.device_combo.currentText() or "auto")
+
+    def run(self, *_) -> RobustnessJob | None:
+        """Start a robustness run in a worker thread (None when nothing could start)."""
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+        from napari.utils.notifications import show_error
+
+        if self.job is not None:
+            return None
+        try:
+            cfg = self.run_config()
+        except ValueError as e:
+            show_error(f"Robustness: {e}")
+            return None
+        job = RobustnessJob(cfg)
+        worker = create_worker(relay, job.gen, _start_thread=False, _ignore_errors=True)
+        worker.finished.connect(job.done.set, Qt.ConnectionType.DirectConnection)
+        worker.yielded.connect(partial(self._on_update, job))
+        worker.finished.connect(partial(self._on_finished, job))
+        self.job, self.worker = job, worker
+        self._jobs.append((job, worker))
+        self.pbar = progress(total=0, desc="Robustness: starting")
+        self.jobs_started += 1
+        self._start_table(cfg)
+        self.status.setText("Starting\u2026")
+        self._update_enabled()
+        worker.start()
+        return job
+
+    def cancel(self, *_) -> None:
+        """Stop the current run at its next batch."""
+        if self.job is None:
+            return
+        self.job.stop()
+        self.worker.quit()
+        self.status.setText("Cancelling\u2026")
+        self.cancel_button.setEnabled(False)
+
+    def _on_update(self, job: RobustnessJob, u: Update) -> None:
+        if job.orphaned or job is not self.job:
+            return
+        text = u.message or u.stage
+        self.status.setText(text[:1].upper() + text[1:])
+        if u.result is not None:
+            self._fill_row(u.condition, u.result)
+        pbar = self.pbar
+        if pbar is None or not u.total:
+            return
+        if pbar.total != u.total:
+            pbar.total = u.total
+            pbar.set_description("Robustness: encoding patches")
+        if u.done > pbar.n and job is self.job:
+            pbar.update(u.done - pbar.n)
+
+    def _on_finished(self, job: RobustnessJob, *_) -> None:
+        from napari.utils.notifications import show_error, show_info
+
+        job.close()
+        if job.orphaned:
+            return
+        self._jobs[:] = [(j, w) for j, w in self._jobs if j is not job]
+        if job is not self.job:
+            return
+        pbar, self.pbar = self.pbar, None
+        self.job = self.worker = None
+        if pbar is not None:
+            pbar.close()
+        outcome = job.outcome if job.outcome != "pending" else "cancelled"
+        if outcome == "done":
+            self.status.setText("Done.")
+            self.show_report(job.result)
+        elif outcome == "failed":
+            self.status.setText(f"Failed: {job.error}")
+            show_error(f"Robustness: {job.error}")
+        else:
+            done, total = job.progress
+            self.status.setText(f"Cancelled after {done} of {total} patches." if total
+                                else "Cancelled.")
+            show_info("Robustness: run cancelled")
+        self._update_enabled()
+        self.run_finished.emit(outcome)
+
+    # ------------------------------------------------------------------ results
+    def _start_table(self, cfg: RunConfig) -> None:
+        classes = list(cfg.card.classes) or ["class 0", "class 1"]
+        heads = ["condition", "predicted", *(f"p({c})" for c in classes),
+                 f"Jaccard top-{cfg.top_k}"]
+        self.table.clear()
+        self.table.setColumnCount(len(heads))
+        self.table.setHorizontalHeaderLabels(heads)
+        self.table.setRowCount(len(cfg.conditions))
+        for r, name in enumerate(cfg.conditions):
+            self.table.setItem(r, 0, QTableWidgetItem(name))
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode
+                                                           .ResizeToContents)
+        self.range_label.setText("")
+
+    def _set_row(self, r: int, values: list[str]) -> None:
+        if r >= self.table.rowCount():
+            self.table.setRowCount(r + 1)
+        for c, text in enumerate(values):
+            item = QTableWidgetItem(text)
+            if c >= 2:
+                item.setTextAlignment(Qt.AlignmentFlag.AlignRight |
+                                      Qt.AlignmentFlag.AlignVCenter)
+            self.table.setItem(r, c, item)
+
+    def _fill_row(self, name: str, result) -> None:
+        rows = [self.table.item(r, 0).text() if self.table.item(r, 0) else ""
+                for r in range(self.table.rowCount())]
+        r = rows.index(name) if name in rows else self.table.rowCount()
+        self._set_row(r, [name, result.predicted_class,
+                          *(f"{float(p):.4f}" for p in result.probabilities), "\u2026"])
+
+    def show_report(self, report) -> None:
+        """Fill the table, the range line and the stability layer from ``report``."""
+        self.report = report
+        rows = report.rows()
+        heads = ["condition", "predicted", *(f"p({c})" for c in report.classes),
+                 f"Jaccard top-{report.top_k}"]
+        self.table.setRowCount(0)
+        self.table.setColumnCount(len(heads))
+        self.table.setHorizontalHeaderLabels(heads)
+        for r, row in enumerate(rows):
+            self._set_row(r, [row["condition"], row["predicted_class"],
+                              *(f"{p:.4f}" for p in row["probabilities"]),
+                              f"{row['jaccard']:.3f}"])
+        self._set_row(len(rows), ["min-max range", "", *(f"{v:.4f}" for v in
+                                                         report.prob_range), ""])
+        summ = report.summary()
+        rng = ", ".join(f"{c} {v:.4f}" for c, v in summ["range"].items())
+        flip = ("<b>the predicted class changes</b>" if summ["predicted_changes"] else
+                "the predicted class is the same under every condition")
+        st = summ["stability"]
+        stab = (f"attention stability (spread of rank percentiles, 0 = stable): mean "
+                f"{st['mean']:.3f}, max {st['max']:.3f}" if st["mean"] is not None else "")
+        self.range_label.setText(f"Range (max - min) across conditions: {rng}; {flip}."
+                                 f"<br>{stab}")
+        self.update_stability()
+        self._set_export_enabled(True)
+
+    def update_stability(self) -> None:
+        """(Re)draw the attention-stability heatmap of the current report."""
+        from ..overlay.heatmap import heatmap_layer
+
+        if self.report is None:
+            return
+        layer = self.slide_layer
+        mpp = slide_mpp(layer)
+        data, kwargs, _ = heatmap_layer(self.report.stability_result(), "stability", "fixed",
+                                        vmin=0.0, vmax=1.0, mpp=mpp, colormap="magma",
+                                        opacity=0.6)
+        kwargs["metadata"]["milview"] = "stability"
+        kwargs["name"] = f"attention stability ({layer.name})" if layer is not None else \
+            "attention stability"
+        if layer is not None and np.any(np.asarray(layer.translate) != 0):
+            kwargs["translate"] = tuple(np.add(kwargs["translate"], layer.translate[-2:]))
+        old = self.stability_layer
+        if old is not None and old in self.viewer.layers:
+            old.data = data
+            old.scale = kwargs["scale"]
+            old.translate = kwargs["translate"]
+            old.metadata = kwargs["metadata"]
+            old.name = kwargs["name"]
+            return
+        self.stability_layer = self.viewer.add_image(data, **kwargs)
+        self.stability_layer.colorbar.visible = True
+
+    def _set_export_enabled(self, enabled: bool) -> None:
+        self.csv_button.setEnabled(enabled)
+        self.json_button.setEnabled(enabled)
+
+    def export(self, kind: str, path) -> Path:
+        """Write the report as ``"csv"`` or ``"json"`` to ``path``."""
+        if self.report is None:
+            raise ValueError("nothing to export: run the robustness check first")
+        if kind == "csv":
+            return self.report.to_csv(path)
+        if kind == "json":
+            return self.report.to_json(path)
+        raise ValueError(f"unknown export {kind!r}; choose csv or json")
+
+    def _export_dialog(self, kind: str, *_) -> None:
+        from napari.utils.notifications import show_error, show_info
+
+        stem = (self.report.reference.slide_id or "slide") if self.report else "slide"
+        path, _ = QFileDialog.getSaveFileName(self, f"Export {kind.upper()}",
+                                              f"{stem}.robustness.{kind}",
+                                              f"{kind.upper()} (*.{kind})")
+        if not path:
+            return
+        try:
+            self.export(kind, path)
+        except Exception as e:  # noqa: BLE001 - shown as one line
+            show_error(f"Export {kind.upper()}: {_one_line(e)}")
+            return
+        show_info(f"Exported {kind.upper()}: {path}")
+
+    # ------------------------------------------------------------------ teardown
+    def stop_all(self, wait: bool = True) -> None:
+        """Cancel every job of this widget and (by default) join its thread."""
+        stop_jobs(self._jobs, wait=wait)
+        pbar, self.pbar = self.pbar, None
+        self.job = self.worker = self.prep = None
+        self.stain_busy.hide()
+        if pbar is not None:
+            pbar.close()
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        self.teardown()
+        super().closeEvent(event)
+
+    def event(self, event) -> bool:
+        # napari's dock close button takes the widget out of its dock without closing it
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):
+                self.teardown()
+        return super().event(event)
+
+    def teardown(self) -> None:
+        """Stop the jobs, join them, and disconnect from the viewer (idempotent)."""
+        self.stop_all(wait=True)
+        for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            try:
+                emitter.disconnect(self._on_layers_changed)
+            except (ValueError, RuntimeError):
+                pass
+        from qtpy.QtWidgets import QApplication
+
+        app = QApplication.instance()
+        if app is not None:
+            try:
+                app.aboutToQuit.disconnect(self.stop_all)
+            except (TypeError, RuntimeError):
+                pass
+
+
+def _angle(matrix) -> float:
+    from ..stain._common import angle_deg
+
+    return angle_deg(*np.asarray(matrix))
