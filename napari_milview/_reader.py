@@ -1,19 +1,24 @@
-"""npe2 reader: OpenSlide formats and OME-Zarr folders -> one multiscale RGB layer.
+"""npe2 reader: OpenSlide formats and OME-Zarr folders -> one multiscale RGB layer; a
+napari-milview sidecar (``*.milview.json``) -> slide, heatmap and top-K layers.
 
-``napari_get_reader`` only sniffs content (cheap, never raises, None when not a slide);
-the returned reader opens the slide and raises one clear error if it cannot.
+``napari_get_reader`` only sniffs content (cheap, never raises, None when not a slide or a
+sidecar); the returned reader opens the file and raises one clear error if it cannot.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from .slide.sniff import sniff
 
+#: How much of a ``.json`` file is read to recognise a sidecar (its ``format`` comes first).
+SIDECAR_SNIFF_BYTES = 4096
+
 
 def napari_get_reader(path: Any):
-    """The reader for ``path`` when it is a slide, else None."""
+    """The reader for ``path`` when it is a slide or a sidecar, else None."""
     if isinstance(path, (list, tuple)):
         if len(path) != 1:
             return None
@@ -21,9 +26,40 @@ def napari_get_reader(path: Any):
     try:
         if not isinstance(path, (str, os.PathLike)):
             return None
+        if is_sidecar(path):
+            return read_sidecar_layers
         return read_slide if sniff(path) else None
     except Exception:  # noqa: BLE001 - get_reader never raises
         return None
+
+
+def is_sidecar(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a ``.json`` file whose ``format`` is the sidecar's.
+
+    Reads at most :data:`SIDECAR_SNIFF_BYTES` bytes: :func:`~napari_milview.overlay.export.
+    write_sidecar` writes ``format`` as the first key. Never raises.
+    """
+    try:
+        p = os.fspath(path)
+        if not p.lower().endswith(".json") or not os.path.isfile(p):
+            return False
+        with open(p, "rb") as fh:
+            head = fh.read(SIDECAR_SNIFF_BYTES).decode("utf-8", errors="replace")
+    except (OSError, TypeError, ValueError):
+        return False
+    from .overlay.export import SIDECAR_FORMAT
+
+    key = r'\s*\{\s*"format"\s*:\s*"' + re.escape(SIDECAR_FORMAT) + '"'
+    return re.match(key, head) is not None
+
+
+def read_sidecar_layers(path: Any) -> list[tuple]:
+    """The slide, heatmap and top-K layers a sidecar restores (errors name the file)."""
+    from .overlay.export import layers_from_sidecar
+
+    if isinstance(path, (list, tuple)):
+        path = path[0]
+    return layers_from_sidecar(path)
 
 
 def is_slide_layer(layer) -> bool:

@@ -254,23 +254,217 @@ def _cmd_stain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_robustness(args: argparse.Namespace) -> int:
+    import threading
+
+    from .features.encoders import build_encoder
+    from .slide import open_slide
+    from .stain import CONDITIONS, load_reference, normalise_to
+    from .stain.robustness import DEFAULT_CONDITIONS, robustness
+    from .tissue import patch_grid
+
+    names = (list(DEFAULT_CONDITIONS) if args.conditions is None else
+             list(CONDITIONS) if args.conditions.strip() == "all" else
+             [c.strip() for c in args.conditions.split(",") if c.strip()])
+    bad = [c for c in names if c not in CONDITIONS]
+    if bad or not names:
+        raise ValueError(f"--conditions: unknown condition(s) {', '.join(bad) or '(none)'}; "
+                         f"choose from {', '.join(CONDITIONS)} or 'all'")
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ValueError(f"{out}: folder {out.parent} does not exist")
+    model, card, model_name = _load_mil(args.model, args.arch)
+    library = load_reference(args.reference_folder) if args.reference_folder else None
+    reference = normalise_to(args.reference) if args.reference else None
+    encoder = build_encoder(args.encoder, weights=args.weights)
+    spec = encoder.spec
+    if card.feature_dim is not None and int(card.feature_dim) != spec.dim:
+        raise ValueError(f"encoder {spec.name!r} gives {spec.dim}-d features but the model "
+                         f"{model_name!r} expects {int(card.feature_dim)}-d: pick the encoder "
+                         "the model was trained on")
+    out.mkdir(exist_ok=True)
+    with open_slide(args.slide, mpp=args.mpp, remember_mpp=False) as slide:
+        mag, patch_um = args.mag, args.patch_um
+        if mag is None and patch_um is None:  # the model's patch size, else the encoder's
+            patch_um = card.patch_size_um or (spec.patch_px * spec.mpp if spec.mpp else None)
+            mag = None if patch_um else 20.0
+        grid = patch_grid(slide, patch_px=spec.patch_px, mag=mag, patch_um=patch_um,
+                          min_tissue=args.min_tissue)
+        cache_dir = None if args.no_cache else (args.cache_dir or out / "cache")
+        cancel = threading.Event()
+        gen = robustness(slide, grid, encoder, model, card, names, reference=reference,
+                         library=library, seed=args.seed, source=args.source,
+                         top_k=args.top_k, batch_size=args.batch_size, device=args.device,
+                         workers=args.workers or max(2, min(8, os.cpu_count() or 2)),
+                         cancel=cancel, cache_dir=cache_dir, model_name=model_name)
+        bar = None
+        try:
+            while True:
+                try:
+                    p = next(gen)
+                except StopIteration as stop:
+                    report = stop.value
+                    break
+                if bar is None and p.total:
+                    bar = _progress_bar(p.total, f"robustness {Path(args.slide).name}")
+                if p.stage == "attend":
+                    if bar is not None:
+                        bar.write(f"milview robustness: {p.message}", file=sys.stderr)
+                elif bar is not None and p.done > bar.n:
+                    bar.update(p.done - bar.n)
+        except KeyboardInterrupt:
+            cancel.set()
+            gen.close()
+            print("milview robustness: cancelled; nothing written", file=sys.stderr)
+            return 130
+        finally:
+            if bar is not None:
+                bar.close()
+    stem = Path(args.slide).name.split(".")[0]
+    csv_path = report.to_csv(out / f"{stem}.robustness.csv")
+    json_path = report.to_json(out / f"{stem}.robustness.json")
+    for row in report.rows():
+        print(json.dumps(row))
+    print(json.dumps({**report.summary(), "csv": str(csv_path), "json": str(json_path)}))
+    return 0
+
+
+def _demo_under_xvfb(args: argparse.Namespace) -> int | None:
+    """Rerun ``milview demo --screenshot`` under ``xvfb-run`` when there is no display.
+
+    None when a display is there (nothing to do); else the child's exit status.
+    """
+    import shutil
+    import subprocess
+
+    if os.environ.get("DISPLAY") or os.environ.get("QT_QPA_PLATFORM", "xcb") != "xcb":
+        return None
+    if not shutil.which("xvfb-run"):
+        raise ValueError("--screenshot needs a display: no $DISPLAY and no xvfb-run (install "
+                         "xvfb, e.g. `make system-deps`, or run under a desktop)")
+    argv = ["demo", "--screenshot", str(Path(args.screenshot).resolve()),
+            "--timeout", str(args.timeout)]
+    if args.slide:
+        argv += ["--slide", str(Path(args.slide).resolve())]
+    env = {**os.environ, "QT_QPA_PLATFORM": "xcb"}
+    return subprocess.call(["xvfb-run", "-a", "-s", "-screen 0 1920x1200x24", sys.executable,
+                            "-m", "napari_milview.cli", *argv], env=env)
+
+
+def _arrange_for_screenshot(mil) -> None:
+    """Widen the right-hand docks, scroll the MIL dock to Run / Prediction / Display, and hide
+    napari's toasts (e.g. "PyQt5 is deprecated" over the canvas)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QApplication, QDockWidget, QScrollArea
+
+    window = mil.window()
+    docks = [d for d in window.findChildren(QDockWidget) if d.isVisible()]
+    right = Qt.DockWidgetArea.RightDockWidgetArea
+    for area, width in ((right, 460), (Qt.DockWidgetArea.LeftDockWidgetArea, 280)):
+        mine = [d for d in docks if window.dockWidgetArea(d) == area]
+        if mine:
+            window.resizeDocks(mine, [width] * len(mine), Qt.Orientation.Horizontal)
+    scroll = mil.findChild(QScrollArea)
+    if scroll is not None:
+        scroll.verticalScrollBar().setValue(mil.run_button.parentWidget().y())
+    for w in QApplication.allWidgets():
+        if type(w).__name__ == "NapariQtNotification" and w.isVisible():
+            w.hide()
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
+    """napari with a slide, the navigation and MIL docks, and a run of the demo model."""
+    import time
+
+    t0 = time.perf_counter()
+    shot = Path(args.screenshot) if args.screenshot else None
+    if shot is not None:
+        if not shot.resolve().parent.is_dir():
+            raise ValueError(f"{shot}: folder {shot.resolve().parent} does not exist")
+        status = _demo_under_xvfb(args)
+        if status is not None:
+            return status
+        # real pixels need the xcb platform and a shown window (offscreen grabs are black)
+        os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
+    if args.slide:
+        path = Path(args.slide)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such slide")
+    else:
+        from ._sample_data import sample_slide_path
+
+        path = sample_slide_path(lesion=True)
+
     import napari
+    from qtpy.QtCore import QEventLoop, QTimer
 
-    from ._sample_data import sample_slide_path
-
-    path = sample_slide_path(lesion=True)
-    viewer = napari.Viewer(show=args.screenshot is None)
+    viewer = napari.Viewer(title="napari-milview demo", show=shot is None)
     viewer.open(str(path), plugin="napari-milview")
-    viewer.scale_bar.visible = True
-    if args.screenshot:
-        viewer.window.show()
-        viewer.reset_view()
-        viewer.screenshot(args.screenshot, canvas_only=False)
-        viewer.close()
-        print(json.dumps({"slide": str(path), "screenshot": args.screenshot}))
+    viewer.window.add_plugin_dock_widget("napari-milview", "Slide navigation")
+    _, mil = viewer.window.add_plugin_dock_widget("napari-milview", "MIL attention")
+    if shot is None:
+        if mil.run() is None:
+            print(f"milview demo: the run did not start: {mil.status.text()}", file=sys.stderr)
+        napari.run()
         return 0
-    napari.run()
+
+    viewer.window.show()
+    viewer.window.resize(1600, 1000)  # after show(), which restores the saved geometry
+    loop = QEventLoop()
+    ended: list[str] = []
+
+    def wait(signal, seconds: float) -> bool:
+        """Run the event loop until ``signal`` fires or ``seconds`` pass; True if it fired."""
+        fired: list = []
+
+        def on(*a):
+            fired.append(a)
+            loop.quit()
+
+        timer = QTimer()
+        timer.setSingleShot(True)
+        timer.timeout.connect(loop.quit)
+        signal.connect(on)
+        timer.start(int(seconds * 1000))
+        loop.exec()
+        timer.stop()
+        signal.disconnect(on)
+        return bool(fired)
+
+    mil.run_finished.connect(ended.append)
+    if mil.run() is None:
+        status = mil.status.text()
+        viewer.close()
+        print(f"milview demo: the run did not start: {status}", file=sys.stderr)
+        return 1
+    if not ended and not wait(mil.run_finished, args.timeout):
+        status = mil.status.text()
+        mil.stop_all()
+        viewer.close()
+        print(f"milview demo: no result after {args.timeout:g} s (timed out); last status: "
+              f"{status}", file=sys.stderr)
+        return 1
+    if ended[0] != "done":
+        status = mil.status.text()
+        viewer.close()
+        print(f"milview demo: the run {ended[0]}: {status}", file=sys.stderr)
+        return 1
+    gallery = mil.gallery
+    if gallery is not None and gallery._reader.worker is not None:
+        wait(gallery.loaded, 30)  # thumbnails (a few dozen level-0 reads)
+    viewer.layers.selection.active = mil.heatmap_layer  # its colour bar and controls show
+    _arrange_for_screenshot(mil)
+    for step in range(4):  # let the docks lay out (the canvas resizes), then frame and draw
+        if step == 2:
+            viewer.reset_view()  # the whole slide: tissue, heatmap and top-K boxes in view
+        wait(mil.destroyed, 0.1)
+    viewer.screenshot(str(shot), canvas_only=False, flash=False)
+    r = mil.result
+    viewer.close()
+    print(json.dumps({
+        "slide": str(path), "screenshot": str(shot), "predicted": r.predicted_class,
+        "probabilities": {c: round(float(p), 4) for c, p in zip(r.classes, r.probabilities)},
+        "seconds": round(time.perf_counter() - t0, 2)}))
     return 0
 
 
@@ -392,9 +586,56 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the HED jitter (default 0)")
     s.set_defaults(func=_cmd_stain)
 
-    s = sub.add_parser("demo", help="open napari on the bundled synthetic slide")
+    s = sub.add_parser("robustness", help="run encoder + MIL model on a slide under each "
+                                          "staining condition: predictions, range, "
+                                          "attention stability (JSON lines, CSV, JSON)")
+    s.add_argument("slide")
+    s.add_argument("--model", required=True, metavar="CKPT_OR_demo",
+                   help="MIL checkpoint (.safetensors/.pt/.pth/.ckpt) or 'demo'")
+    s.add_argument("--encoder", required=True, help="encoder name (see the encoder registry)")
+    s.add_argument("--weights", default=None, metavar="FILE", help="local encoder weights")
+    s.add_argument("--arch", default=None, help="architecture (default: detected)")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for SLIDE.robustness.csv / .json (created if missing)")
+    s.add_argument("--conditions", default=None, metavar="A,B,...",
+                   help="comma-separated conditions or 'all' (default: reference, "
+                        "low-intensity, high-intensity, low-similarity, high-similarity)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--patch-um", type=float, default=None, metavar="UM",
+                   help="patch side in microns (default: the model card's, else the "
+                        "encoder's)")
+    g.add_argument("--mag", type=float, default=None, metavar="X",
+                   help="magnification to cut patches at (20x = 0.5 um/px)")
+    s.add_argument("--min-tissue", type=float, default=0.25)
+    s.add_argument("--mpp", type=float, default=None, help="override microns per pixel")
+    s.add_argument("--source", default=None, help="attention source of the stability and "
+                                                  "top-K (default: the model's default)")
+    s.add_argument("--top-k", type=int, default=20, help="K of the top-K Jaccard index")
+    s.add_argument("--reference", default=None, metavar="TILE_SLIDE_OR_JSON",
+                   help="target of macenko/reinhard (default: built-in CMU-1-Small-Region)")
+    s.add_argument("--reference-folder", default=None, metavar="DIR",
+                   help="published PLISM files or reference JSONs (see `milview stain`)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the HED jitter (default 0)")
+    s.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help="per-condition bag files, re-used by the next run (default: OUT/cache)")
+    s.add_argument("--no-cache", action="store_true", help="keep no bag files")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--workers", type=int, default=None,
+                   help="reader threads (default: min(8, CPU cores), at least 2)")
+    s.add_argument("--device", default="auto", help="auto (cuda, then cpu), cpu, cuda, cuda:N")
+    s.set_defaults(func=_cmd_robustness)
+
+    s = sub.add_parser("demo", help="napari on the bundled synthetic slide: the demo model "
+                                    "runs and shows heatmap, top-K and prediction")
     s.add_argument("--screenshot", default=None, metavar="OUT.png",
-                   help="render headless, write a screenshot and exit")
+                   help="headless: wait for the result, write a screenshot of the window, "
+                        "print one JSON line and exit (under xvfb-run when there is no "
+                        "display)")
+    s.add_argument("--slide", default=None, metavar="SLIDE",
+                   help="another slide (default: the bundled 20,000 x 15,000 synthetic one, "
+                        "written on first use)")
+    s.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="with --screenshot: give up (exit 1) when the run takes longer")
     s.set_defaults(func=_cmd_demo)
     return p
 

@@ -178,6 +178,7 @@ def _run(encoder: torch.nn.Module, x: torch.Tensor, device: torch.device) -> np.
 def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_size: int = 64,
                 device: Any = "auto", workers: int = 2,
                 cancel: threading.Event | None = None, slide_id: str | None = None,
+                transform: Callable[[np.ndarray], np.ndarray] | None = None,
                 ) -> Generator[Progress, None, Bag]:
     """Encode every patch of ``grid``: a generator of :class:`Progress`, returning the bag.
 
@@ -204,6 +205,10 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
         Checked between batches; when set the run stops with :class:`Cancelled`.
     slide_id : str, optional
         Stored in the bag (default: the slide file's stem).
+    transform : callable, optional
+        Applied to each batch of patches between reading and preprocessing, in the reader
+        threads: [b, S, S, 3] uint8 -> the same shape and dtype (e.g. a staining condition,
+        ``stain.make_condition``). It must be thread-safe and a pure function of the pixels.
 
     Yields
     ------
@@ -252,6 +257,14 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
         patches = np.empty((len(idx), grid.patch_px, grid.patch_px, 3), np.uint8)
         for k, i in enumerate(idx):
             patches[k] = read_patch(slide, grid, int(i))
+        if transform is not None:
+            out = transform(patches)
+            if getattr(out, "shape", None) != patches.shape or out.dtype != np.uint8:
+                raise BagError(path, f"transform {transform!r} returned "
+                                     f"{getattr(out, 'dtype', type(out).__name__)} "
+                                     f"{list(getattr(out, 'shape', []))} for uint8 patches "
+                                     f"{list(patches.shape)}")
+            patches = out
         x = preprocess(patches, spec)
         return x.pin_memory() if cuda else x
 

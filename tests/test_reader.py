@@ -84,3 +84,73 @@ def test_sample_data_contribution(make_napari_viewer):
     assert layer.multiscale and layer.rgb
     assert layer.metadata["vendor"] == "aperio"
     assert layer.metadata["mpp"] == pytest.approx((0.5, 0.5))
+
+
+# -------------------------------------------------------------------------- sidecars
+def test_get_reader_claims_sidecars_by_content(tmp_path):
+    import json
+
+    from napari_milview._reader import read_sidecar_layers
+    from napari_milview.overlay.export import SIDECAR_FORMAT
+
+    side = tmp_path / "s.milview.json"
+    side.write_text(json.dumps({"format": SIDECAR_FORMAT, "version": 1}, indent=1))
+    assert napari_get_reader(str(side)) is read_sidecar_layers
+    assert napari_get_reader([side]) is read_sidecar_layers
+    renamed = tmp_path / "s.json"  # any name ending in .json: the content decides
+    renamed.write_text(side.read_text())
+    assert napari_get_reader(str(renamed)) is read_sidecar_layers
+    other = tmp_path / "s.done.json"  # a cohort marker, a config, ... are not ours
+    other.write_text(json.dumps({"slide": "x.svs", "format": "other"}))
+    late = tmp_path / "late.milview.json"  # "format" must come first, as written
+    late.write_text(json.dumps({"slide": "x.svs", "format": SIDECAR_FORMAT}))
+    broken = tmp_path / "b.milview.json"
+    broken.write_bytes(b"\xff\xfe\x00garbage")
+    for not_ours in (other, late, broken, tmp_path / "missing.milview.json"):
+        assert napari_get_reader(str(not_ours)) is None, not_ours
+
+
+def _restored(viewer, sidecar, slide_path: str, n: int, k: int) -> None:
+    """Opening ``sidecar`` in ``viewer`` gives slide, an aligned heatmap and K boxes."""
+    layers = viewer.open(str(sidecar), plugin="napari-milview")
+    assert [type(lyr).__name__ for lyr in layers] == ["Image", "Image", "Shapes"]
+    slide, heat, topk = layers
+    assert slide.metadata["path"] == slide_path and slide.multiscale
+    assert heat.metadata["milview"] == "heatmap" and heat.metadata["result"].n == n
+    assert np.isfinite(heat.data).sum() == n  # one cell per patch (step = patch size)
+    assert tuple(heat.scale) == pytest.approx(tuple(slide.scale[-2:]) * np.array(
+        heat.metadata["cell_level0"]))
+    assert topk.nshapes == k
+
+
+@pytest.mark.gui
+def test_sidecar_from_widget_export_restores_in_napari(make_napari_viewer, qtbot, svs,
+                                                       tmp_path):
+    from napari_milview._qt.mil_widget import MILWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(svs.path), plugin="napari-milview")
+    w = MILWidget(viewer)
+    viewer.window.add_dock_widget(w, name="MIL attention")
+    w.device_combo.setCurrentText("cpu")
+    w.k_spin.setValue(7)
+    with qtbot.waitSignal(w.run_finished, timeout=60_000) as blocker:
+        w.run()
+    assert blocker.args == ["done"], w.status.text()
+    assert w.heatmap_layer.metadata["result"] is w.result  # kept through in-place updates
+    side = w.export("sidecar", tmp_path / "svs.milview.json")
+    _restored(make_napari_viewer(), side, str(svs.path), w.result.n, 7)
+    w.teardown()
+
+
+@pytest.mark.gui
+def test_sidecar_from_cohort_run_restores_in_napari(make_napari_viewer, svs, tmp_path):
+    from napari_milview.cohort import CohortConfig, outputs, plan, process_slide
+
+    (job,) = plan([svs.path], tmp_path / "out", CohortConfig(model="demo", device="cpu",
+                                                             top_k=5))
+    row = process_slide(job)  # what each task of `milview run` does
+    assert row.ok, row.message
+    side = outputs(tmp_path / "out", "svs")["sidecar"]
+    assert side.name == "svs.milview.json"
+    _restored(make_napari_viewer(), side, str(svs.path), row.n_patches, 5)

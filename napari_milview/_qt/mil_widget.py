@@ -31,10 +31,8 @@ existing layers in place: the model is never re-run.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import weakref
-from collections import Counter
 from collections.abc import Generator
 from dataclasses import dataclass
 from functools import partial
@@ -47,7 +45,6 @@ from qtpy.QtGui import QFont, QStandardItemModel
 from qtpy.QtWidgets import (
     QButtonGroup,
     QComboBox,
-    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QGridLayout,
@@ -66,6 +63,12 @@ from qtpy.QtWidgets import (
 )
 
 from .._reader import is_slide_layer
+from ._common import Job as _BaseJob
+from ._common import one_line as _one_line
+from ._common import relay as _relay
+from ._common import slide_mpp
+from ._common import spin as _spin
+from ._common import stop_jobs as _stop_jobs
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +79,11 @@ INTERPOLATIONS = {"blocky": "nearest", "smooth": "linear"}
 #: Export kinds -> button label.
 EXPORTS = {"geojson": "GeoJSON (QuPath)", "csv": "CSV table", "clam": "CLAM h5",
            "tiff": "Heatmap OME-TIFF", "crops": "Top-K PNGs", "sidecar": "Sidecar JSON"}
-#: How long closing the widget waits for a run's thread to end (seconds).
-JOIN_TIMEOUT_S = 30.0
+def gui_torch_threads() -> int:
+    """torch intra-op threads for a run inside napari: every core but one (at least one)."""
+    import os
 
-
-def _one_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, at most 300 characters."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def slide_mpp(layer) -> float | None:
-    """Microns per level-0 pixel along x of a slide layer, None when unknown."""
-    mpp = layer.metadata.get("mpp") if layer is not None else None
-    return float(mpp[-1]) if mpp else None
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def fill_edge(grid: np.ndarray) -> np.ndarray:
@@ -193,78 +186,27 @@ class RunConfig:
     stream_s: float = 1.0
 
 
-class Job:
-    """One run: :meth:`steps` is the generator a worker drives; the outcome is read after.
+class Job(_BaseJob):
+    """One MIL run (:class:`._common.Job`): :meth:`steps` is the generator a worker drives.
 
-    Attributes
-    ----------
-    cancel : threading.Event
-        Set to stop the run between batches.
-    done : threading.Event
-        Set by the worker thread when its ``run`` is over (joined by :meth:`join`).
-    outcome : str
-        ``"pending"``, ``"done"``, ``"cancelled"`` or ``"failed"``.
-    result, error : the Result (done) or the readable error line (failed).
-    calls : Counter
-        How many times each pipeline step ran (``extract``, ``attend``, ``partial``).
+    ``calls`` counts the pipeline steps that ran (``extract``, ``attend``, ``partial``).
     """
 
-    def __init__(self, config: RunConfig):
-        self.config = config
-        self.cancel = threading.Event()
-        self.done = threading.Event()
-        self.started = False
-        self.orphaned = False  # its widget stopped it (closing or deleted): ignore its signals
-        self.outcome = "pending"
-        self.result = None
-        self.error = ""
-        self.progress = (0, 0)
-        self.calls: Counter = Counter()
-        self.gen = self.steps()
-
-    # -- driving ------------------------------------------------------------------------
-    def steps(self) -> Generator[Update, None, Any]:
-        """The run; catches every ``Exception`` into :attr:`outcome` / :attr:`error`."""
-        from ..pipeline import Cancelled
-
-        self.started = True
-        try:
-            self.result = yield from self._steps()
-            self.outcome = "done"
-        except Cancelled:
-            self.outcome = "cancelled"
-        except Exception as e:  # noqa: BLE001 - shown to the user as one line
-            log.debug("MIL run failed", exc_info=True)
-            self.outcome, self.error = "failed", _one_line(e)
-        return self.result
-
-    def close(self) -> None:
-        """Close the generator if it is suspended (ends the extraction's reader threads)."""
-        try:
-            self.gen.close()
-        except ValueError:  # still executing in the worker: wait for it, then close
-            self.done.wait(JOIN_TIMEOUT_S)
-            if not self.gen.gi_running:
-                self.gen.close()
-
-    def stop(self) -> None:
-        """Ask the run to stop at the next batch."""
-        self.cancel.set()
-
-    def join(self, timeout: float = JOIN_TIMEOUT_S) -> bool:
-        """Wait for the worker thread (if it started) and close the generator."""
-        ok = self.done.wait(timeout) if self.started else True
-        self.close()
-        return ok
-
-    def _check(self) -> None:
-        from ..pipeline import Cancelled
-
-        if self.cancel.is_set():
-            raise Cancelled("run cancelled")
+    config: RunConfig
 
     # -- the work ------------------------------------------------------------------------
     def _steps(self) -> Generator[Update, None, Any]:
+        """The run with torch on all cores but one: napari draws and answers on the other."""
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(gui_torch_threads())  # in the worker thread, which runs torch
+        try:
+            return (yield from self._run())
+        finally:
+            torch.set_num_threads(before)
+
+    def _run(self) -> Generator[Update, None, Any]:
         from ..features.io import load_bag
         from ..pipeline import attend
 
@@ -376,26 +318,6 @@ class Job:
                       meta={"partial": True, "n_done": int(have.sum())})
 
 
-def _relay(gen):
-    """A generator function around an existing generator (``create_worker`` wants one)."""
-    return (yield from gen)
-
-
-def _stop_jobs(jobs: list, wait: bool = True) -> None:
-    """Cancel every (job, worker) in ``jobs`` and join them; safe from ``destroyed``."""
-    for job, worker in list(jobs):
-        job.orphaned = True
-        job.stop()
-        try:
-            worker.quit()
-        except RuntimeError:  # the worker's Qt object is already gone
-            pass
-    if wait:
-        for job, _ in list(jobs):
-            job.join()
-    jobs.clear()
-
-
 # --------------------------------------------------------------------------------------------
 # prediction panel
 # --------------------------------------------------------------------------------------------
@@ -479,19 +401,6 @@ class PredictionPanel(QWidget):
 # --------------------------------------------------------------------------------------------
 # the widget
 # --------------------------------------------------------------------------------------------
-def _spin(lo: float, hi: float, value: float, decimals: int = 4, step: float = 0.01,
-          suffix: str = "") -> QDoubleSpinBox:
-    s = QDoubleSpinBox()
-    s.setRange(lo, hi)
-    s.setDecimals(decimals)
-    s.setSingleStep(step)
-    s.setValue(value)
-    if suffix:
-        s.setSuffix(suffix)
-    s.setKeyboardTracking(False)
-    return s
-
-
 class MILWidget(QWidget):
     """Dock widget "MIL attention".
 
@@ -516,7 +425,9 @@ class MILWidget(QWidget):
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        self.viewer = napari_viewer
+        # the Plugins menu passes a PublicOnlyProxy: every access through it inspects the
+        # calling frame, and layers read through it are new proxies (``is`` never matches)
+        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
         self.result = None
         self.heatmap_layer = None
         self.topk_layer = None
@@ -1213,14 +1124,20 @@ class MILWidget(QWidget):
             return
         cl = kwargs["contrast_limits"]
         layer.metadata = kwargs["metadata"]
-        layer.scale = kwargs["scale"]
-        layer.translate = kwargs["translate"]
+        # set only what changed: each setter re-slices the layer (ms each, on the GUI thread,
+        # once a second while a run streams partial heatmaps)
+        for key in ("scale", "translate"):
+            if tuple(getattr(layer, key)) != tuple(kwargs[key]):
+                setattr(layer, key, kwargs[key])
         layer.data = data
         layer.contrast_limits_range = cl
         layer.contrast_limits = cl
-        layer.colormap = kwargs["colormap"]
-        layer.opacity = kwargs["opacity"]
-        layer.interpolation2d = kwargs["interpolation2d"]
+        if layer.colormap.name != kwargs["colormap"]:
+            layer.colormap = kwargs["colormap"]
+        if layer.opacity != kwargs["opacity"]:
+            layer.opacity = kwargs["opacity"]
+        if str(layer.interpolation2d) != kwargs["interpolation2d"]:
+            layer.interpolation2d = kwargs["interpolation2d"]
 
     def _layer_name(self, what: str) -> str:
         layer = self.slide_layer

@@ -168,7 +168,8 @@ def heatmap_layer(result: Result, source: str | None = None, method: str = "raw"
     tuple
         ``grid`` [H, W] float32 (NaN = no patch, drawn transparent), the Image kwargs
         (``scale``/``translate`` in world units, fixed ``contrast_limits`` per method,
-        ``metadata`` with the raw-score grid ``raw_grid`` [H, W] and the geometry) and
+        ``metadata`` with the raw-score grid ``raw_grid`` [H, W], the geometry and the
+        ``result`` itself) and
         ``"image"``.
     """
     src = result.default_source if source is None else source
@@ -195,6 +196,7 @@ def heatmap_layer(result: Result, source: str | None = None, method: str = "raw"
             "origin_level0": (x0, y0), "cell_level0": cell,
             "patch_size_level0": result.patch_size_level0, "raw_grid": raw_grid,
             "slide_path": result.slide, "slide_id": result.slide_id,
+            "result": result,  # the whole Result: what the npe2 writers export
         },
     }
     if um is not None:
