@@ -16,12 +16,20 @@ from typing import Any
 
 from qtpy.QtWidgets import QDoubleSpinBox
 
-__all__ = ["JOIN_TIMEOUT_S", "Job", "one_line", "relay", "slide_mpp", "spin", "stop_jobs"]
+__all__ = ["JOIN_TIMEOUT_S", "Job", "one_line", "real_viewer", "relay", "slide_mpp", "spin",
+           "stop_jobs"]
 
 log = logging.getLogger(__name__)
 
 #: How long closing a widget waits for a run's thread to end (seconds).
 JOIN_TIMEOUT_S = 30.0
+
+
+def real_viewer(napari_viewer):
+    """The viewer itself. napari's Plugins menu hands a dock widget a ``PublicOnlyProxy``
+    whose every attribute access is inspected and whose layers are new proxy objects each
+    time (so ``is`` comparisons between layers never match)."""
+    return getattr(napari_viewer, "__wrapped__", napari_viewer)
 
 
 def one_line(exc: BaseException) -> str:

@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._common import real_viewer
 from .navigation import viewbox_size, viewer_camera
 
 #: Thumbnail side in screen pixels.
@@ -79,7 +80,7 @@ class TopKGallery(QWidget):
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        self.viewer = napari_viewer
+        self.viewer = napari_viewer = real_viewer(napari_viewer)
         self.buttons: list[QToolButton] = []
         self._images: list = []  # keep the QImage buffers alive
         self._reader = _Reader()  # the running thumbnail worker (plain object: see destroyed)

@@ -65,8 +65,8 @@ from qtpy.QtWidgets import (
 from .._reader import is_slide_layer
 from ._common import Job as _BaseJob
 from ._common import one_line as _one_line
+from ._common import real_viewer, slide_mpp
 from ._common import relay as _relay
-from ._common import slide_mpp
 from ._common import spin as _spin
 from ._common import stop_jobs as _stop_jobs
 
@@ -425,9 +425,7 @@ class MILWidget(QWidget):
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        # the Plugins menu passes a PublicOnlyProxy: every access through it inspects the
-        # calling frame, and layers read through it are new proxies (``is`` never matches)
-        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
+        self.viewer = real_viewer(napari_viewer)
         self.result = None
         self.heatmap_layer = None
         self.topk_layer = None

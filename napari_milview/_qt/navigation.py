@@ -46,6 +46,7 @@ from qtpy.QtWidgets import (
 )
 
 from .._reader import is_slide_layer
+from ._common import real_viewer
 
 #: The magnification buttons, as on a microscope's nosepiece.
 MAGNIFICATIONS = (1.25, 5.0, 10.0, 20.0, 40.0)
@@ -262,7 +263,7 @@ class NavigationWidget(QWidget):
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        self.viewer = napari_viewer
+        self.viewer = napari_viewer = real_viewer(napari_viewer)
         self.layer = None  # the slide layer followed now
         self._slide_layers: list = []
         self._factor = np.ones(2)  # level-0 pixels per thumbnail pixel (row, col)

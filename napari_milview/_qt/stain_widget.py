@@ -63,7 +63,7 @@ from qtpy.QtWidgets import (
 )
 
 from .._reader import is_slide_layer
-from ._common import Job, relay, slide_mpp, spin, stop_jobs
+from ._common import Job, real_viewer, relay, slide_mpp, spin, stop_jobs
 from ._common import one_line as _one_line
 
 log = logging.getLogger(__name__)
@@ -249,9 +249,7 @@ class StainWidget(QWidget):
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(parent)
-        # the Plugins menu passes a PublicOnlyProxy, whose layers are new proxies on every
-        # access (``is`` never matches): work on the viewer itself
-        self.viewer = getattr(napari_viewer, "__wrapped__", napari_viewer)
+        self.viewer = real_viewer(napari_viewer)
         self.preview_layer = None
         self.stability_layer = None
         self.report = None

@@ -8,8 +8,15 @@
 """
 
 from ._common import StainEstimateError, concentrations, rgb_to_od
-from .conditions import (CONDITIONS, DEFAULT_REFERENCE, Reference, load_reference,
-                         make_condition, normalise_to, save_reference)
+from .conditions import (
+                         CONDITIONS,
+                         DEFAULT_REFERENCE,
+                         Reference,
+                         load_reference,
+                         make_condition,
+                         normalise_to,
+                         save_reference,
+)
 from .estimate import SlideStain, estimate_slide, estimate_tiles
 from .hed import HEDJitter, hed_jitter
 from .macenko import MacenkoFit, fit_macenko

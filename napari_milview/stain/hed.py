@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import (as_i0, check_rgb, comb, planar_lookup, tissue_weight,
-                      tissue_weight_lut)
+from ._common import as_i0, check_rgb, comb, planar_lookup, tissue_weight, tissue_weight_lut
 from .perturb import Perturbation, _scale_pixels
 
 __all__ = ["HED_FROM_RGB", "HED_PRESETS", "RGB_FROM_HED", "HEDJitter", "hed2rgb",

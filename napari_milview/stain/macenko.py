@@ -29,8 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._common import (StainEstimateError, angle_deg, as_i0, check_rgb, comb, od_lut,
-                      unmix_matrix)
+from ._common import StainEstimateError, angle_deg, as_i0, check_rgb, comb, od_lut, unmix_matrix
 
 __all__ = ["MacenkoFit", "fit_macenko", "order_he"]
 

@@ -17,8 +17,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._common import (TISSUE_OD_HIGH, TISSUE_OD_LOW, StainEstimateError, as_i0, check_rgb,
-                      comb, od_lut, planar_lookup, tissue_weight, tissue_weight_lut)
+from ._common import (
+    TISSUE_OD_HIGH,
+    TISSUE_OD_LOW,
+    StainEstimateError,
+    as_i0,
+    check_rgb,
+    comb,
+    od_lut,
+    planar_lookup,
+    tissue_weight,
+    tissue_weight_lut,
+)
 from .perturb import Perturbation, _to_uint8
 
 __all__ = ["Reinhard", "lab_stats", "lab_to_rgb", "rgb_to_lab"]
