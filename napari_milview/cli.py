@@ -1,4 +1,4 @@
-"""The ``milview`` command: info, synth, extract, attend, demo."""
+"""The ``milview`` command: info, synth, extract, attend, run, stain, robustness, demo."""
 
 from __future__ import annotations
 
