@@ -1,0 +1,45 @@
+"""The timm ViT encoders (optional extra): each builds with ``pretrained=False`` from the
+reference kwargs, a state dict in its official layout loads strictly through our loader, and
+the output has the registry's dimension. Skipped where timm is not installed (it needs
+torchvision, which the CPU wheel of this project's torch cannot import)."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+timm = pytest.importorskip("timm")
+torch = pytest.importorskip("torch")
+
+from napari_milview.features.encoders import build_encoder, timm_vit  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", sorted(timm_vit.SPECS))
+def test_timm_encoder_builds_loads_strictly_and_has_the_registry_dim(name, tmp_path):
+    from safetensors.torch import save_file
+
+    arch, kwargs = timm_vit._archs()[name]
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    probe = next(iter(state))
+    expected = state[probe].clone()
+    del model, state
+    gc.collect()
+    enc = build_encoder(name, weights=tmp_path / "w.safetensors")
+    got = dict(enc.named_parameters()) | dict(enc.named_buffers())
+    assert any(torch.equal(v, expected) for k, v in got.items() if k.endswith(probe))
+    with torch.inference_mode():
+        out = enc(torch.zeros(2, 3, 224, 224))
+    assert tuple(out.shape) == (2, enc.spec.dim) and torch.isfinite(out).all()
+    # the same file without one tensor is refused, naming the missing key
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tmp_path / "w.safetensors"))
+    sd.pop(probe)
+    save_file(sd, str(tmp_path / "cut.safetensors"))
+    with pytest.raises(Exception, match="missing"):
+        build_encoder(name, weights=tmp_path / "cut.safetensors")
