@@ -158,9 +158,10 @@ class Slide:
         """
         lv = self.info.levels[level]
         th, tw = lv.tile
-        out = np.full((h, w, 3), 255, np.uint8)
         y0, x0 = max(y, 0), max(x, 0)
         y1, x1 = min(y + h, lv.shape[0]), min(x + w, lv.shape[1])
+        inside = (y0, x0, y1, x1) == (y, x, y + h, x + w)  # the tiles fill every pixel
+        out = np.empty((h, w, 3), np.uint8) if inside else np.full((h, w, 3), 255, np.uint8)
         if y1 <= y0 or x1 <= x0:
             return out
         keys = [(r, c) for r in range(y0 // th, (y1 - 1) // th + 1)
