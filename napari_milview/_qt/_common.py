@@ -12,12 +12,16 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Generator
+from functools import partial
 from typing import Any
 
-from qtpy.QtWidgets import QDoubleSpinBox
+from qtpy.QtCore import QEvent, Qt
+from qtpy.QtWidgets import QDoubleSpinBox, QWidget
 
-__all__ = ["JOIN_TIMEOUT_S", "Job", "one_line", "real_viewer", "relay", "slide_mpp", "spin",
-           "stop_jobs"]
+from .._reader import is_slide_layer
+
+__all__ = ["JOIN_TIMEOUT_S", "Job", "JobDock", "one_line", "real_viewer", "relay", "slide_mpp",
+           "spin", "stop_jobs"]
 
 log = logging.getLogger(__name__)
 
@@ -157,3 +161,97 @@ def stop_jobs(jobs: list, wait: bool = True) -> None:
         for job, _ in list(jobs):
             job.join()
     jobs.clear()
+
+
+class JobDock(QWidget):
+    """What the dock widgets that run jobs share: following the viewer's slide layers, starting
+    a :class:`Job` in a napari worker with a progress bar, cancel, and teardown when the widget
+    is closed, taken out of its dock or the application quits.
+
+    A subclass sets, in its ``__init__``: ``viewer``, ``slide_combo`` (QComboBox),
+    ``_slide_layers`` (list), ``_jobs`` (list), ``job``, ``worker``, ``pbar`` (None),
+    ``jobs_started`` (0), ``status`` (QLabel), ``cancel_button``; it connects
+    ``viewer.layers.events.inserted/removed`` and ``QApplication.aboutToQuit`` to
+    ``_on_layers_changed`` and ``stop_all``, and implements ``_on_layers_changed``,
+    ``_on_update(job, update)``, ``_on_finished(job)`` and ``stop_all(wait)``.
+    """
+
+    @property
+    def slide_layer(self):
+        """The slide layer picked now (None without one)."""
+        i = self.slide_combo.currentIndex()
+        return self._slide_layers[i] if 0 <= i < len(self._slide_layers) else None
+
+    def _follow_slide_layers(self, event=None) -> bool:
+        """Refill the slide combo from the viewer (a newly inserted slide is picked); True when
+        the picked slide changed."""
+        layers = [lyr for lyr in self.viewer.layers if is_slide_layer(lyr)]
+        keep = self.slide_layer if any(lyr is self.slide_layer for lyr in layers) else None
+        added = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
+        if added is not None and is_slide_layer(added):
+            keep = added
+        if keep is None and layers:
+            keep = layers[-1]
+        changed = keep is not self.slide_layer
+        self._slide_layers = layers
+        self.slide_combo.blockSignals(True)
+        self.slide_combo.clear()
+        self.slide_combo.addItems([lyr.name for lyr in layers])
+        if keep is not None:
+            self.slide_combo.setCurrentIndex(next(i for i, lyr in enumerate(layers)
+                                                  if lyr is keep))
+        self.slide_combo.blockSignals(False)
+        return changed
+
+    def _start_job(self, job: Job, desc: str):
+        """Run ``job`` in a napari worker (not started yet: the caller starts it)."""
+        from napari.qt.threading import create_worker
+        from napari.utils import progress
+
+        worker = create_worker(relay, job.gen, _start_thread=False, _ignore_errors=True)
+        worker.finished.connect(job.done.set, Qt.ConnectionType.DirectConnection)
+        worker.yielded.connect(partial(self._on_update, job))
+        worker.finished.connect(partial(self._on_finished, job))
+        self.job, self.worker = job, worker
+        self._jobs.append((job, worker))
+        self.pbar = progress(total=0, desc=f"{desc}: starting")
+        self.jobs_started += 1
+        self.status.setText("Starting\u2026")
+        return worker
+
+    def cancel(self, *_) -> None:
+        """Stop the current run at its next batch."""
+        if self.job is None:
+            return
+        self.job.stop()
+        self.worker.quit()
+        self.status.setText("Cancelling\u2026")
+        self.cancel_button.setEnabled(False)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
+        self.teardown()
+        super().closeEvent(event)
+
+    def event(self, event) -> bool:
+        # napari's dock close button takes the widget out of its dock without closing it
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):
+                self.teardown()
+        return super().event(event)
+
+    def teardown(self) -> None:
+        """Stop the jobs, join them, and disconnect from the viewer (idempotent)."""
+        import contextlib
+
+        from qtpy.QtWidgets import QApplication
+
+        self.stop_all(wait=True)
+        for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            with contextlib.suppress(ValueError, RuntimeError):
+                emitter.disconnect(self._on_layers_changed)
+        app = QApplication.instance()
+        if app is not None:
+            with contextlib.suppress(TypeError, RuntimeError):
+                app.aboutToQuit.disconnect(self.stop_all)

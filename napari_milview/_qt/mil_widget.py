@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QEvent, Qt, Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QFont, QStandardItemModel
 from qtpy.QtWidgets import (
     QButtonGroup,
@@ -62,11 +62,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._reader import is_slide_layer
 from ._common import Job as _BaseJob
+from ._common import JobDock, real_viewer, slide_mpp
 from ._common import one_line as _one_line
-from ._common import real_viewer, slide_mpp
-from ._common import relay as _relay
 from ._common import spin as _spin
 from ._common import stop_jobs as _stop_jobs
 
@@ -401,7 +399,7 @@ class PredictionPanel(QWidget):
 # --------------------------------------------------------------------------------------------
 # the widget
 # --------------------------------------------------------------------------------------------
-class MILWidget(QWidget):
+class MILWidget(JobDock):
     """Dock widget "MIL attention".
 
     Parameters
@@ -706,28 +704,8 @@ class MILWidget(QWidget):
             self.device_combo.addItems([f"cuda:{i}" for i in range(torch.cuda.device_count())])
 
     # ------------------------------------------------------------------ slide
-    @property
-    def slide_layer(self):
-        """The slide layer picked now (None without one)."""
-        i = self.slide_combo.currentIndex()
-        return self._slide_layers[i] if 0 <= i < len(self._slide_layers) else None
-
     def _on_layers_changed(self, event=None) -> None:
-        layers = [lyr for lyr in self.viewer.layers if is_slide_layer(lyr)]
-        keep = self.slide_layer if any(lyr is self.slide_layer for lyr in layers) else None
-        added = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
-        if added is not None and is_slide_layer(added):
-            keep = added
-        if keep is None and layers:
-            keep = layers[-1]
-        self._slide_layers = layers
-        self.slide_combo.blockSignals(True)
-        self.slide_combo.clear()
-        self.slide_combo.addItems([lyr.name for lyr in layers])
-        if keep is not None:
-            self.slide_combo.setCurrentIndex(next(i for i, lyr in enumerate(layers)
-                                                  if lyr is keep))
-        self.slide_combo.blockSignals(False)
+        self._follow_slide_layers(event)
         if self.heatmap_layer is not None and self.heatmap_layer not in self.viewer.layers:
             self.heatmap_layer = None
         if self.topk_layer is not None and self.topk_layer not in self.viewer.layers:
@@ -890,8 +868,6 @@ class MILWidget(QWidget):
 
     def run(self, *_) -> Job | None:
         """Start a run in a worker thread; returns the job (None when nothing could start)."""
-        from napari.qt.threading import create_worker
-        from napari.utils import progress
         from napari.utils.notifications import show_error
 
         if self.job is not None:
@@ -902,28 +878,11 @@ class MILWidget(QWidget):
             show_error(f"MIL attention: {e}")
             return None
         job = Job(cfg)
-        worker = create_worker(_relay, job.gen, _start_thread=False, _ignore_errors=True)
-        worker.finished.connect(job.done.set, Qt.ConnectionType.DirectConnection)
-        worker.yielded.connect(partial(self._on_update, job))
-        worker.finished.connect(partial(self._on_finished, job))
-        self.job, self.worker = job, worker
-        self._jobs.append((job, worker))
+        worker = self._start_job(job, "MIL attention")
         self._bag_source = (cfg.bag_path if cfg.bag_path else f"extracted with {cfg.encoder}")
-        self.pbar = progress(total=0, desc="MIL attention: starting")
-        self.jobs_started += 1
-        self.status.setText("Starting\u2026")
         self._update_run_enabled()
         worker.start()
         return job
-
-    def cancel(self, *_) -> None:
-        """Stop the current run at its next batch."""
-        if self.job is None:
-            return
-        self.job.stop()
-        self.worker.quit()
-        self.status.setText("Cancelling\u2026")
-        self.cancel_button.setEnabled(False)
 
     def _on_update(self, job: Job, u: Update) -> None:
         # napari's progress bar widget calls processEvents(): later updates (and the end of
@@ -989,36 +948,6 @@ class MILWidget(QWidget):
             pbar.close()
         if self.gallery is not None:
             self.gallery.stop()
-
-    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
-        self.teardown()
-        super().closeEvent(event)
-
-    def event(self, event) -> bool:
-        # napari's dock close button takes the widget out of its dock without closing it
-        if event.type() == QEvent.Type.ParentChange:
-            if self.parent() is not None:
-                self._docked = True
-            elif getattr(self, "_docked", False):
-                self.teardown()
-        return super().event(event)
-
-    def teardown(self) -> None:
-        """Stop the runs, join them, and disconnect from the viewer (idempotent)."""
-        self.stop_all(wait=True)
-        for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            try:
-                emitter.disconnect(self._on_layers_changed)
-            except (ValueError, RuntimeError):
-                pass
-        from qtpy.QtWidgets import QApplication
-
-        app = QApplication.instance()
-        if app is not None:
-            try:
-                app.aboutToQuit.disconnect(self.stop_all)
-            except (TypeError, RuntimeError):
-                pass
 
     # ------------------------------------------------------------------ results
     def show_result(self, result, partial: bool = False) -> None:

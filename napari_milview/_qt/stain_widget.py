@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QEvent, Qt, Signal
+from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
     QButtonGroup,
     QCheckBox,
@@ -62,8 +62,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._reader import is_slide_layer
-from ._common import Job, real_viewer, relay, slide_mpp, spin, stop_jobs
+from ._common import Job, JobDock, real_viewer, relay, slide_mpp, spin, stop_jobs
 from ._common import one_line as _one_line
 
 log = logging.getLogger(__name__)
@@ -223,7 +222,7 @@ class RobustnessJob(Job):
 # --------------------------------------------------------------------------------------------
 # the widget
 # --------------------------------------------------------------------------------------------
-class StainWidget(QWidget):
+class StainWidget(JobDock):
     """Dock widget "Staining preview and robustness".
 
     Parameters
@@ -484,33 +483,12 @@ class StainWidget(QWidget):
 
     # ------------------------------------------------------------------ slide
     @property
-    def slide_layer(self):
-        """The slide layer picked now (None without one)."""
-        i = self.slide_combo.currentIndex()
-        return self._slide_layers[i] if 0 <= i < len(self._slide_layers) else None
-
-    @property
     def slide(self):
         layer = self.slide_layer
         return None if layer is None else layer.metadata["slide"]
 
     def _on_layers_changed(self, event=None) -> None:
-        layers = [lyr for lyr in self.viewer.layers if is_slide_layer(lyr)]
-        keep = self.slide_layer if any(lyr is self.slide_layer for lyr in layers) else None
-        added = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
-        if added is not None and is_slide_layer(added):
-            keep = added
-        if keep is None and layers:
-            keep = layers[-1]
-        changed = keep is not self.slide_layer
-        self._slide_layers = layers
-        self.slide_combo.blockSignals(True)
-        self.slide_combo.clear()
-        self.slide_combo.addItems([lyr.name for lyr in layers])
-        if keep is not None:
-            self.slide_combo.setCurrentIndex(next(i for i, lyr in enumerate(layers)
-                                                  if lyr is keep))
-        self.slide_combo.blockSignals(False)
+        changed = self._follow_slide_layers(event)
         if self.preview_layer is not None and self.preview_layer not in self.viewer.layers:
             self.preview_layer = None  # removed by the user: no preview until asked again
             self._want_preview = False
@@ -831,8 +809,6 @@ class StainWidget(QWidget):
 
     def run(self, *_) -> RobustnessJob | None:
         """Start a robustness run in a worker thread (None when nothing could start)."""
-        from napari.qt.threading import create_worker
-        from napari.utils import progress
         from napari.utils.notifications import show_error
 
         if self.job is not None:
@@ -843,28 +819,11 @@ class StainWidget(QWidget):
             show_error(f"Robustness: {e}")
             return None
         job = RobustnessJob(cfg)
-        worker = create_worker(relay, job.gen, _start_thread=False, _ignore_errors=True)
-        worker.finished.connect(job.done.set, Qt.ConnectionType.DirectConnection)
-        worker.yielded.connect(partial(self._on_update, job))
-        worker.finished.connect(partial(self._on_finished, job))
-        self.job, self.worker = job, worker
-        self._jobs.append((job, worker))
-        self.pbar = progress(total=0, desc="Robustness: starting")
-        self.jobs_started += 1
+        worker = self._start_job(job, "Robustness")
         self._start_table(cfg)
-        self.status.setText("Starting\u2026")
         self._update_enabled()
         worker.start()
         return job
-
-    def cancel(self, *_) -> None:
-        """Stop the current run at its next batch."""
-        if self.job is None:
-            return
-        self.job.stop()
-        self.worker.quit()
-        self.status.setText("Cancelling\u2026")
-        self.cancel_button.setEnabled(False)
 
     def _on_update(self, job: RobustnessJob, u: Update) -> None:
         if job.orphaned or job is not self.job:
@@ -1035,36 +994,6 @@ class StainWidget(QWidget):
         self.stain_busy.hide()
         if pbar is not None:
             pbar.close()
-
-    def closeEvent(self, event) -> None:  # noqa: N802 - Qt override
-        self.teardown()
-        super().closeEvent(event)
-
-    def event(self, event) -> bool:
-        # napari's dock close button takes the widget out of its dock without closing it
-        if event.type() == QEvent.Type.ParentChange:
-            if self.parent() is not None:
-                self._docked = True
-            elif getattr(self, "_docked", False):
-                self.teardown()
-        return super().event(event)
-
-    def teardown(self) -> None:
-        """Stop the jobs, join them, and disconnect from the viewer (idempotent)."""
-        self.stop_all(wait=True)
-        for emitter in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            try:
-                emitter.disconnect(self._on_layers_changed)
-            except (ValueError, RuntimeError):
-                pass
-        from qtpy.QtWidgets import QApplication
-
-        app = QApplication.instance()
-        if app is not None:
-            try:
-                app.aboutToQuit.disconnect(self.stop_all)
-            except (TypeError, RuntimeError):
-                pass
 
 
 def _angle(matrix) -> float:
