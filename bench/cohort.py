@@ -37,8 +37,6 @@ import time
 from pathlib import Path
 
 WIDTH, HEIGHT, MPP, TILE, LEVELS = 4000, 3000, 0.25, 256, 3
-BEGIN = "<!-- bench/cohort.py: generated block, begin -->"
-END = "<!-- bench/cohort.py: generated block, end -->"
 SECTION = "## Cohort runs (issue 6)"
 
 
@@ -216,18 +214,9 @@ def run(args: argparse.Namespace) -> str:
 
 
 def write_docs(docs: Path, body: str) -> None:
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    text = docs.read_text(encoding="utf-8") if docs.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        a, rest = text.split(BEGIN, 1)
-        _, b = rest.split(END, 1)
-        text = a + block + b
-    elif SECTION in text:
-        a, b = text.split(SECTION, 1)
-        text = a + SECTION + "\n\n" + block + "\n" + b
-    else:
-        text = text.rstrip() + f"\n\n{SECTION}\n\n{block}\n"
-    docs.write_text(text, encoding="utf-8")
+    from _docs import write_block
+
+    write_block(docs, "cohort.py", SECTION, body)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,8 +46,6 @@ import numpy as np
 
 WIDTH, HEIGHT, MPP, TILE, LEVELS, SEED = 20_000, 15_000, 0.25, 256, 4, 0
 QUICK = (6_000, 4_500)
-BEGIN = "<!-- bench/extract.py: generated block, begin -->"
-END = "<!-- bench/extract.py: generated block, end -->"
 SECTION = "## Extraction pipeline (issue 3)"
 
 
@@ -274,18 +272,9 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def write_docs(docs: Path, body: str) -> None:
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    text = docs.read_text(encoding="utf-8") if docs.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        a, rest = text.split(BEGIN, 1)
-        _, b = rest.split(END, 1)
-        text = a + block + b
-    elif SECTION in text:
-        a, b = text.split(SECTION, 1)
-        text = a + SECTION + "\n\n" + block + "\n" + b
-    else:
-        text = text.rstrip() + f"\n\n{SECTION}\n\n{block}\n"
-    docs.write_text(text, encoding="utf-8")
+    from _docs import write_block
+
+    write_block(docs, "extract.py", SECTION, body)
 
 
 def main(argv: list[str] | None = None) -> int:

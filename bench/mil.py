@@ -32,8 +32,6 @@ MODELS = [
     ("ACMIL-MHA (5 branches, 8 heads)", "acmil_mha", {}),
     ("TransMIL (Nystrom, 2 layers)", "transmil", {}),
 ]
-BEGIN = "<!-- bench/mil.py: generated block, begin -->"
-END = "<!-- bench/mil.py: generated block, end -->"
 SECTION = "## MIL forward on CPU (issue 3)"
 
 
@@ -136,14 +134,9 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if args.docs:
-        text = args.docs.read_text() if args.docs.exists() else "# Benchmarks\n"
-        block = f"{BEGIN}\n{body}\n{END}"
-        if BEGIN in text:
-            a, rest = text.split(BEGIN, 1)
-            text = a + block + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip() + f"\n\n{SECTION}\n\n{block}\n"
-        args.docs.write_text(text)
+        from _docs import write_block
+
+        write_block(args.docs, "mil.py", SECTION, body)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-BEGIN = "<!-- bench/responsiveness.py: generated block, begin -->"
-END = "<!-- bench/responsiveness.py: generated block, end -->"
 SECTION = "## Responsiveness (issue 4)"
 TARGETS = {"stall": 50.0, "p95": 33.0, "ratio": 1.2}
 XVFB_ARGS = ["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24"]
@@ -322,14 +320,9 @@ def report(res: dict, info: dict) -> str:
 
 
 def write_docs(path: Path, block: str) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    body = f"{BEGIN}\n{block}\n{END}"
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + body + text[b:]
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{body}\n"
-    path.write_text(text)
+    from _docs import write_block
+
+    write_block(path, "responsiveness.py", SECTION, block)
 
 
 def main() -> int:

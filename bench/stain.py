@@ -42,8 +42,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from stream import cpu_busy, cpu_model, get_slide, med, table  # noqa: E402
 
-BEGIN = "<!-- bench/stain.py: generated block, begin -->"
-END = "<!-- bench/stain.py: generated block, end -->"
 SECTION = "## Staining preview (issue 5)"
 WIDTH, HEIGHT, VIEW, TARGET_MS = 8192, 6144, 1024, 150.0
 
@@ -165,18 +163,9 @@ def report(res: dict, info: dict) -> str:
 
 
 def write_docs(docs: Path, body: str) -> None:
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    text = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        a, rest = text.split(BEGIN, 1)
-        _, b = rest.split(END, 1)
-        text = a + block + b
-    elif SECTION in text:
-        a, b = text.split(SECTION, 1)
-        text = a + SECTION + "\n\n" + block + "\n" + b
-    else:
-        text = text.rstrip() + f"\n\n{SECTION}\n\n{block}\n"
-    docs.write_text(text)
+    from _docs import write_block
+
+    write_block(docs, "stain.py", SECTION, body)
 
 
 def main(argv=None) -> int:

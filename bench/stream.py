@@ -42,8 +42,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 XVFB_ARGS = ["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24"]
-BEGIN = "<!-- bench/stream.py: generated block, begin -->"
-END = "<!-- bench/stream.py: generated block, end -->"
 SECTION = "## Streaming (issue 2)"
 
 FULL = {"width": 40_000, "height": 30_000, "viewports": 20, "scan_tiles": 40,
@@ -925,19 +923,9 @@ def report(args, cfg, path, gen_s, info, va, sc, subpx, nap, vers) -> str:
 
 
 def write_docs(docs: Path, body: str, info: dict) -> None:
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    text = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        a, rest = text.split(BEGIN, 1)
-        _, b = rest.split(END, 1)
-        text = a + block + b
-    elif SECTION in text:
-        a, b = text.split(SECTION, 1)
-        text = a + SECTION + "\n\n" + block + "\n" + b
-    else:
-        text = text.rstrip() + f"\n\n{SECTION}\n\n{block}\n"
-    docs.parent.mkdir(parents=True, exist_ok=True)
-    docs.write_text(text)
+    from _docs import write_block
+
+    write_block(docs, "stream.py", SECTION, body)
 
 
 # ----------------------------------------------------------------------------- main
