@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -98,8 +98,13 @@ class Slide:
         """
         key = (self._key, level, row, col)
         arr = self.cache.get(key)
-        if arr is not None:
-            return arr
+        if arr is None:
+            arr = self._decode_tile(level, row, col)
+            self.cache.put(key, arr)
+        return arr
+
+    def _decode_tile(self, level: int, row: int, col: int) -> np.ndarray:
+        """Decode one tile (a placeholder, counted, when it cannot be decoded)."""
         lv = self.info.levels[level]
         th, tw = lv.tile
         y, x = row * th, col * tw
@@ -117,7 +122,6 @@ class Slide:
         except Exception as e:  # noqa: BLE001 - a bad tile must never break drawing
             arr = placeholder_tile(h, w)
             self._record_bad(level, row, col, e)
-        self.cache.put(key, arr)
         return arr
 
     def _record_bad(self, level: int, row: int, col: int, err: Exception) -> None:
@@ -146,6 +150,54 @@ class Slide:
         return ((acc + 2) // 4).astype(np.uint8)
 
     # ---------------------------------------------------------------- regions
+    def iter_tiles(self, level: int, rows: range | None = None, cols: range | None = None,
+                   threads: int | None = None, cache: bool = False
+                   ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Every native tile of a block of ``level``, decoded on ``threads`` threads, in
+        row-major order: the path for whole-slide scans (no dask, no assembly copy).
+
+        Parameters
+        ----------
+        rows, cols : range, optional
+            Tile rows and columns (default: the whole level).
+        threads : int, optional
+            Decode threads (default: one per core, at least 2).
+        cache : bool
+            Keep the tiles in the tile cache (default False: a scan would only evict the
+            tiles a viewer is showing).
+
+        Yields
+        ------
+        (row, col, tile)
+            ``tile`` is (th, tw, 3) uint8, smaller at the right and bottom edges.
+        """
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        n_rows, n_cols = self.info.levels[level].grid
+        keys = [(r, c) for r in (rows if rows is not None else range(n_rows))
+                for c in (cols if cols is not None else range(n_cols))]
+        threads = threads or max(2, os.cpu_count() or 2)
+        get = self.tile if cache else self._tile_uncached
+        with ThreadPoolExecutor(threads, thread_name_prefix="milview-scan") as ex:
+            pending: deque = deque()
+            it = iter(keys)
+            for key in it:  # keep a few tiles per thread in flight, in order
+                pending.append((key, ex.submit(get, level, *key)))
+                if len(pending) >= 4 * threads:
+                    (r, c), fut = pending.popleft()
+                    yield r, c, fut.result()
+            while pending:
+                (r, c), fut = pending.popleft()
+                yield r, c, fut.result()
+
+    def _tile_uncached(self, level: int, row: int, col: int) -> np.ndarray:
+        """:meth:`tile` without storing the result in the cache (a hit is still used)."""
+        hit = self.cache.get((self._key, level, row, col))
+        if hit is not None:
+            return hit
+        return self._decode_tile(level, row, col)
+
     def read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         """A region of ``level`` in that level's pixels, assembled from cached tiles.
 

@@ -98,6 +98,19 @@ def test_window_fast_path_tile_graph_and_coarse_chunks_agree(svs):
     osr.close()
 
 
+def test_iter_tiles_scans_in_order_without_filling_the_cache(svs):
+    with open_slide(svs.path, cache=TileCache(64 * 2**20)) as s:
+        rows, cols = s.info.levels[0].grid
+        got = list(s.iter_tiles(0, threads=2))
+        assert [(r, c) for r, c, _ in got] == [(r, c) for r in range(rows) for c in range(cols)]
+        assert len(s.cache) == 0  # a scan does not evict what a viewer shows
+        for r, c, t in got[:: max(1, len(got) // 7)] + got[-1:]:  # edge tile included
+            np.testing.assert_array_equal(t, s.tile(0, r, c))
+        block = list(s.iter_tiles(1, rows=range(1, 3), cols=range(2, 4), cache=True))
+        assert [(r, c) for r, c, _ in block] == [(1, 2), (1, 3), (2, 2), (2, 3)]
+        assert len(s.cache) >= 4
+
+
 def test_non_integer_downsample_levels_stay_aligned(odd_svs):
     """2001 x 1533 gives downsamples like 4.0014: OpenSlide's read_region then resamples
     by a sub-pixel offset, so equality is impossible; we serve the stored tiles and stay
