@@ -6,8 +6,9 @@
 :func:`collect`). Between batches it checks a ``threading.Event`` and raises
 :class:`Cancelled` when it is set.
 
-Throughput: a small thread pool reads and decodes the next batches (``tissue.read_patch``:
-OpenSlide and libjpeg release the GIL) and turns them into normalised tensors while torch runs
+Throughput: a small thread pool reads and decodes the next batches (``tissue.read_patches``:
+a few strip reads per batch; OpenSlide and libjpeg release the GIL) and turns them into
+normalised tensors while torch runs
 the encoder on the current one. On CUDA the batch travels from pinned memory, the encoder runs
 in ``channels_last`` under bf16 autocast, and a CUDA out-of-memory error halves the forward
 batch and retries (said once in a :class:`Progress` message). The pool is shut down whenever
@@ -232,7 +233,7 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
     import torch
 
     from .features.encoders import preprocess
-    from .tissue import read_patch
+    from .tissue import read_patches
 
     path = str(getattr(slide, "path", "slide"))
     coords = np.asarray(grid.coords)
@@ -251,12 +252,8 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
         encoder = encoder.to(memory_format=torch.channels_last)
 
     def load(idx: np.ndarray) -> torch.Tensor:
-        # one batch per reader thread, its patches read one after the other: fanning each
-        # batch out again to the slide's decode pool (``tissue.read_patches``) costs a future
-        # and two GIL hand-offs per patch, which on 2 cores measured 1.7x slower
-        patches = np.empty((len(idx), grid.patch_px, grid.patch_px, 3), np.uint8)
-        for k, i in enumerate(idx):
-            patches[k] = read_patch(slide, grid, int(i))
+        # one batch per reader thread, read as a few strips (runs of touching patches)
+        patches = read_patches(slide, grid, idx)
         if transform is not None:
             out = transform(patches)
             if getattr(out, "shape", None) != patches.shape or out.dtype != np.uint8:

@@ -472,7 +472,12 @@ def read_patch(slide, grid: PatchGrid, i: int) -> np.ndarray:
 
 
 def read_patches(slide, grid: PatchGrid, indices) -> np.ndarray:
-    """Several patches, read in parallel on the slide's decode threads.
+    """Several patches, equal to :func:`read_patch` of each, read as few strips.
+
+    Patches of one grid row that touch or overlap (runs along x, as a row-major grid gives
+    them) are read with one ``slide.read`` of their strip and cut out of it, so a batch costs a
+    few region reads (whose missing tiles decode in parallel on the slide's decode threads)
+    rather than one per patch.
 
     Parameters
     ----------
@@ -482,15 +487,33 @@ def read_patches(slide, grid: PatchGrid, indices) -> np.ndarray:
     -------
     [B, patch_px, patch_px, 3] uint8
     """
-    idx = [int(i) for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    n = grid.coords.shape[0]
+    if len(idx) and not (-n <= idx.min() and idx.max() < n):
+        raise IndexError(f"{slide.path}: patch indices out of range (grid has {n} patches)")
     out = np.empty((len(idx), grid.patch_px, grid.patch_px, 3), np.uint8)
-    if len(idx) > 1 and (os.cpu_count() or 1) > 1:
-        from .slide.core import _pool_local, _tile_pool
-
-        if not getattr(_pool_local, "inside", False):
-            for k, p in enumerate(_tile_pool().map(lambda i: read_patch(slide, grid, i), idx)):
-                out[k] = p
-            return out
+    if not len(idx):
+        return out
+    ds = slide.info.levels[grid.read_level].downsample
+    rs = grid.read_size
+    xy = grid.coords[idx].astype(np.int64)
+    lx = np.rint(xy[:, 0] / ds).astype(np.int64)  # read-level corners, as in read_patch
+    ly = np.rint(xy[:, 1] / ds).astype(np.int64)
+    order = np.lexsort((lx, ly))
+    start = 0
+    while start < len(order):
+        end = start + 1  # extend the run while the next patch is on the same row and touches
+        while (end < len(order) and ly[order[end]] == ly[order[start]]
+               and lx[order[end]] - lx[order[end - 1]] <= rs):
+            end += 1
+        run = order[start:end]
+        x0, y0 = int(lx[run[0]]), int(ly[run[0]])
+        strip = slide.read(grid.read_level, y0, x0, rs, int(lx[run[-1]]) - x0 + rs)
+        for k in run:
+            dx = int(lx[k]) - x0
+            out[k] = resize_box(strip[:, dx:dx + rs], grid.patch_px)
+        start = end
+    return out
     for k, i in enumerate(idx):
         out[k] = read_patch(slide, grid, i)
     return out

@@ -281,12 +281,15 @@ def preprocess(batch: np.ndarray, spec: EncoderSpec) -> torch.Tensor:
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
         raise ValueError(f"preprocess: expected uint8 patches [B, H, W, 3], got {arr.dtype} "
                          f"{list(arr.shape)}")
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float().div_(255.0)
     s = int(spec.input_size)
-    if x.shape[-2:] != (s, s) and x.shape[0] > 0:
-        x = F.interpolate(x, size=(s, s), mode=spec.interpolation, antialias=True,
-                          align_corners=False).clamp_(0.0, 1.0)
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    # NHWC uint8 -> NCHW float32 in one copy, then one in-place multiply-add
+    x = torch.empty((arr.shape[0], 3, arr.shape[1], arr.shape[2]), dtype=torch.float32)
+    x.copy_(torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2))
+    if x.shape[-2:] != (s, s) and x.shape[0] > 0:
+        x = F.interpolate(x.div_(255.0), size=(s, s), mode=spec.interpolation, antialias=True,
+                          align_corners=False).clamp_(0.0, 1.0)
+        return x.sub_(mean).div_(std)
+    return x.mul_(1.0 / (255.0 * std)).sub_(mean / std)
 
