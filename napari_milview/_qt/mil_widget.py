@@ -70,6 +70,9 @@ from ._common import stop_jobs as _stop_jobs
 
 log = logging.getLogger(__name__)
 
+#: Seconds between two updates of the activity dock's progress bar during a run.
+PBAR_EVERY_S = 0.25
+
 #: Heatmap colormaps offered (napari names).
 COLORMAPS = ("inferno", "magma", "viridis", "plasma", "turbo")
 #: Interpolation choices: label -> napari ``interpolation2d``.
@@ -908,7 +911,12 @@ class MILWidget(JobDock):
             if pbar.total != u.total:
                 pbar.total = u.total
                 pbar.set_description("MIL attention: encoding patches")
-            if u.done > pbar.n and job is self.job:
+            # each update of napari's progress bar runs processEvents() (a repaint on the
+            # GUI thread): at most a few per second, and the last one always
+            now = time.perf_counter()
+            if u.done > pbar.n and job is self.job and (
+                    u.done >= u.total or now - getattr(self, "_pbar_t", 0.0) >= PBAR_EVERY_S):
+                self._pbar_t = now
                 pbar.update(u.done - pbar.n)
 
     def _on_finished(self, job: Job, *_) -> None:
