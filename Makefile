@@ -23,7 +23,7 @@ system-deps:  ## Xvfb and the X/GL libraries Qt needs (apt, only when missing)
 
 $(VENV)/.installed: setup.cfg pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0 -e ".[testing,pyqt5,pyqt6,bench]"
+	$(PY) -m pip install -q torch==2.13.0 -e ".[testing,pyqt5,pyqt6,bench,vahadane]"
 	$(PY) -m pip check
 	touch $@
 

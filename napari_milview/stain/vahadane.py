@@ -1,8 +1,8 @@
 """Vahadane stain-vector estimation (sparse non-negative dictionary learning), optional.
 
-Needs the optional dependency ``spams`` (``pip install spams``; not a napari-milview
-requirement, and unmaintained upstream). Recipe as staintools / TIAToolbox
-(``reference/algorithms.md`` 5.3): tissue ODs (OD > ``beta`` in every channel), a
+Needs the optional dependency ``spams`` (``pip install napari-milview[vahadane]``, which
+installs the ``spams-bin`` wheel; unmaintained upstream). Recipe as staintools / TIAToolbox
+(``reference/algorithms.md`` 5.3): tissue ODs (``|OD| > beta``), a
 2-atom non-negative dictionary with L1 penalty ``lambda1 = 0.1``, atoms ordered H first
 (larger red/blue OD ratio) and normalised. Dictionary learning is stochastic: estimate once
 per slide and reuse the matrix (a :class:`~.perturb.StainPerturbation` applies it).
@@ -29,7 +29,7 @@ def vahadane(rgb: np.ndarray, *, i0=255.0, beta: float = 0.15, lambda1: float = 
     i0 : float or array-like
         Background intensity, scalar or [3].
     beta : float
-        OD threshold (tissue = OD > beta in every channel).
+        OD threshold (tissue = ``|OD| > beta``).
     lambda1 : float
         L1 penalty of the sparse codes.
     min_pixels : int
@@ -47,12 +47,14 @@ def vahadane(rgb: np.ndarray, *, i0=255.0, beta: float = 0.15, lambda1: float = 
         import spams
     except ImportError:
         raise ImportError("Vahadane stain estimation needs the optional dependency 'spams' "
-                          "(pip install spams); use the Macenko estimator otherwise"
-                          ) from None
+                          "(pip install napari-milview[vahadane]); use the Macenko estimator "
+                          "otherwise") from None
     px = check_rgb(rgb, "vahadane").reshape(-1, 3)
     lut = od_lut(as_i0(i0))
     od = np.stack([lut[c][px[:, c]] for c in range(3)], axis=1).astype(np.float64)
-    od = od[np.all(od > beta, axis=1)]
+    # tissue: |OD| > beta (not OD > beta in every channel, which drops pure eosin: its red
+    # OD is a few hundredths; the same rule as the Macenko default here)
+    od = od[np.linalg.norm(od, axis=1) > beta]
     if od.shape[0] < min_pixels:
         raise StainEstimateError(f"too little tissue for Vahadane: {od.shape[0]} pixels with "
                                  f"OD > {beta:g}, {min_pixels} needed")
