@@ -29,7 +29,6 @@ Geometry follows the package rule: ``coords[i] = (x, y)``, the level-0 pixel of 
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 
