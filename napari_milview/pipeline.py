@@ -176,6 +176,15 @@ def _run(encoder: torch.nn.Module, x: torch.Tensor, device: torch.device) -> np.
         return y.float().cpu().numpy()
 
 
+def _reader_thread() -> None:
+    """A reader thread decodes its batch's tiles itself: the readers are the parallelism, and
+    handing each strip's tiles on to the slide's shared decode threads (which also serve the
+    viewer's redraws) only adds hand-offs."""
+    from .slide.core import _pool_local
+
+    _pool_local.inside = True
+
+
 def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_size: int = 64,
                 device: Any = "auto", workers: int = 2,
                 cancel: threading.Event | None = None, slide_id: str | None = None,
@@ -269,7 +278,8 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
     bad0 = int(getattr(slide, "bad_tiles", 0))
     starts = range(0, n, batch_size)
     batches = iter([np.arange(s, min(s + batch_size, n), dtype=np.int64) for s in starts])
-    pool = ThreadPoolExecutor(max(1, int(workers)), thread_name_prefix=THREAD_PREFIX)
+    pool = ThreadPoolExecutor(max(1, int(workers)), thread_name_prefix=THREAD_PREFIX,
+                              initializer=_reader_thread)
     pending: deque = deque()
 
     def submit() -> None:
