@@ -257,7 +257,7 @@ def _cmd_stain(args: argparse.Namespace) -> int:
 def _cmd_robustness(args: argparse.Namespace) -> int:
     import threading
 
-    from .features.encoders import build_encoder
+    from .pipeline import build_encoder_for
     from .slide import open_slide
     from .stain import CONDITIONS, load_reference, normalise_to
     from .stain.robustness import DEFAULT_CONDITIONS, robustness
@@ -276,12 +276,8 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     model, card, model_name = _load_mil(args.model, args.arch)
     library = load_reference(args.reference_folder) if args.reference_folder else None
     reference = normalise_to(args.reference) if args.reference else None
-    encoder = build_encoder(args.encoder, weights=args.weights)
+    encoder = build_encoder_for(card, args.encoder, args.weights, model_name)
     spec = encoder.spec
-    if card.feature_dim is not None and int(card.feature_dim) != spec.dim:
-        raise ValueError(f"encoder {spec.name!r} gives {spec.dim}-d features but the model "
-                         f"{model_name!r} expects {int(card.feature_dim)}-d: pick the encoder "
-                         "the model was trained on")
     out.mkdir(exist_ok=True)
     with open_slide(args.slide, mpp=args.mpp, remember_mpp=False) as slide:
         mag, patch_um = args.mag, args.patch_um

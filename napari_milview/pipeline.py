@@ -176,6 +176,28 @@ def _run(encoder: torch.nn.Module, x: torch.Tensor, device: torch.device) -> np.
         return y.float().cpu().numpy()
 
 
+def build_encoder_for(card: Any, name: str, weights: str | None = None,
+                      model_name: str = "the model") -> torch.nn.Module:
+    """Build encoder ``name`` and check that its feature dimension is the one ``card`` (a
+    :class:`~napari_milview.mil.ModelCard`) expects, before any patch is read.
+
+    Raises
+    ------
+    ValueError
+        Naming both dimensions.
+    """
+    from .features.encoders import build_encoder
+
+    encoder = build_encoder(name, weights=weights or None)
+    spec = encoder.spec
+    want = card.feature_dim
+    if want is not None and int(want) != spec.dim:
+        raise ValueError(f"encoder {spec.name!r} gives {spec.dim}-d features but the model "
+                         f"{model_name!r} expects {int(want)}-d: pick the encoder the model was "
+                         "trained on")
+    return encoder
+
+
 def _reader_thread() -> None:
     """A reader thread decodes its batch's tiles itself: the readers are the parallelism, and
     handing each strip's tiles on to the slide's shared decode threads (which also serve the

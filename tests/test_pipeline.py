@@ -291,3 +291,14 @@ def test_attend_refuses_wrong_dim_and_unknown_extent(slide, grid, encoder):
     no_extent = Bag.from_arrays(rng.standard_normal((5, 12)), np.zeros((5, 2)))
     with pytest.raises(BagError, match="patch extent unknown"):
         attend(no_extent, model, card, device="cpu")
+
+
+def test_build_encoder_for_refuses_a_dimension_the_model_does_not_take():
+    from napari_milview.mil import ModelCard
+    from napari_milview.pipeline import build_encoder_for
+
+    dim = build_encoder_for(ModelCard(arch="abmil", feature_dim=None), "demo").spec.dim
+    assert build_encoder_for(ModelCard(arch="abmil", feature_dim=dim), "demo").spec.dim == dim
+    with pytest.raises(ValueError, match=rf"gives {dim}-d features but the model 'm' expects "
+                                         rf"{dim + 1}-d"):
+        build_encoder_for(ModelCard(arch="abmil", feature_dim=dim + 1), "demo", model_name="m")

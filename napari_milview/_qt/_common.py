@@ -13,6 +13,7 @@ import threading
 from collections import Counter
 from collections.abc import Generator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import QEvent, Qt
@@ -170,11 +171,52 @@ class JobDock(QWidget):
 
     A subclass sets, in its ``__init__``: ``viewer``, ``slide_combo`` (QComboBox),
     ``_slide_layers`` (list), ``_jobs`` (list), ``job``, ``worker``, ``pbar`` (None),
-    ``jobs_started`` (0), ``status`` (QLabel), ``cancel_button``; it connects
-    ``viewer.layers.events.inserted/removed`` and ``QApplication.aboutToQuit`` to
-    ``_on_layers_changed`` and ``stop_all``, and implements ``_on_layers_changed``,
+    ``jobs_started`` (0), ``status`` (QLabel), ``cancel_button``, the model choice controls
+    (``demo_radio``, ``file_radio``, ``model_edit``); it calls :meth:`_connect_viewer` once
+    built, and implements ``_on_layers_changed``, ``_on_model_choice``,
     ``_on_update(job, update)``, ``_on_finished(job)`` and ``stop_all(wait)``.
     """
+
+    def _connect_viewer(self) -> None:
+        """Follow the viewer's layers, and stop the jobs however the widget goes (closed,
+        deleted with the viewer, application quit)."""
+        from qtpy.QtWidgets import QApplication
+
+        self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self.viewer.layers.events.removed.connect(self._on_layers_changed)
+        self.destroyed.connect(partial(stop_jobs, self._jobs))
+        app = QApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(self.stop_all)
+        self._on_layers_changed()
+
+    def _pick_model(self) -> None:
+        """A file dialog for a MIL checkpoint (``model_edit``, ``file_radio``)."""
+        from qtpy.QtWidgets import QFileDialog
+
+        path, _ = QFileDialog.getOpenFileName(self, "MIL checkpoint", "",
+                                              "Checkpoints (*.safetensors *.pt *.pth *.ckpt "
+                                              "*.bin);;All files (*)")
+        if path:
+            self.model_edit.setText(path)
+            self.file_radio.setChecked(True)
+            self._on_model_choice()
+
+    def _chosen_model(self):
+        """(path, name) of the model the radio buttons pick (``demo_radio``, ``model_edit``),
+        or a one-line reason when there is none."""
+        if self.demo_radio.isChecked():
+            from ..assets import demo_model_path
+
+            path = demo_model_path()
+            if not path.is_file():
+                return f"demo model not installed ({path.name} missing)"
+            return path, "demo"
+        text = self.model_edit.text().strip()
+        if not text:
+            return "choose a checkpoint file"
+        path = Path(text).expanduser()
+        return path, str(path)
 
     @property
     def slide_layer(self):

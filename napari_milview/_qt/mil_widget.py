@@ -237,19 +237,13 @@ class Job(_BaseJob):
                           f"({w} x {h} px): is the bag from another slide?", stacklevel=2)
 
     def _extract(self) -> Generator[Update, None, Any]:
-        from ..features.encoders import build_encoder
-        from ..pipeline import extract_bag
+        from ..pipeline import build_encoder_for, extract_bag
         from ..tissue import patch_grid
 
         cfg = self.config
         yield Update("prepare", message=f"loading encoder {cfg.encoder}")
-        encoder = build_encoder(cfg.encoder, weights=cfg.encoder_weights or None)
+        encoder = build_encoder_for(cfg.card, cfg.encoder, cfg.encoder_weights, cfg.model_name)
         spec = encoder.spec
-        want = cfg.card.feature_dim
-        if want is not None and int(want) != spec.dim:
-            raise ValueError(f"encoder {spec.name!r} gives {spec.dim}-d features but the model "
-                             f"{cfg.model_name!r} expects {int(want)}-d: pick the encoder the "
-                             "model was trained on")
         um = cfg.patch_um if cfg.patch_um else spec.patch_um()
         self._check()
         yield Update("prepare", message="finding tissue")
@@ -446,16 +440,7 @@ class MILWidget(JobDock):
         self._docked = False
         self._build()
 
-        self.viewer.layers.events.inserted.connect(self._on_layers_changed)
-        self.viewer.layers.events.removed.connect(self._on_layers_changed)
-        # however the widget goes (closed, deleted with the viewer, app quit): stop the runs
-        self.destroyed.connect(partial(_stop_jobs, self._jobs))
-        from qtpy.QtWidgets import QApplication
-
-        app = QApplication.instance()
-        if app is not None:
-            app.aboutToQuit.connect(self.stop_all)
-        self._on_layers_changed()
+        self._connect_viewer()
         self._fill_devices()
         self._on_model_choice()
 
@@ -772,32 +757,13 @@ class MILWidget(JobDock):
             self.bag_radio.setChecked(True)
 
     # ------------------------------------------------------------------ model
-    def _pick_model(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "MIL checkpoint", "",
-                                              "Checkpoints (*.safetensors *.pt *.pth *.ckpt "
-                                              "*.bin);;All files (*)")
-        if path:
-            self.model_edit.setText(path)
-            self.file_radio.setChecked(True)
-            self._on_model_choice()
-
     def _on_model_choice(self, *_) -> None:
         """Load the chosen model now, so what was inferred is shown before running."""
-        if self.demo_radio.isChecked():
-            from ..assets import demo_model_path
-
-            path, name = demo_model_path(), "demo"
-            if not path.is_file():
-                self._set_model(None, f"demo model not installed ({path.name} missing)")
-                return
-        else:
-            text = self.model_edit.text().strip()
-            if not text:
-                self._set_model(None, "choose a checkpoint file")
-                return
-            path = Path(text).expanduser()
-            name = str(path)
-        self.load_model(path, name)
+        chosen = self._chosen_model()
+        if isinstance(chosen, str):
+            self._set_model(None, chosen)
+            return
+        self.load_model(*chosen)
 
     def load_model(self, path, name: str | None = None) -> bool:
         """Load a checkpoint (safely) and show its card; False (and a message) on failure."""

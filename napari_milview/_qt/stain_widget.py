@@ -180,19 +180,14 @@ class RobustnessJob(Job):
     config: RunConfig
 
     def _steps(self) -> Generator[Update, None, Any]:
-        from ..features.encoders import build_encoder
+        from ..pipeline import build_encoder_for
         from ..stain.robustness import robustness
         from ..tissue import patch_grid
 
         cfg = self.config
         yield Update("prepare", message=f"loading encoder {cfg.encoder}")
-        encoder = build_encoder(cfg.encoder, weights=cfg.encoder_weights or None)
+        encoder = build_encoder_for(cfg.card, cfg.encoder, cfg.encoder_weights, cfg.model_name)
         spec = encoder.spec
-        want = cfg.card.feature_dim
-        if want is not None and int(want) != spec.dim:
-            raise ValueError(f"encoder {spec.name!r} gives {spec.dim}-d features but the model "
-                             f"{cfg.model_name!r} expects {int(want)}-d: pick the encoder the "
-                             "model was trained on")
         self._check()
         yield Update("prepare", message="estimating the staining, finding tissue")
         inputs = prepare(cfg.slide, cfg.reference, cfg.folder)
@@ -266,15 +261,7 @@ class StainWidget(JobDock):
         self._docked = False
         self._build()
 
-        self.viewer.layers.events.inserted.connect(self._on_layers_changed)
-        self.viewer.layers.events.removed.connect(self._on_layers_changed)
-        self.destroyed.connect(partial(stop_jobs, self._jobs))
-        from qtpy.QtWidgets import QApplication
-
-        app = QApplication.instance()
-        if app is not None:
-            app.aboutToQuit.connect(self.stop_all)
-        self._on_layers_changed()
+        self._connect_viewer()
         self._on_condition()
         self._on_model_choice()
 
@@ -718,31 +705,16 @@ class StainWidget(JobDock):
             self.preview_layer.visible = checked
 
     # ------------------------------------------------------------------ model
-    def _pick_model(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "MIL checkpoint", "",
-                                              "Checkpoints (*.safetensors *.pt *.pth *.ckpt "
-                                              "*.bin);;All files (*)")
-        if path:
-            self.model_edit.setText(path)
-            self.file_radio.setChecked(True)
-            self._on_model_choice()
-
     def _on_model_choice(self, *_) -> None:
         from ..mil.checkpoint import load_model
 
-        if self.demo_radio.isChecked():
-            from ..assets import demo_model_path
-
-            path, name = demo_model_path(), "demo"
-        else:
-            text = self.model_edit.text().strip()
-            if not text:
-                self._model = None
-                self.model_info.setText("choose a checkpoint file")
-                self._update_enabled()
-                return
-            path = Path(text).expanduser()
-            name = str(path)
+        chosen = self._chosen_model()
+        if isinstance(chosen, str):
+            self._model = None
+            self.model_info.setText(chosen)
+            self._update_enabled()
+            return
+        path, name = chosen
         try:
             model, card = load_model(path, device="cpu")
         except Exception as e:  # noqa: BLE001 - shown as one line
