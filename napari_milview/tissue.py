@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["PatchGrid", "TissueMask", "patch_grid", "read_patch", "read_patches", "resize_box",
-           "tissue_mask"]
+           "tile_order", "tissue_mask"]
 
 #: Otsu's saturation threshold is clamped to this range (0..255 saturation units).
 OTSU_RANGE = (8.0, 30.0)
@@ -463,20 +463,40 @@ def read_patch(slide, grid: PatchGrid, i: int) -> np.ndarray:
     n = grid.coords.shape[0]
     if not -n <= i < n:
         raise IndexError(f"{slide.path}: patch {i} out of range (grid has {n} patches)")
-    x, y = (int(v) for v in grid.coords[i])
-    ds = slide.info.levels[grid.read_level].downsample
+    (y,), (x,) = _read_corners(slide, grid, np.array([i]))
     rs = grid.read_size
-    region = slide.read(grid.read_level, int(round(y / ds)), int(round(x / ds)), rs, rs)
-    return resize_box(region, grid.patch_px)
+    return resize_box(slide.read(grid.read_level, int(y), int(x), rs, rs), grid.patch_px)
+
+
+def _read_corners(slide, grid: PatchGrid, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left corners (y, x) [B] int64 of patches ``idx`` in ``grid.read_level`` pixels
+    (level-0 corners divided by the downsample, rounded as :func:`read_patch` does)."""
+    xy = grid.coords[idx].astype(np.int64)
+    ds = slide.info.levels[grid.read_level].downsample
+    return np.rint(xy[:, 1] / ds).astype(np.int64), np.rint(xy[:, 0] / ds).astype(np.int64)
+
+
+def tile_order(slide, grid: PatchGrid) -> np.ndarray:
+    """[N] int64: a permutation of the grid's patches grouped by the native tile (of
+    ``grid.read_level``) holding each patch's top-left corner; tiles row-major, patches
+    row-major within a tile.
+
+    Batches cut from this order hold whole tiles' worth of patches, so :func:`read_patches`
+    decodes each tile once and cuts all its patches out in one copy (grid order would visit
+    every tile once per patch row)."""
+    th, tw = slide.info.levels[grid.read_level].tile
+    ly, lx = _read_corners(slide, grid, np.arange(grid.coords.shape[0]))
+    return np.lexsort((lx, ly, lx // tw, ly // th)).astype(np.int64)
 
 
 def read_patches(slide, grid: PatchGrid, indices) -> np.ndarray:
-    """Several patches, equal to :func:`read_patch` of each, read as few strips.
+    """Several patches, equal to :func:`read_patch` of each, read with the fewest copies.
 
-    Patches of one grid row that touch or overlap (runs along x, as a row-major grid gives
-    them) are read with one ``slide.read`` of their strip and cut out of it, so a batch costs a
-    few region reads (whose missing tiles decode in parallel on the slide's decode threads)
-    rather than one per patch.
+    Patches inside one native tile (the usual case: a grid anchored at the slide origin
+    whose patch side divides the tile side) are cut straight out of that tile, all of a
+    tile's patches in one copy when they sit on the tile's own patch sub-grid. The others
+    are read per grid row: patches that touch or overlap along x share one ``slide.read``
+    of their strip. Pass indices in :func:`tile_order` for the fewest tile visits.
 
     Parameters
     ----------
@@ -493,12 +513,34 @@ def read_patches(slide, grid: PatchGrid, indices) -> np.ndarray:
     out = np.empty((len(idx), grid.patch_px, grid.patch_px, 3), np.uint8)
     if not len(idx):
         return out
-    ds = slide.info.levels[grid.read_level].downsample
-    rs = grid.read_size
-    xy = grid.coords[idx].astype(np.int64)
-    lx = np.rint(xy[:, 0] / ds).astype(np.int64)  # read-level corners, as in read_patch
-    ly = np.rint(xy[:, 1] / ds).astype(np.int64)
-    order = np.lexsort((lx, ly))
+    level = grid.read_level
+    lv = slide.info.levels[level]
+    (th, tw), (h, w), rs = lv.tile, lv.shape, grid.read_size
+    ly, lx = _read_corners(slide, grid, idx)
+    row, col = ly // th, lx // tw
+    one_tile = ((ly >= 0) & (lx >= 0) & (ly + rs <= h) & (lx + rs <= w)
+                & ((ly + rs - 1) // th == row) & ((lx + rs - 1) // tw == col))
+    # whole blocks of a full tile's rs-sub-grid: one gather per tile
+    blocks = (one_tile & (ly % rs == 0) & (lx % rs == 0) & ((row + 1) * th <= h)
+              & ((col + 1) * tw <= w) & (rs == grid.patch_px) & (th % rs == 0) & (tw % rs == 0))
+    key = (row * (lv.grid[1] + 1) + col) * 2 + blocks
+    sel = np.flatnonzero(one_tile)
+    if len(sel):
+        order = sel[np.argsort(key[sel], kind="stable")]
+        cuts = np.flatnonzero(np.diff(key[order])) + 1
+        for group in np.split(order, cuts):
+            r, c = int(row[group[0]]), int(col[group[0]])
+            tile = slide.tile(level, r, c)
+            oy, ox = ly[group] - r * th, lx[group] - c * tw
+            if blocks[group[0]]:
+                grid_view = np.ascontiguousarray(tile).reshape(th // rs, rs, tw // rs, rs,
+                                                               3).swapaxes(1, 2)
+                out[group] = grid_view[oy // rs, ox // rs]
+            else:
+                for k, y, x in zip(group.tolist(), oy.tolist(), ox.tolist()):
+                    out[k] = resize_box(tile[y:y + rs, x:x + rs], grid.patch_px)
+    rest = np.flatnonzero(~one_tile)
+    order = rest[np.lexsort((lx[rest], ly[rest]))]
     start = 0
     while start < len(order):
         end = start + 1  # extend the run while the next patch is on the same row and touches
@@ -507,12 +549,9 @@ def read_patches(slide, grid: PatchGrid, indices) -> np.ndarray:
             end += 1
         run = order[start:end]
         x0, y0 = int(lx[run[0]]), int(ly[run[0]])
-        strip = slide.read(grid.read_level, y0, x0, rs, int(lx[run[-1]]) - x0 + rs)
+        strip = slide.read(level, y0, x0, rs, int(lx[run[-1]]) - x0 + rs)
         for k in run:
             dx = int(lx[k]) - x0
             out[k] = resize_box(strip[:, dx:dx + rs], grid.patch_px)
         start = end
-    return out
-    for k, i in enumerate(idx):
-        out[k] = read_patch(slide, grid, i)
     return out

@@ -28,7 +28,7 @@ from napari_milview.pipeline import (
     resolve_device,
 )
 from napari_milview.slide import BadTileWarning, open_slide
-from napari_milview.tissue import patch_grid, read_patches
+from napari_milview.tissue import patch_grid, read_patches, tile_order
 
 PATCH_PX = 64
 
@@ -128,8 +128,45 @@ def test_extract_bag_features_coords_progress(slide, grid, encoder):
     assert all(p.total == n and p.stage == "extract" for p in seen)
     batches = [p for p in seen if p.features is not None]
     assert [len(p.indices) for p in batches[:-1]] == [7] * (len(batches) - 1)
-    np.testing.assert_array_equal(np.concatenate([p.indices for p in batches]), np.arange(n))
-    np.testing.assert_array_equal(np.concatenate([p.features for p in batches]), bag.features)
+    # batches follow the tiles; their indices cover every row once and carry its features
+    order = np.concatenate([p.indices for p in batches])
+    np.testing.assert_array_equal(order, tile_order(slide, grid))
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+    np.testing.assert_array_equal(np.concatenate([p.features for p in batches]),
+                                  bag.features[order])
+
+
+class Recorder(TinyEncoder):
+    """Records, per forward, the calling thread and its torch thread budget."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[str, int]] = []
+
+    def forward(self, x):
+        self.calls.append((threading.current_thread().name, torch.get_num_threads()))
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("budget, workers, streams, each", [(2, 2, 2, 1), (4, 2, 2, 2),
+                                                             (1, 3, 1, 1), (2, 1, 1, 2)])
+def test_cpu_workers_share_the_thread_budget(slide, grid, budget, workers, streams, each):
+    """On the CPU the forwards run in the worker threads, never more streams than torch's
+    thread budget, each with an equal share of it; the budget is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(budget)
+    try:
+        enc = Recorder()
+        _, bag = run(extract_bag(slide, grid, enc, batch_size=8, device="cpu",
+                                 workers=workers))
+        assert torch.get_num_threads() == budget
+    finally:
+        torch.set_num_threads(before)
+    names = {name for name, _ in enc.calls}
+    assert all(name.startswith(THREAD_PREFIX) for name in names)
+    assert len(names) <= streams and {t for _, t in enc.calls} == {each}
+    np.testing.assert_allclose(bag.features, direct_features(slide, grid, TinyEncoder()),
+                               rtol=1e-4, atol=1e-5)
 
 
 def _extract_threads() -> list[threading.Thread]:
@@ -140,6 +177,7 @@ def _extract_threads() -> list[threading.Thread]:
 def test_cancel_and_close_leave_no_threads(slide, grid, encoder, how):
     run(extract_bag(slide, grid, encoder, batch_size=8, device="cpu"))  # warm shared pools
     before = set(threading.enumerate())
+    threads = torch.get_num_threads()
     stop = threading.Event()
     gen = extract_bag(slide, grid, encoder, batch_size=4, device="cpu", workers=2, cancel=stop)
     next(gen)  # start message
@@ -153,6 +191,7 @@ def test_cancel_and_close_leave_no_threads(slide, grid, encoder, how):
         gen.close()
     assert not _extract_threads()
     assert set(threading.enumerate()) == before
+    assert torch.get_num_threads() == threads  # the CPU workers' share given back
 
 
 def test_cancel_before_start(slide, grid, encoder):
@@ -169,7 +208,8 @@ def test_oom_retry_halves_the_batch(slide, grid, encoder):
     ref = TinyEncoder()
     _, want = run(extract_bag(slide, grid, ref, batch_size=16, device="cpu"))
     enc = OOMAbove(k=5)
-    seen, bag = run(extract_bag(slide, grid, enc, batch_size=16, device="cpu"))
+    # one worker: with several CPU workers, a forward already running keeps its batch size
+    seen, bag = run(extract_bag(slide, grid, enc, batch_size=16, device="cpu", workers=1))
     np.testing.assert_allclose(bag.features, want.features, rtol=1e-5, atol=1e-6)
     msgs = [p.message for p in seen if p.message]
     assert any("out of memory" in m and "batch size 8" in m for m in msgs)

@@ -15,6 +15,7 @@ from napari_milview.tissue import (
     patch_grid,
     read_patch,
     read_patches,
+    tile_order,
     tissue_mask,
 )
 
@@ -201,6 +202,38 @@ def test_read_patch_without_resize_is_level0(slide):
     for k, i in enumerate(idx):
         x, y = g.coords[i]
         np.testing.assert_array_equal(batch[k], slide.read(0, y, x, 256, 256))
+
+
+@pytest.mark.parametrize("mag, px, shift", [
+    (10, 64, 0),     # 64 read px in 256-px tiles: whole 4 x 4 blocks per tile
+    (10, 64, 40),    # off the tiles' sub-grid: one-tile cuts and patches straddling tiles
+    (5, 48, 0),      # 96 read px resized to 48: one-tile cuts and strips, box-resized
+    (2.5, 100, 12),  # a side that does not divide the tile, on a coarser level
+])
+def test_read_patches_equals_read_patch_in_any_order(slide, mag, px, shift):
+    """Every path of read_patches (tile blocks, one-tile cuts, strips, edge tiles, resizing)
+    gives read_patch's pixels, in whatever order and with repeats."""
+    import dataclasses
+
+    g = patch_grid(slide, patch_px=px, mag=mag, min_tissue=0.0)
+    g = dataclasses.replace(g, coords=g.coords + shift)
+    rng = np.random.default_rng(1)
+    idx = np.concatenate([rng.permutation(len(g))[:150], [len(g) - 1, 0, 0]])
+    batch = read_patches(slide, g, idx)
+    assert batch.shape == (len(idx), px, px, 3)
+    for k, i in enumerate(idx):
+        np.testing.assert_array_equal(batch[k], read_patch(slide, g, int(i)), err_msg=f"{i}")
+
+
+def test_tile_order_groups_patches_by_tile(slide):
+    g = patch_grid(slide, patch_px=64, mag=10, min_tissue=0.0)
+    order = tile_order(slide, g)
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(g)))
+    th, tw = slide.info.levels[g.read_level].tile
+    ds = slide.info.levels[g.read_level].downsample
+    tiles = [(int(y / ds) // th, int(x / ds) // tw) for x, y in g.coords[order]]
+    assert tiles == sorted(tiles)  # tiles row-major, each tile's patches together
+    assert len(set(tiles)) < len(g) // 4  # about 16 patches per 256-px tile here
 
 
 def test_lesion_patches_land_on_the_lesion(svs, slide):
