@@ -43,8 +43,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 WIDTH, HEIGHT, MPP, TILE, LEVELS, SEED = 20_000, 15_000, 0.25, 256, 4, 0
 QUICK = (6_000, 4_500)
 SECTION = "## Extraction pipeline (issue 3)"
@@ -147,12 +145,14 @@ def warm_page_cache(path: Path) -> None:
 def run(args: argparse.Namespace) -> tuple[str, dict]:
     import torch
 
+    from napari_milview._malloc import tune_for_batches
     from napari_milview.features.encoders import preprocess
     from napari_milview.pipeline import collect, extract_bag, resolve_device
     from napari_milview.slide import open_slide
     from napari_milview.slide.cache import TileCache
     from napari_milview.tissue import patch_grid, read_patches, tile_order
 
+    tuned = tune_for_batches() if not args.untuned_malloc else False  # as `milview extract`
     width, height = QUICK if args.quick else (WIDTH, HEIGHT)
     path, t_write = get_slide(width, height, args.regenerate)
     deadline = time.monotonic() + args.wait_quiet
@@ -237,6 +237,8 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     rate = {k: n / statistics.median(v) for k, v in times.items()}
     best = max(rate[f"bare{k}"] for k in streams)  # (a): the faster way to run the forward
     dev_name = info["gpu"] if cuda else info["cpu"]
+    malloc = ("tuned for batches, as `milview extract` runs (napari_milview._malloc)" if tuned
+              else "untuned, as in napari's process (`--untuned-malloc`)")
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} "
         f"({budget} intra-op threads), python {info['python']}; "
@@ -253,7 +255,8 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         f"{f' (written in {t_write:.0f} s)' if t_write else ''}. Encoder: {how}, "
         f"{spec.dim}-d, {spec.input_size} px input, channels_last; grid: {n} tissue patches of "
         f"{grid.patch_size_level0} level-0 px ({spec.patch_px} px at {spec.mpp} um/px), read "
-        f"from level {grid.read_level}. Batch {bs}, in tile order; medians of {args.repeats} "
+        f"from level {grid.read_level}. glibc malloc {malloc}. "
+        f"Batch {bs}, in tile order; medians of {args.repeats} "
         "runs; each pipeline run on a fresh slide with an empty tile cache (JPEG decode "
         "included).",
         "",
@@ -296,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--untuned-malloc", action="store_true",
+                   help="leave glibc malloc as napari's process has it")
     p.add_argument("--docs", type=Path, default=None, help="write the table into this file")
     p.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                    help="first wait up to S seconds for a 1-min load average below 0.5")

@@ -547,10 +547,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Commands that run an encoder or a model, batch after batch, in this process.
+MODEL_COMMANDS = ("extract", "attend", "robustness")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from ._malloc import tune_for_batches
     from .slide import SlideError
 
     args = build_parser().parse_args(argv)
+    if args.command in MODEL_COMMANDS:
+        tune_for_batches()  # our own process: keep batch-sized blocks for reuse
     try:
         return int(args.func(args) or 0)
     except (SlideError, ValueError, FileNotFoundError) as e:

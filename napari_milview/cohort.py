@@ -600,6 +600,7 @@ def process_slide(job: Job) -> Row:
 def _process(job: Job, row: Row, seconds: dict[str, float]) -> Row:
     import torch
 
+    from ._malloc import tune_for_batches
     from .features.milview_h5 import save_bag
     from .overlay.export import write_heatmap_tiff, write_sidecar
     from .overlay.geojson import to_geojson
@@ -615,6 +616,7 @@ def _process(job: Job, row: Row, seconds: dict[str, float]) -> Row:
     files["done"].unlink(missing_ok=True)  # the old marker never vouches for new files
     if torch.get_num_threads() != job.threads:
         torch.set_num_threads(job.threads)
+    tune_for_batches()  # a worker process runs batch after batch (see _malloc)
     t = time.perf_counter()
     encoder, model, card, model_name = _models(cfg, job.config_hash)
     spec = encoder.spec
