@@ -8,7 +8,8 @@
 
 Throughput: batches follow the slide's tiles (``tissue.tile_order``), so each tile is
 decoded once and all its patches are cut out in one copy; a small pool of worker threads
-reads, decodes (libjpeg releases the GIL) and normalises them, and the encoder runs in
+reads and decodes them (libjpeg releases the GIL) into uint8 batches; the encoder's input
+step (``features.encoders.normalise_batch``) runs on the device, and the encoder in
 ``channels_last`` on every device. On the CPU each worker also runs the forward on its own
 batch, torch's thread budget shared out among the workers (batch parallelism beats intra-op
 threads for small networks, and no reader stalls a forward's OpenMP threads). On CUDA the
@@ -129,7 +130,7 @@ def _forward(encoder: torch.nn.Module, x: torch.Tensor, chunk: int, device: torc
     Parameters
     ----------
     x : Tensor
-        [B, 3, S, S] float32 normalised (CPU, pinned on CUDA runs).
+        [B, H, W, 3] uint8 patches (CPU, pinned on CUDA runs).
     chunk : int
         Rows per forward call.
 
@@ -166,11 +167,15 @@ def _forward(encoder: torch.nn.Module, x: torch.Tensor, chunk: int, device: torc
 
 
 def _run(encoder: torch.nn.Module, x: torch.Tensor, device: torch.device) -> np.ndarray:
-    """One forward: [b, 3, S, S] channels_last -> [b, D] float32 numpy (bf16 on CUDA)."""
+    """One forward: [b, H, W, 3] uint8 -> [b, D] float32 numpy. The input step
+    (``normalise_batch``: float, resize, mean/std) runs on the device; the encoder runs
+    channels_last, under bf16 autocast on CUDA."""
     import torch
 
+    from .features.encoders import normalise_batch
+
     with torch.inference_mode():
-        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        x = normalise_batch(x.to(device, non_blocking=True), encoder.spec)
         if device.type != "cuda":
             return encoder(x).float().numpy()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -232,7 +237,7 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
     device : str or torch.device
         ``"auto"``: CUDA when available, else CPU.
     workers : int
-        Worker threads, each reading and preprocessing one whole batch (``workers + 1``
+        Worker threads, each reading one whole batch (``workers + 1``
         batches in flight). On the CPU each also runs the forward on its batch: at most
         ``torch.get_num_threads()`` workers, each with an equal share of those threads for
         the run (restored afterwards), so the caller's thread budget is never exceeded. On a
@@ -269,7 +274,6 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
     """
     import torch
 
-    from .features.encoders import preprocess
     from .tissue import read_patches, tile_order
 
     path = str(getattr(slide, "path", "slide"))
@@ -284,7 +288,7 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
     spec = encoder.spec
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
-    # channels_last on every device: preprocess gives NHWC-ordered batches, and oneDNN's
+    # channels_last on every device: normalise_batch gives NHWC-ordered batches, and oneDNN's
     # CPU convolutions are faster on them too (~25 % for the demo encoder)
     encoder = encoder.to(dev).eval().to(memory_format=torch.channels_last)
 
@@ -311,7 +315,7 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
                                      f"{list(getattr(out, 'shape', []))} for uint8 patches "
                                      f"{list(patches.shape)}")
             patches = out
-        x = preprocess(patches, spec)
+        x = torch.from_numpy(patches)  # uint8: normalised on the device, in _run
         if cuda:
             return x.pin_memory()
         nonlocal chunk

@@ -223,12 +223,15 @@ def test_oom_retry_halves_the_batch(slide, grid, encoder):
 
 
 def test_forward_chunks_directly():
+    """uint8 patches in, the input step (normalise_batch) inside the forward, chunks halved
+    on out-of-memory: the same features as preprocess + the encoder."""
     enc = OOMAbove(k=3)
-    x = torch.randn(10, 3, PATCH_PX, PATCH_PX)
-    y, chunk, msgs = _forward(enc, x, 10, torch.device("cpu"))
+    patches = np.random.default_rng(0).integers(0, 256, (10, PATCH_PX, PATCH_PX, 3), np.uint8)
+    y, chunk, msgs = _forward(enc, torch.from_numpy(patches), 10, torch.device("cpu"))
     assert y.shape == (10, 16) and chunk == 2 and len(msgs) == 2
     with torch.inference_mode():
-        np.testing.assert_allclose(y, TinyEncoder()(x).numpy(), rtol=1e-5, atol=1e-6)
+        want = TinyEncoder()(preprocess(patches, enc.spec)).numpy()
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
 
 
 def test_empty_grid_is_refused(slide, grid, encoder):

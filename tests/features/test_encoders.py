@@ -16,6 +16,7 @@ from napari_milview.features.encoders import (
     available_encoders,
     build_encoder,
     encoder_spec,
+    normalise_batch,
     preprocess,
 )
 from napari_milview.features.encoders.resnet import ResNet50Trunc
@@ -90,6 +91,29 @@ def test_preprocess_normalises_and_resizes():
     assert y[0, 0].min() > 1.9 and y[0, 1].max() < -1.9
     with pytest.raises(ValueError, match="uint8"):
         preprocess(batch.astype(np.float32), spec)
+
+
+@pytest.mark.parametrize("name, size", [("demo", 64), ("resnet50_trunc", 256)])
+def test_preprocess_is_the_reference_recipe_in_channels_last(name, size):
+    """``(x / 255 - mean) / std`` after an antialiased resize, as torchvision's transforms
+    compute it, in NCHW shape with NHWC (channels_last) memory; ``normalise_batch`` on a
+    uint8 tensor (what the pipeline runs on the device) gives the same."""
+    import torch.nn.functional as F
+
+    spec = encoder_spec(name)
+    rng = np.random.default_rng(3)
+    batch = rng.integers(0, 256, (3, size, size, 3), np.uint8)
+    ref = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
+    s = spec.input_size
+    if size != s:
+        ref = F.interpolate(ref, size=(s, s), mode=spec.interpolation, antialias=True,
+                            align_corners=False).clamp(0, 1)
+    ref = (ref - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(
+        1, 3, 1, 1)
+    x = preprocess(batch, spec)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(normalise_batch(torch.from_numpy(batch), spec), x)
 
 
 # ------------------------------------------------------------------------ resnet50_trunc
