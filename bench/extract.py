@@ -6,20 +6,23 @@ once into ``$MILVIEW_BENCH_CACHE``, default ``~/.cache/napari_milview/bench/``) 
 grid at the encoder's own resolution, with the demo encoder (or, while its weights are not
 shipped, the same network with random weights: the same cost) on the CPU:
 
-(a) bare forward: the encoder over the same batches, read and preprocessed into memory
-    beforehand (patches/s);
-(b) the full pipeline ``extract_bag`` (read + JPEG decode + preprocess + forward) with 1
-    and 2 reader threads, each run on a fresh ``Slide`` with its own empty tile cache (the
+(a) bare forward: the encoder step as the pipeline runs it (the input step
+    ``normalise_batch`` + the channels_last encoder) over the same uint8 batches, read into
+    memory beforehand, in the faster of one stream with every torch thread and 2 streams of
+    1 thread (patches/s); (a') the same on batches normalised beforehand (the encoder alone);
+(b) the full pipeline ``extract_bag`` (read + JPEG decode + input step + forward) with 1
+    and 2 worker threads, each run on a fresh ``Slide`` with its own empty tile cache (the
     OS page cache is warm: the file is read once before timing);
-(c) the reading side alone: the same pipeline with a no-op encoder (read + decode +
-    preprocess, 2 readers).
+(c) the reading side alone: the same pipeline with a no-op encoder and the input step off
+    (read + decode + cut into uint8 batches, 2 workers).
 
 On a CPU run reading and the forward compete for the same cores, so the pipeline cannot
 beat ``1 / (1/a + 1/c)`` (the "bound" row; ``min(a, c)`` on a GPU, where they overlap);
 "b / bound" says how much of that the pipeline reaches.
 
 Efficiency = (b) / (a); the target is >= 0.9. Each figure is the median of ``--repeats``
-runs, interleaved (a, b1, b2, a, b1, b2, ...). GPU rows are "unmeasured" unless run on a
+runs, interleaved. glibc malloc is tuned as ``milview extract`` tunes it
+(``--untuned-malloc``: as in napari's process). GPU rows are "unmeasured" unless run on a
 CUDA machine (``--device cuda``).
 
     .venv/bin/python bench/extract.py [--docs docs/BENCHMARKS.md] [--quick] [--regenerate]

@@ -247,7 +247,7 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
     slide_id : str, optional
         Stored in the bag (default: the slide file's stem).
     transform : callable, optional
-        Applied to each batch of patches between reading and preprocessing, in the reader
+        Applied to each batch of patches between reading and the input step, in the worker
         threads: [b, S, S, 3] uint8 -> the same shape and dtype (e.g. a staining condition,
         ``stain.make_condition``). It must be thread-safe and a pure function of the pixels.
 
