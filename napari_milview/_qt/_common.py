@@ -174,7 +174,8 @@ class JobDock(QWidget):
     ``jobs_started`` (0), ``status`` (QLabel), ``cancel_button``, the model choice controls
     (``demo_radio``, ``file_radio``, ``model_edit``); it calls :meth:`_connect_viewer` once
     built, and implements ``_on_layers_changed``, ``_on_model_choice``,
-    ``_on_update(job, update)``, ``_on_finished(job)`` and ``stop_all(wait)``.
+    ``_on_update(job, update)``, ``_show_done(result)``, ``_update_enabled()`` and
+    ``stop_all(wait)``; it has a ``run_finished`` signal (str: the outcome).
     """
 
     def _connect_viewer(self) -> None:
@@ -257,9 +258,40 @@ class JobDock(QWidget):
         self.job, self.worker = job, worker
         self._jobs.append((job, worker))
         self.pbar = progress(total=0, desc=f"{desc}: starting")
+        self._desc = desc
         self.jobs_started += 1
         self.status.setText("Starting\u2026")
         return worker
+
+    def _on_finished(self, job: Job, *_) -> None:
+        """The run's worker ended (finished, failed or cancelled): status line, notification,
+        ``_show_done(result)`` on success, controls re-enabled, ``run_finished(outcome)``."""
+        from napari.utils.notifications import show_error, show_info
+
+        job.close()  # a run stopped between yields: end its worker threads now
+        if job.orphaned:  # stopped by closing the widget (which may be deleted by now)
+            return
+        self._jobs[:] = [(j, w) for j, w in self._jobs if j is not job]
+        if job is not self.job:
+            return
+        pbar, self.pbar = self.pbar, None
+        self.job = self.worker = None
+        if pbar is not None:
+            pbar.close()
+        outcome = job.outcome if job.outcome != "pending" else "cancelled"
+        if outcome == "done":
+            self.status.setText("Done.")
+            self._show_done(job.result)
+        elif outcome == "failed":
+            self.status.setText(f"Failed: {job.error}")
+            show_error(f"{self._desc}: {job.error}")
+        else:
+            done, total = job.progress
+            self.status.setText(f"Cancelled after {done} of {total} patches." if total
+                                else "Cancelled.")
+            show_info(f"{self._desc}: run cancelled")
+        self._update_enabled()
+        self.run_finished.emit(outcome)
 
     def cancel(self, *_) -> None:
         """Stop the current run at its next batch."""

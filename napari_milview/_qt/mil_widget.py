@@ -712,7 +712,7 @@ class MILWidget(JobDock):
             um = f"{mpp:.4g} \u00b5m/px ({meta.get('mpp_source', '?')})" if mpp else \
                 "mpp unknown: pixel units"
             self.slide_info.setText(f"{w} x {h} px \u00b7 {um}")
-        self._update_run_enabled()
+        self._update_enabled()
 
     # ------------------------------------------------------------------ features
     def _on_feature_choice(self, checked: bool = True) -> None:
@@ -791,16 +791,16 @@ class MILWidget(JobDock):
             self.encoder_combo.setCurrentText(card.encoder)
         if card.patch_size_um:
             self.patch_um.setValue(float(card.patch_size_um))
-        self._update_run_enabled()
+        self._update_enabled()
         return True
 
     def _set_model(self, model, text: str) -> None:
         self._model = model
         self.model_info.setText(text)
-        self._update_run_enabled()
+        self._update_enabled()
 
     # ------------------------------------------------------------------ running
-    def _update_run_enabled(self) -> None:
+    def _update_enabled(self) -> None:
         busy = self.job is not None
         ready = self.slide_layer is not None and self._model is not None
         self.run_button.setEnabled(ready and not busy)
@@ -849,7 +849,7 @@ class MILWidget(JobDock):
         job = Job(cfg)
         worker = self._start_job(job, "MIL attention")
         self._bag_source = (cfg.bag_path if cfg.bag_path else f"extracted with {cfg.encoder}")
-        self._update_run_enabled()
+        self._update_enabled()
         worker.start()
         return job
 
@@ -885,33 +885,8 @@ class MILWidget(JobDock):
                 self._pbar_t = now
                 pbar.update(u.done - pbar.n)
 
-    def _on_finished(self, job: Job, *_) -> None:
-        from napari.utils.notifications import show_error, show_info
-
-        job.close()  # a run stopped between yields: end its reader threads now
-        if job.orphaned:  # stopped by closing the widget (which may be deleted by now)
-            return
-        self._jobs[:] = [(j, w) for j, w in self._jobs if j is not job]
-        if job is not self.job:
-            return
-        pbar, self.pbar = self.pbar, None
-        self.job = self.worker = None
-        if pbar is not None:
-            pbar.close()
-        outcome = job.outcome if job.outcome != "pending" else "cancelled"
-        if outcome == "done":
-            self.status.setText("Done.")
-            self.show_result(job.result)
-        elif outcome == "failed":
-            self.status.setText(f"Failed: {job.error}")
-            show_error(f"MIL attention: {job.error}")
-        else:
-            done, total = job.progress
-            self.status.setText(f"Cancelled after {done} of {total} patches." if total
-                                else "Cancelled.")
-            show_info("MIL attention: run cancelled")
-        self._update_run_enabled()
-        self.run_finished.emit(outcome)
+    def _show_done(self, result) -> None:
+        self.show_result(result)
 
     def stop_all(self, wait: bool = True) -> None:
         """Cancel every run of this widget and (by default) join its thread."""

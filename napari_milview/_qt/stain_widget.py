@@ -813,33 +813,8 @@ class StainWidget(JobDock):
         if u.done > pbar.n and job is self.job:
             pbar.update(u.done - pbar.n)
 
-    def _on_finished(self, job: RobustnessJob, *_) -> None:
-        from napari.utils.notifications import show_error, show_info
-
-        job.close()
-        if job.orphaned:
-            return
-        self._jobs[:] = [(j, w) for j, w in self._jobs if j is not job]
-        if job is not self.job:
-            return
-        pbar, self.pbar = self.pbar, None
-        self.job = self.worker = None
-        if pbar is not None:
-            pbar.close()
-        outcome = job.outcome if job.outcome != "pending" else "cancelled"
-        if outcome == "done":
-            self.status.setText("Done.")
-            self.show_report(job.result)
-        elif outcome == "failed":
-            self.status.setText(f"Failed: {job.error}")
-            show_error(f"Robustness: {job.error}")
-        else:
-            done, total = job.progress
-            self.status.setText(f"Cancelled after {done} of {total} patches." if total
-                                else "Cancelled.")
-            show_info("Robustness: run cancelled")
-        self._update_enabled()
-        self.run_finished.emit(outcome)
+    def _show_done(self, result) -> None:
+        self.show_report(result)
 
     # ------------------------------------------------------------------ results
     def _start_table(self, cfg: RunConfig) -> None:
