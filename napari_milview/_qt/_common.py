@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Generator
 from functools import partial
@@ -62,6 +63,32 @@ def spin(lo: float, hi: float, value: float, decimals: int = 4, step: float = 0.
         s.setSuffix(suffix)
     s.setKeyboardTracking(False)
     return s
+
+
+class Interaction:
+    """When the user last moved the view. A run pauses between batches while
+    :meth:`active`, so on a machine with few cores panning and zooming keep the CPU.
+
+    :meth:`touch` is connected to the camera's events (GUI thread); the worker thread only
+    reads :attr:`until` (one float: no lock needed).
+    """
+
+    #: Seconds after the last camera move during which the view counts as moving.
+    HOLD_S = 0.3
+
+    def __init__(self) -> None:
+        self.until = 0.0
+
+    def touch(self, *_) -> None:
+        self.until = time.monotonic() + self.HOLD_S
+
+    def active(self) -> bool:
+        return time.monotonic() < self.until
+
+    def wait(self, cancel: threading.Event, poll_s: float = 0.02) -> None:
+        """Block while the view moves, or until ``cancel`` is set."""
+        while self.active() and not cancel.wait(poll_s):
+            pass
 
 
 class Job:

@@ -44,6 +44,7 @@ from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QFont, QStandardItemModel
 from qtpy.QtWidgets import (
     QButtonGroup,
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -62,8 +63,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._common import Interaction, JobDock, real_viewer, slide_mpp
 from ._common import Job as _BaseJob
-from ._common import JobDock, real_viewer, slide_mpp
 from ._common import one_line as _one_line
 from ._common import spin as _spin
 from ._common import stop_jobs as _stop_jobs
@@ -171,7 +172,8 @@ class RunConfig:
     """Everything a run needs, gathered in the main thread.
 
     ``patch_um`` None means the encoder's own patch size (``spec.patch_px`` x ``spec.mpp``).
-    ``stream_s`` < 0 turns off the partial heatmaps.
+    ``stream_s`` < 0 turns off the partial heatmaps. With ``pause`` (an
+    :class:`._common.Interaction`) extraction waits between batches while the view moves.
     """
 
     slide: Any
@@ -185,6 +187,7 @@ class RunConfig:
     patch_um: float | None = None
     batch_size: int = 32
     stream_s: float = 1.0
+    pause: Any = None
 
 
 class Job(_BaseJob):
@@ -256,6 +259,9 @@ class Job(_BaseJob):
         last = time.perf_counter()
         try:
             while True:
+                if cfg.pause is not None and cfg.pause.active():
+                    yield Update("extract", *self.progress, "paused while the view moves")
+                    cfg.pause.wait(self.cancel)
                 try:
                     p = next(gen)
                 except StopIteration as stop:
@@ -430,6 +436,7 @@ class MILWidget(JobDock):
         self.pbar = None
         self.jobs_started = 0
         self.stream_s = 1.0
+        self.interaction = Interaction()  # camera moves: a run pauses (pause_check)
         self._shown = None  # the result drawn now (a partial one during a run)
         self._jobs: list = []  # (job, worker) pairs not yet finished
         self._slide_layers: list = []
@@ -441,6 +448,8 @@ class MILWidget(JobDock):
         self._build()
 
         self._connect_viewer()
+        for emitter in (self.viewer.camera.events.center, self.viewer.camera.events.zoom):
+            emitter.connect(self.interaction.touch)
         self._fill_devices()
         self._on_model_choice()
 
@@ -558,15 +567,20 @@ class MILWidget(JobDock):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
+        self.pause_check = QCheckBox("Pause while I pan or zoom")
+        self.pause_check.setChecked(True)
+        self.pause_check.setToolTip("Extraction waits between batches while the view moves, "
+                                    "so panning and zooming keep the CPU (few-core machines)")
         self.status = QLabel("Idle.")
         self.status.setWordWrap(True)
         g.addWidget(QLabel("Device"), 0, 0)
         g.addWidget(self.device_combo, 0, 1)
         g.addWidget(QLabel("Batch"), 0, 2)
         g.addWidget(self.batch_spin, 0, 3)
-        g.addWidget(self.run_button, 1, 0, 1, 2)
-        g.addWidget(self.cancel_button, 1, 2, 1, 2)
-        g.addWidget(self.status, 2, 0, 1, 4)
+        g.addWidget(self.pause_check, 1, 0, 1, 4)
+        g.addWidget(self.run_button, 2, 0, 1, 2)
+        g.addWidget(self.cancel_button, 2, 2, 1, 2)
+        g.addWidget(self.status, 3, 0, 1, 4)
         layout.addWidget(box)
 
         # Prediction
@@ -823,7 +837,8 @@ class MILWidget(JobDock):
         model, card, name = self._model
         cfg = RunConfig(slide=layer.metadata["slide"], model=model, card=card, model_name=name,
                         device=self.device_combo.currentText() or "auto",
-                        batch_size=self.batch_spin.value(), stream_s=self.stream_s)
+                        batch_size=self.batch_spin.value(), stream_s=self.stream_s,
+                        pause=self.interaction if self.pause_check.isChecked() else None)
         if self.bag_radio.isChecked():
             path = self.bag_edit.text().strip()
             if not path:
