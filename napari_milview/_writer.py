@@ -34,9 +34,14 @@ def heatmap_result(path: str, meta: dict) -> tuple[Any, dict]:
     napari turns a writer's ``ValueError`` into "not a valid writer" and drops the message,
     hence these two types.
     """
+    from .overlay.heatmap import PENDING
+
     md = meta.get("metadata") or {}
     name = meta.get("name", "?")
     result = md.get("result")
+    if md.get("milview") == PENDING:
+        raise RuntimeError(f"{path}: layer {name!r} is waiting for its run's first result; "
+                           "save it when the run has finished")
     if md.get("milview") != "heatmap" or result is None:
         raise TypeError(f"{path}: layer {name!r} is not a napari-milview heatmap; save the "
                          "'attention' layer a MIL run (or an opened sidecar) made")

@@ -123,3 +123,15 @@ def test_partial_heatmap_is_refused(heat, tmp_path):
     r.meta["partial"] = True  # what a run's streamed heatmap carries
     with pytest.raises(RuntimeError, match="partial result"):
         _save(viewer, tmp_path / "x.csv")
+
+
+def test_empty_heatmap_of_a_starting_run_is_refused(make_napari_viewer, tmp_path):
+    """The empty layer a run makes at the click (no result yet) is refused by name."""
+    from napari_milview.overlay.heatmap import PENDING
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.full((1, 1), np.nan, np.float32), name="attention",
+                     metadata={"milview": PENDING})
+    with pytest.raises(RuntimeError, match="'attention' is waiting for its run's first result"):
+        viewer.layers.save(str(tmp_path / "x.csv"), selected=True, plugin="napari-milview")
+    assert not (tmp_path / "x.csv").exists()

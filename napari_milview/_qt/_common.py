@@ -201,7 +201,8 @@ class JobDock(QWidget):
     ``jobs_started`` (0), ``status`` (QLabel), ``cancel_button``, the model choice controls
     (``demo_radio``, ``file_radio``, ``model_edit``); it calls :meth:`_connect_viewer` once
     built, and implements ``_on_layers_changed``, ``_on_model_choice``,
-    ``_on_update(job, update)``, ``_show_done(result)``, ``_update_enabled()`` and
+    ``_on_update(job, update)``, ``_show_done(result)``, ``_update_enabled()``, optionally
+    ``_run_ended(outcome)``, and
     ``stop_all(wait)``; it has a ``run_finished`` signal (str: the outcome).
     """
 
@@ -317,8 +318,12 @@ class JobDock(QWidget):
             self.status.setText(f"Cancelled after {done} of {total} patches." if total
                                 else "Cancelled.")
             show_info(f"{self._desc}: run cancelled")
+        self._run_ended(outcome)
         self._update_enabled()
         self.run_finished.emit(outcome)
+
+    def _run_ended(self, outcome: str) -> None:
+        """Called once a run has ended and its result (if any) is shown."""
 
     def cancel(self, *_) -> None:
         """Stop the current run at its next batch."""

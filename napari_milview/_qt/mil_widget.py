@@ -63,6 +63,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..overlay.heatmap import PENDING
 from ._common import Interaction, JobDock, real_viewer, slide_mpp
 from ._common import Job as _BaseJob
 from ._common import one_line as _one_line
@@ -862,6 +863,7 @@ class MILWidget(JobDock):
             show_error(f"MIL attention: {e}")
             return None
         job = Job(cfg)
+        self._prepare_heatmap_layer()
         worker = self._start_job(job, "MIL attention")
         self._bag_source = (cfg.bag_path if cfg.bag_path else f"extracted with {cfg.encoder}")
         self._update_enabled()
@@ -903,9 +905,13 @@ class MILWidget(JobDock):
     def _show_done(self, result) -> None:
         self.show_result(result)
 
+    def _run_ended(self, outcome: str) -> None:
+        self._drop_pending_heatmap()  # failed or cancelled before any heatmap
+
     def stop_all(self, wait: bool = True) -> None:
         """Cancel every run of this widget and (by default) join its thread."""
         _stop_jobs(self._jobs, wait=wait)
+        self._drop_pending_heatmap()
         pbar, self.pbar = self.pbar, None
         self.job = self.worker = None
         if pbar is not None:
@@ -1005,11 +1011,7 @@ class MILWidget(JobDock):
             data = fill_edge(data)
         layer = self.heatmap_layer
         if layer is None or layer not in self.viewer.layers:
-            kwargs.pop("name")
-            layer = self.viewer.add_image(data, name=self._layer_name("attention"), **kwargs)
-            layer.colorbar.visible = True
-            _install_status(layer, self)
-            self.heatmap_layer = layer
+            self._add_heatmap_layer(data, kwargs)
             if self._shown is not result:  # another result came in while the layer was added
                 self.update_heatmap()
             return
@@ -1029,6 +1031,37 @@ class MILWidget(JobDock):
             layer.opacity = kwargs["opacity"]
         if str(layer.interpolation2d) != kwargs["interpolation2d"]:
             layer.interpolation2d = kwargs["interpolation2d"]
+
+    def _add_heatmap_layer(self, data: np.ndarray, kwargs: dict):
+        """The heatmap Image layer with its colour bar and hover score (``kwargs`` as
+        ``overlay.heatmap.heatmap_layer`` gives them; its name is ours)."""
+        kwargs = {k: v for k, v in kwargs.items() if k != "name"}
+        layer = self.viewer.add_image(data, name=self._layer_name("attention"), **kwargs)
+        layer.colorbar.visible = True
+        _install_status(layer, self)
+        self.heatmap_layer = layer
+        return layer
+
+    def _prepare_heatmap_layer(self) -> None:
+        """At Run: an empty heatmap layer (one transparent cell, its colour bar on), unless
+        one is there. Creating the layer and drawing its colour bar for the first time costs
+        napari ~0.4 s of the GUI thread with software OpenGL; paid at the click, the run's
+        partial heatmaps later only update it (docs/BENCHMARKS.md, responsiveness)."""
+        if self.heatmap_layer is not None and self.heatmap_layer in self.viewer.layers:
+            return
+        kw = self._heatmap_kwargs()
+        self._add_heatmap_layer(np.full((1, 1), np.nan, np.float32), {
+            "colormap": kw["colormap"], "opacity": kw["opacity"], "blending": "translucent",
+            "interpolation2d": kw["interpolation"], "contrast_limits": (0.0, 1.0),
+            "metadata": {"milview": PENDING}})
+
+    def _drop_pending_heatmap(self) -> None:
+        """Remove the empty layer of :meth:`_prepare_heatmap_layer` if no result filled it."""
+        layer = self.heatmap_layer
+        if layer is not None and layer.metadata.get("milview") == PENDING:
+            self.heatmap_layer = None
+            if layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
 
     def _layer_name(self, what: str) -> str:
         layer = self.slide_layer

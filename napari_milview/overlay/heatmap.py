@@ -26,7 +26,12 @@ from .normalise import _method, contrast_limits, normalise
 if TYPE_CHECKING:
     from ..result import Result
 
-__all__ = ["heatmap_grid", "heatmap_layer", "level0_to_world", "value_at", "world_to_level0"]
+__all__ = ["PENDING", "heatmap_grid", "heatmap_layer", "level0_to_world", "value_at",
+           "world_to_level0"]
+
+#: ``metadata["milview"]`` of a heatmap layer made for a run that has no result yet (the
+#: dock makes it at Run); a finished heatmap has ``"heatmap"``.
+PENDING = "heatmap (pending)"
 
 #: Largest grid (cells) drawn exactly; a grid that would be larger is coarsened (with a warning).
 MAX_CELLS = 2**22

@@ -103,6 +103,7 @@ def _errors(text: str) -> list[str]:
 # tests
 # --------------------------------------------------------------------------------------------
 def test_end_to_end_streams_then_topk_inside_lesion(make_napari_viewer, qtbot, svs, assets):
+    from napari_milview.overlay.heatmap import PENDING
     from napari_milview.overlay.normalise import normalise
 
     viewer, w, slide_layer = _setup(make_napari_viewer, qtbot, svs, assets, batch=8)
@@ -116,7 +117,7 @@ def test_end_to_end_streams_then_topk_inside_lesion(make_napari_viewer, qtbot, s
 
     def on_insert(event):
         layer = event.value
-        if layer.metadata.get("milview") == "heatmap":
+        if str(layer.metadata.get("milview", "")).startswith("heatmap"):
             layer.events.data.connect(lambda e: streamed.append(int(np.isfinite(
                 layer.data).sum())))
 
@@ -124,6 +125,11 @@ def test_end_to_end_streams_then_topk_inside_lesion(make_napari_viewer, qtbot, s
     with qtbot.waitSignal(w.run_finished, timeout=30_000) as blocker:
         job = w.run()
         assert w.busy and not w.run_button.isEnabled() and w.cancel_button.isEnabled()
+        # the heatmap layer is made at the click, empty (one transparent cell), colour bar on
+        empty = w.heatmap_layer
+        assert empty is not None and empty.metadata["milview"] == PENDING
+        assert empty.data.shape == (1, 1) and not np.isfinite(empty.data).any()
+        assert empty.colorbar.visible
         w.worker.yielded.connect(lambda u: bars.append((w.pbar.total, w.pbar.n)
                                                        if w.pbar is not None else None))
     assert blocker.args == ["done"], w.status.text()
@@ -221,7 +227,8 @@ def test_end_to_end_streams_then_topk_inside_lesion(make_napari_viewer, qtbot, s
 
 def test_cancel_mid_run_stops_within_a_batch(make_napari_viewer, qtbot, svs, assets):
     # 16 um patches: ~2000 of them, 4 per batch, so the run is far from over when cancelled
-    viewer, w, _ = _setup(make_napari_viewer, qtbot, svs, assets, patch_um=16.0, batch=4)
+    viewer, w, slide_layer = _setup(make_napari_viewer, qtbot, svs, assets, patch_um=16.0,
+                                    batch=4)
     w.stream_s = -1.0
     before = _threads()
     with qtbot.waitSignal(w.run_finished, timeout=30_000) as blocker:
@@ -234,6 +241,7 @@ def test_cancel_mid_run_stops_within_a_batch(make_napari_viewer, qtbot, svs, ass
     done, total = job.progress
     assert total > 1000 and done <= at_cancel + 2 * 4  # within a batch (one in flight)
     assert job.calls["attend"] == 0 and w.result is None and w.heatmap_layer is None
+    assert [lyr.name for lyr in viewer.layers] == [slide_layer.name]  # the empty one gone
     assert not w.busy and w.run_button.isEnabled() and not w.cancel_button.isEnabled()
     assert w.status.text().startswith("Cancelled after")
     assert job.done.is_set() and job.gen.gi_frame is None  # the generator is closed
@@ -432,7 +440,8 @@ def test_export_round_trip(make_napari_viewer, qtbot, svs, assets, tmp_path):
 
 def test_closing_widget_or_viewer_mid_run_leaves_no_threads(make_napari_viewer, qtbot, svs,
                                                             assets):
-    viewer, w, _ = _setup(make_napari_viewer, qtbot, svs, assets, patch_um=16.0, batch=4)
+    viewer, w, slide_layer = _setup(make_napari_viewer, qtbot, svs, assets, patch_um=16.0,
+                                    batch=4)
     w.stream_s = -1.0
     before = _threads()
     job = w.run()
