@@ -97,13 +97,18 @@ class Recorder:
         self.timer.start()
 
     @staticmethod
-    def _gaps(ts: list[float], t0: float, t1: float) -> list[float]:
-        inside = [t for t in ts if t0 <= t <= t1]
+    def _gaps(ts: list[float], t0: float, t1: float, reach_in: bool = False) -> list[float]:
+        """Intervals (ms) between the stamps within [t0, t1]; with ``reach_in`` also the one
+        from the last stamp before t0 (a stall that began just before the window, such as
+        the Run button's own click handler, counts)."""
+        before = [t for t in ts if t < t0][-1:] if reach_in else []
+        inside = before + [t for t in ts if t0 <= t <= t1]
         return [(b - a) * 1e3 for a, b in zip(inside, inside[1:])]
 
     def stall(self, t0: float, t1: float) -> tuple[float, int]:
-        """(longest gap between probe ticks in ms, gaps over 50 ms) within [t0, t1]."""
-        g = self._gaps(self.ticks, t0, t1)
+        """(longest gap between probe ticks in ms, gaps over 50 ms) within [t0, t1], the
+        gap reaching into it included."""
+        g = self._gaps(self.ticks, t0, t1, reach_in=True)
         return (max(g) if g else float("nan"), sum(x > TARGETS["stall"] for x in g))
 
     def frames(self, t0: float, t1: float) -> list[float]:
