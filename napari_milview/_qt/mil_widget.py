@@ -69,6 +69,7 @@ from ._common import Job as _BaseJob
 from ._common import one_line as _one_line
 from ._common import spin as _spin
 from ._common import stop_jobs as _stop_jobs
+from .navigation import viewer_camera
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +450,8 @@ class MILWidget(JobDock):
         self._build()
 
         self._connect_viewer()
-        for emitter in (self.viewer.camera.events.center, self.viewer.camera.events.zoom):
+        camera = viewer_camera(self.viewer)
+        for emitter in (camera.events.center, camera.events.zoom):
             emitter.connect(self.interaction.touch)
         self._fill_devices()
         self._on_model_choice()

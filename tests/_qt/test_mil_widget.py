@@ -252,13 +252,16 @@ def test_run_pauses_while_the_view_moves(make_napari_viewer, qtbot, svs, assets)
     """Camera moves hold the extraction between batches (the status says so); it goes on
     once the view rests; Cancel still acts while it waits. Unticked, nothing waits."""
     viewer, w, _ = _setup(make_napari_viewer, qtbot, svs, assets, patch_um=16.0, batch=4)
+    from napari_milview._qt.navigation import viewer_camera
+
     w.stream_s = -1.0
     assert w.pause_check.isChecked() and w.run_config().pause is w.interaction
+    camera = viewer_camera(viewer)
 
     def move(seconds: float) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            viewer.camera.zoom = viewer.camera.zoom * 1.001
+            camera.zoom = camera.zoom * 1.001
             qtbot.wait(30)
 
     with qtbot.waitSignal(w.run_finished, timeout=60_000) as blocker:
