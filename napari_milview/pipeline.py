@@ -24,6 +24,7 @@ torch is imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
@@ -44,7 +45,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .result import Result
     from .tissue import PatchGrid
 
-__all__ = ["Cancelled", "Progress", "attend", "collect", "extract_bag", "resolve_device"]
+__all__ = ["Cancelled", "Progress", "attend", "collect", "extract_bag", "resolve_device",
+           "torch_threads"]
 
 #: Name prefix of the reader threads (tests check that none outlives a run).
 THREAD_PREFIX = "milview-extract"
@@ -98,6 +100,31 @@ def resolve_device(device: Any = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here")
     return dev
+
+
+_threads_lock = threading.Lock()
+_threads_held = [0, 0]  # [runs holding a setting, torch's thread count before the first]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the block (process-wide, as torch
+    has it). Runs may overlap (two docks, dask threads): the count before the first of
+    them comes back when the last one ends, whatever order they end in."""
+    import torch
+
+    with _threads_lock:
+        if _threads_held[0] == 0:
+            _threads_held[1] = torch.get_num_threads()
+        _threads_held[0] += 1
+        torch.set_num_threads(max(1, int(n)))
+    try:
+        yield
+    finally:
+        with _threads_lock:
+            _threads_held[0] -= 1
+            if _threads_held[0] == 0:
+                torch.set_num_threads(_threads_held[1])
 
 
 def collect(gen: Generator[Any, None, Any],
@@ -345,47 +372,47 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
     feats: np.ndarray | None = None  # [N, D] float32, filled batch by batch
     done, bad_seen = 0, bad0
     t_wait = t_fwd = 0.0
-    try:
-        if not cuda:  # the budget shared out: n_workers streams (restored below)
-            torch.set_num_threads(max(1, threads_before // n_workers))
-        yield Progress("extract", 0, n, message=f"encoding {n} patches with {spec.name} "
-                                                f"({spec.dim}-d) on {dev}")
-        for _ in range(n_workers + 1):
-            submit()
-        while pending:
-            check_cancel()
-            idx, fut = pending.popleft()
-            t = time.perf_counter()
-            got = fut.result()
-            t_wait += time.perf_counter() - t
-            submit()
-            if cuda:
+    share = (torch_threads(max(1, threads_before // n_workers)) if not cuda
+             else contextlib.nullcontext())  # CPU: the budget shared out among the workers
+    with share:
+        try:
+            yield Progress("extract", 0, n, message=f"encoding {n} patches with {spec.name} "
+                                                    f"({spec.dim}-d) on {dev}")
+            for _ in range(n_workers + 1):
+                submit()
+            while pending:
+                check_cancel()
+                idx, fut = pending.popleft()
                 t = time.perf_counter()
-                got = _forward(encoder, got, chunk, dev)
-                t_fwd += time.perf_counter() - t
-            y, used, messages = got
-            chunk = min(chunk, used)
-            if y.ndim != 2 or y.shape[0] != len(idx) or y.shape[1] != spec.dim:
-                raise BagError(path, f"encoder {spec.name!r} returned shape {list(y.shape)} "
-                                     f"for {len(idx)} patches; expected [{len(idx)}, "
-                                     f"{spec.dim}]")
-            if feats is None:
-                feats = np.empty((n, y.shape[1]), np.float32)
-            feats[idx] = y
-            done += len(idx)
-            bad = int(getattr(slide, "bad_tiles", 0))
-            if bad > bad_seen:
-                messages.append(f"{bad - bad0} unreadable tile(s) so far: read as "
-                                "placeholders, the patches on them have unreliable features")
-                bad_seen = bad
-            check_cancel()
-            yield Progress("extract", done, n, features=y, indices=idx,
-                           message="; ".join(messages))
-    finally:
-        for _, fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads_before)
+                got = fut.result()
+                t_wait += time.perf_counter() - t
+                submit()
+                if cuda:
+                    t = time.perf_counter()
+                    got = _forward(encoder, got, chunk, dev)
+                    t_fwd += time.perf_counter() - t
+                y, used, messages = got
+                chunk = min(chunk, used)
+                if y.ndim != 2 or y.shape[0] != len(idx) or y.shape[1] != spec.dim:
+                    raise BagError(path, f"encoder {spec.name!r} returned shape {list(y.shape)} "
+                                         f"for {len(idx)} patches; expected [{len(idx)}, "
+                                         f"{spec.dim}]")
+                if feats is None:
+                    feats = np.empty((n, y.shape[1]), np.float32)
+                feats[idx] = y
+                done += len(idx)
+                bad = int(getattr(slide, "bad_tiles", 0))
+                if bad > bad_seen:
+                    messages.append(f"{bad - bad0} unreadable tile(s) so far: read as "
+                                    "placeholders, the patches on them have unreliable features")
+                    bad_seen = bad
+                check_cancel()
+                yield Progress("extract", done, n, features=y, indices=idx,
+                               message="; ".join(messages))
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
     total = time.perf_counter() - t0
     meta = {"slide": path, "bad_tiles": int(getattr(slide, "bad_tiles", 0)) - bad0,
             "device": str(dev), "patch_px": int(grid.patch_px),

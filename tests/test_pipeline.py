@@ -26,6 +26,7 @@ from napari_milview.pipeline import (
     collect,
     extract_bag,
     resolve_device,
+    torch_threads,
 )
 from napari_milview.slide import BadTileWarning, open_slide
 from napari_milview.tissue import patch_grid, read_patches, tile_order
@@ -345,3 +346,24 @@ def test_build_encoder_for_refuses_a_dimension_the_model_does_not_take():
     with pytest.raises(ValueError, match=rf"gives {dim}-d features but the model 'm' expects "
                                          rf"{dim + 1}-d"):
         build_encoder_for(ModelCard(arch="abmil", feature_dim=dim + 1), "demo", model_name="m")
+
+
+def test_torch_threads_overlapping_runs_restore_the_count():
+    """Two runs holding a thread count that end in either order leave torch as it was."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        a, b = torch_threads(1), torch_threads(2)
+        a.__enter__()
+        assert torch.get_num_threads() == 1
+        b.__enter__()
+        assert torch.get_num_threads() == 2
+        a.__exit__(None, None, None)  # the first ends first: the second still holds
+        assert torch.get_num_threads() == 2
+        b.__exit__(None, None, None)
+        assert torch.get_num_threads() == 3
+        with torch_threads(1), torch_threads(2):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

@@ -203,14 +203,10 @@ class Job(_BaseJob):
     # -- the work ------------------------------------------------------------------------
     def _steps(self) -> Generator[Update, None, Any]:
         """The run with torch on all cores but one: napari draws and answers on the other."""
-        import torch
+        from ..pipeline import torch_threads
 
-        before = torch.get_num_threads()
-        torch.set_num_threads(gui_torch_threads())  # in the worker thread, which runs torch
-        try:
+        with torch_threads(gui_torch_threads()):
             return (yield from self._run())
-        finally:
-            torch.set_num_threads(before)
 
     def _run(self) -> Generator[Update, None, Any]:
         from ..features.io import load_bag
