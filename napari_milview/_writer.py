@@ -51,8 +51,11 @@ def heatmap_result(path: str, meta: dict) -> tuple[Any, dict]:
     return result, md
 
 
-def _fixed(md: dict, meta: dict) -> dict:
-    """vmin/vmax of a ``fixed`` normalisation: the layer's contrast limits."""
+def _norm_params(md: dict, meta: dict) -> dict:
+    """The parameters of the layer's normalisation: vmin/vmax of ``fixed`` (the layer's
+    contrast limits), the zoom of ``attention_x_n``."""
+    if md.get("method") == "attention_x_n":
+        return {"zoom": float(md.get("zoom", 1.0))}
     if md.get("method") != "fixed":
         return {}
     lo, hi = meta["contrast_limits"]
@@ -93,7 +96,7 @@ def write_heatmap_tiff(path: str, data: Any, meta: dict) -> list[str]:
 
     result, md = heatmap_result(path, meta)
     return [str(_write(result, path, source=md.get("source"), method=md.get("method", "raw"),
-                       mpp=md.get("mpp"), **_fixed(md, meta)))]
+                       mpp=md.get("mpp"), **_norm_params(md, meta)))]
 
 
 def write_sidecar(path: str, data: Any, meta: dict) -> list[str]:
@@ -105,5 +108,5 @@ def write_sidecar(path: str, data: Any, meta: dict) -> list[str]:
     cmap = meta.get("colormap")
     cmap = cmap.get("name") if isinstance(cmap, dict) else cmap
     out = _write(path, result, source=md.get("source"), method=md.get("method", "raw"),
-                 colormap=str(cmap or "inferno"), **_fixed(md, meta))
+                 colormap=str(cmap or "inferno"), **_norm_params(md, meta))
     return [str(out), read_sidecar(out)["result"]]

@@ -135,3 +135,25 @@ def test_empty_heatmap_of_a_starting_run_is_refused(make_napari_viewer, tmp_path
     with pytest.raises(RuntimeError, match="'attention' is waiting for its run's first result"):
         viewer.layers.save(str(tmp_path / "x.csv"), selected=True, plugin="napari-milview")
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_attention_x_n_zoom_is_kept(make_napari_viewer, svs, tmp_path):
+    """ACMIL's attention x N zoom travels with the layer into the sidecar and the TIFF."""
+    import tifffile
+    from napari.layers import Layer
+
+    from napari_milview.overlay.heatmap import heatmap_layer
+    from napari_milview.overlay.normalise import normalise
+
+    viewer = make_napari_viewer()
+    r = _result(svs)
+    layer = Layer.create(*heatmap_layer(r, "attention", "attention_x_n", zoom=0.5))
+    viewer.add_layer(layer)
+    viewer.layers.selection.active = layer
+    [side, _] = _save(viewer, tmp_path / "z.milview.json")
+    with open(side) as f:
+        assert json.load(f)["normalisation"]["zoom"] == 0.5
+    [tif] = _save(viewer, tmp_path / "z.tif")
+    grid = tifffile.imread(tif)
+    want = normalise(r.attention("attention"), "attention_x_n", zoom=0.5)
+    assert np.nanmax(grid) == pytest.approx(want.max(), rel=1e-6)

@@ -607,6 +607,10 @@ class MILWidget(JobDock):
         for s in (self.vmin, self.vmax):
             s.setToolTip("The range shared across slides (normalisation 'fixed')")
             s.valueChanged.connect(self._on_fixed_range)
+        self.zoom = _spin(0.001, 1000.0, 1.0, decimals=3, step=0.1)
+        self.zoom.setToolTip("ACMIL's zoom factor for 'attention × N': uniform attention "
+                             "shows as this value (below 1 de-saturates)")
+        self.zoom.valueChanged.connect(self._on_zoom)
         self.range_row = QWidget()
         row = QHBoxLayout(self.range_row)
         row.setContentsMargins(0, 0, 0, 0)
@@ -655,6 +659,7 @@ class MILWidget(JobDock):
         form.addRow("Source", self.source_combo)
         form.addRow("Normalise", self.method_combo)
         form.addRow("Fixed range", self.range_row)
+        form.addRow("× N zoom", self.zoom)
         form.addRow("Colormap", self.cmap_combo)
         form.addRow("Opacity", self.opacity)
         form.addRow("Look", self.interp_combo)
@@ -985,7 +990,7 @@ class MILWidget(JobDock):
         return {"colormap": self.cmap_combo.currentText(),
                 "opacity": self.opacity.value() / 100,
                 "interpolation": self.interp_combo.currentData(),
-                "vmin": self.vmin.value(), "vmax": self.vmax.value()}
+                **self._norm_kw()}
 
     @property
     def mpp(self) -> float | None:
@@ -1082,7 +1087,9 @@ class MILWidget(JobDock):
         return select(r.attention(self.source), k, mode)
 
     def _norm_kw(self) -> dict:
-        return {"vmin": self.vmin.value(), "vmax": self.vmax.value()}
+        """The normalisation's parameters: the fixed range and the attention x N zoom."""
+        return {"vmin": self.vmin.value(), "vmax": self.vmax.value(),
+                "zoom": self.zoom.value()}
 
     def update_topk(self) -> None:
         """(Re)draw the top-K rectangles (and the gallery) for the current settings."""
@@ -1157,6 +1164,7 @@ class MILWidget(JobDock):
     def _on_method(self, *_) -> None:
         fixed = self.method == "fixed"
         self.range_row.setEnabled(fixed)
+        self.zoom.setEnabled(self.method == "attention_x_n")
         if fixed and not self._fixed_set and self._shown is not None and self.source is not None:
             s = self._shown.attention(self.source)
             s = s[np.isfinite(s)]
@@ -1172,6 +1180,12 @@ class MILWidget(JobDock):
         self.update_heatmap()
         if self.topk_mode.currentData() == "range":
             self.update_topk()
+
+    def _on_zoom(self, *_) -> None:
+        if self.method == "attention_x_n":
+            self.update_heatmap()
+            if self.topk_mode.currentData() == "range":
+                self.update_topk()
 
     def _on_fixed_range(self, *_) -> None:
         self._fixed_set = True
@@ -1228,7 +1242,9 @@ class MILWidget(JobDock):
         if r is None:
             raise ValueError("nothing to export: run the model first")
         src, method = self.source, self.method
-        fixed = self._norm_kw() if method == "fixed" else {}
+        norm = self._norm_kw()  # what the method uses of it
+        fixed = ({k: norm[k] for k in ("vmin", "vmax")} if method == "fixed" else
+                 {"zoom": norm["zoom"]} if method == "attention_x_n" else {})
         if kind == "geojson":
             to_geojson(r, path, source=src, top_k=self.k_spin.value())
             return Path(path)
@@ -1310,6 +1326,8 @@ class MILWidget(JobDock):
                 self._fixed_set = True
                 self.vmin.setValue(float(norm["vmin"]))
                 self.vmax.setValue(float(norm["vmax"]))
+            if norm.get("zoom") is not None:
+                self.zoom.setValue(float(norm["zoom"]))
             if doc.get("colormap") in COLORMAPS:
                 self.cmap_combo.setCurrentText(doc["colormap"])
             tk = doc.get("topk") or {}

@@ -197,7 +197,7 @@ def heatmap_layer(result: Result, source: str | None = None, method: str = "raw"
         "interpolation2d": interpolation,
         "blending": "translucent",
         "metadata": {
-            "milview": "heatmap", "source": src, "method": m, "mpp": um,
+            "milview": "heatmap", "source": src, "method": m, "zoom": float(zoom), "mpp": um,
             "origin_level0": (x0, y0), "cell_level0": cell,
             "patch_size_level0": result.patch_size_level0, "raw_grid": raw_grid,
             "slide_path": result.slide, "slide_id": result.slide_id,

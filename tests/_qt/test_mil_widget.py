@@ -315,7 +315,8 @@ def test_error_then_a_good_run(make_napari_viewer, qtbot, svs, assets, tmp_path)
 
 
 def test_source_and_normalisation_switch_without_rerun(make_napari_viewer, qtbot, svs):
-    """Re-colouring a 40 000-patch result is O(N) numpy, in place, with no worker started."""
+    """Re-colouring a 40 000-patch result happens in place, with no worker started (its
+    time is measured in bench/overlay.py, not asserted here)."""
     from napari_milview._qt.mil_widget import MILWidget
     from napari_milview.overlay.normalise import METHODS, contrast_limits, normalise
     from napari_milview.result import Result
@@ -343,20 +344,18 @@ def test_source_and_normalisation_switch_without_rerun(make_napari_viewer, qtbot
     assert items.index("raw/branch/0") > items.index("branch/1")  # logits in their own group
     heat, n_layers = w.heatmap_layer, len(viewer.layers)
     seen = set()
-    times = []
     for source in ("branch/0", "raw/branch/1", "branch/mean"):
         for method in METHODS:
             if method == "fixed":
                 w.vmin.setValue(0.0)
                 w.vmax.setValue(float(np.quantile(sources[source], 0.9)))
-            t = time.perf_counter()
             w.set_source(source)
             w.set_method(method)
-            times.append(time.perf_counter() - t)
+            assert w.zoom.isEnabled() == (method == "attention_x_n")
             want = normalise(sources[source], method, **w._norm_kw())
             np.testing.assert_allclose(heat.data.reshape(-1), want, rtol=1e-6)
             assert tuple(heat.contrast_limits) == pytest.approx(
-                contrast_limits(method, want, **w._norm_kw()))
+                contrast_limits(method, want, vmin=w.vmin.value(), vmax=w.vmax.value()))
             assert heat.metadata["source"] == source and heat.metadata["method"] == method
             seen.add(heat.data.tobytes())
             raw = heat.metadata["raw_grid"].reshape(-1)
@@ -364,7 +363,13 @@ def test_source_and_normalisation_switch_without_rerun(make_napari_viewer, qtbot
     assert len(seen) == 3 * len(METHODS)
     assert w.heatmap_layer is heat and len(viewer.layers) == n_layers  # updated in place
     assert w.jobs_started == 0 and w.job is None
-    assert float(np.median(times)) < 0.1, times  # switching re-colours in under 100 ms
+    # ACMIL's zoom factor rescales attention x N (uniform attention shows as the zoom)
+    w.set_method("attention_x_n")
+    w.zoom.setValue(0.25)
+    want = normalise(sources["branch/mean"], "attention_x_n", zoom=0.25)
+    np.testing.assert_allclose(heat.data.reshape(-1), want, rtol=1e-6)
+    assert np.nanmedian(want) < 0.3 and heat.metadata["zoom"] == 0.25
+    w.zoom.setValue(1.0)
     # look changes touch the same layer
     w.cmap_combo.setCurrentText("viridis")
     w.opacity.setValue(80)
