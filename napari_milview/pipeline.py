@@ -332,8 +332,10 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
     chunk = batch_size  # forward rows per call; halved for good on an out-of-memory error
 
     def load(idx: np.ndarray) -> Any:
-        # one batch per worker thread: whole tiles (tile order), their patches cut out
-        patches = read_patches(slide, grid, idx)
+        # one batch per worker thread: whole tiles (tile order), their patches cut out; the
+        # tiles are read once, so they stay out of the tile cache (the viewer's tiles stay in
+        # it, and each decoded tile's memory is reused at once)
+        patches = read_patches(slide, grid, idx, cache=False)
         if transform is not None:
             out = transform(patches)
             if getattr(out, "shape", None) != patches.shape or out.dtype != np.uint8:

@@ -489,7 +489,7 @@ def tile_order(slide, grid: PatchGrid) -> np.ndarray:
     return np.lexsort((lx, ly, lx // tw, ly // th)).astype(np.int64)
 
 
-def read_patches(slide, grid: PatchGrid, indices) -> np.ndarray:
+def read_patches(slide, grid: PatchGrid, indices, *, cache: bool = True) -> np.ndarray:
     """Several patches, equal to :func:`read_patch` of each, read with the fewest copies.
 
     Patches inside one native tile (the usual case: a grid anchored at the slide origin
@@ -501,6 +501,12 @@ def read_patches(slide, grid: PatchGrid, indices) -> np.ndarray:
     Parameters
     ----------
     indices : [B] int, positions in ``grid.coords``.
+    cache : bool
+        False for a pass over the slide in :func:`tile_order` batches (extraction): a tile
+        whose patches all lie in this call is decoded without entering the slide's tile
+        cache (see ``Slide.tile``). The call's first and last tiles, which the neighbouring
+        batches share, are still cached, and so is every tile when some patch straddles
+        tiles.
 
     Returns
     -------
@@ -528,9 +534,14 @@ def read_patches(slide, grid: PatchGrid, indices) -> np.ndarray:
     if len(sel):
         order = sel[np.argsort(key[sel], kind="stable")]
         cuts = np.flatnonzero(np.diff(key[order])) + 1
-        for group in np.split(order, cuts):
+        tile_of = key[order][np.r_[0, cuts]] // 2  # each group's tile, in tile order
+        # kept in the cache: tiles a neighbouring batch or a second group may need again
+        again = tile_of[1:][tile_of[1:] == tile_of[:-1]]
+        keep = (None if cache or not one_tile.all()
+                else {int(tile_of[0]), int(tile_of[-1]), *again.tolist()})
+        for t, group in zip(tile_of.tolist(), np.split(order, cuts)):
             r, c = int(row[group[0]]), int(col[group[0]])
-            tile = slide.tile(level, r, c)
+            tile = slide.tile(level, r, c, cache=keep is None or t in keep)
             oy, ox = ly[group] - r * th, lx[group] - c * tw
             if blocks[group[0]]:
                 grid_view = np.ascontiguousarray(tile).reshape(th // rs, rs, tw // rs, rs,

@@ -225,6 +225,37 @@ def test_read_patches_equals_read_patch_in_any_order(slide, mag, px, shift):
         np.testing.assert_array_equal(batch[k], read_patch(slide, g, int(i)), err_msg=f"{i}")
 
 
+@pytest.mark.parametrize("mag, px, shift", [(10, 64, 0), (10, 64, 40)])
+def test_read_patches_uncached_decodes_each_tile_once_and_keeps_few(svs, mag, px, shift):
+    """An extraction pass (tile-order batches, cache=False) gives the cached pass's pixels,
+    decodes each tile once, and leaves at most the batches' shared edge tiles in the cache;
+    with patches straddling tiles every tile stays cached (strips re-read them)."""
+    import dataclasses
+
+    from napari_milview.slide.cache import TileCache
+
+    def run(cache):
+        with open_slide(svs.path, cache=TileCache(1 << 30)) as s:
+            g = patch_grid(s, patch_px=px, mag=mag, min_tissue=0.0)
+            g = dataclasses.replace(g, coords=g.coords + shift)
+            order = tile_order(s, g)
+            before, decoded = len(s.cache), []
+            decode = s._decode_tile
+            s._decode_tile = lambda *key: decoded.append(key) or decode(*key)
+            batches = [order[i:i + 37] for i in range(0, len(order), 37)]
+            pix = np.concatenate([read_patches(s, g, b, cache=cache) for b in batches])
+            return pix, decoded, len(s.cache) - before, len(batches)
+
+    pix, decoded, kept, n_batches = run(True)
+    pix_u, decoded_u, kept_u, _ = run(False)
+    np.testing.assert_array_equal(pix_u, pix)
+    assert len(decoded_u) == len(set(decoded_u)) == len(set(decoded))
+    if shift == 0:  # aligned: whole tiles, only the batches' first and last tiles kept
+        assert kept == len(decoded) and kept_u <= 2 * n_batches < kept
+    else:
+        assert kept_u == kept
+
+
 def test_tile_order_groups_patches_by_tile(slide):
     g = patch_grid(slide, patch_px=64, mag=10, min_tissue=0.0)
     order = tile_order(slide, g)

@@ -89,8 +89,16 @@ class Slide:
         """How many distinct tiles failed to decode (each drawn as a placeholder)."""
         return len(self._bad)
 
-    def tile(self, level: int, row: int, col: int) -> np.ndarray:
+    def tile(self, level: int, row: int, col: int, *, cache: bool = True) -> np.ndarray:
         """Tile (row, col) of ``level`` on its native grid.
+
+        Parameters
+        ----------
+        cache : bool
+            Store a freshly decoded tile in the tile cache (default). False for tiles read
+            once in a scan or an extraction: a cached tile is still used, but a decoded one
+            is not kept, so the scan neither evicts the tiles a viewer is showing nor churns
+            memory through the cache.
 
         Returns
         -------
@@ -100,7 +108,10 @@ class Slide:
         arr = self.cache.get(key)
         if arr is None:
             arr = self._decode_tile(level, row, col)
-            self.cache.put(key, arr)
+            if cache:
+                self.cache.put(key, arr)  # (made read-only there)
+            else:
+                arr.flags.writeable = False
         return arr
 
     def _decode_tile(self, level: int, row: int, col: int) -> np.ndarray:
@@ -178,25 +189,17 @@ class Slide:
         keys = [(r, c) for r in (rows if rows is not None else range(n_rows))
                 for c in (cols if cols is not None else range(n_cols))]
         threads = threads or max(2, os.cpu_count() or 2)
-        get = self.tile if cache else self._tile_uncached
         with ThreadPoolExecutor(threads, thread_name_prefix="milview-scan") as ex:
             pending: deque = deque()
             it = iter(keys)
             for key in it:  # keep a few tiles per thread in flight, in order
-                pending.append((key, ex.submit(get, level, *key)))
+                pending.append((key, ex.submit(self.tile, level, *key, cache=cache)))
                 if len(pending) >= 4 * threads:
                     (r, c), fut = pending.popleft()
                     yield r, c, fut.result()
             while pending:
                 (r, c), fut = pending.popleft()
                 yield r, c, fut.result()
-
-    def _tile_uncached(self, level: int, row: int, col: int) -> np.ndarray:
-        """:meth:`tile` without storing the result in the cache (a hit is still used)."""
-        hit = self.cache.get((self._key, level, row, col))
-        if hit is not None:
-            return hit
-        return self._decode_tile(level, row, col)
 
     def read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         """A region of ``level`` in that level's pixels, assembled from cached tiles.
