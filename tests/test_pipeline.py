@@ -174,6 +174,26 @@ def _extract_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
 
 
+def test_extraction_leaves_the_viewers_tiles_in_the_cache(svs, grid, encoder):
+    """A viewer's cached tiles survive an extraction run through a cache that holds them
+    plus the batches' shared edge tiles (2 per batch) and no more: the run's other tiles
+    pass the cache by."""
+    from napari_milview.slide.cache import TileCache
+
+    viewer = [(0, r, c) for r in range(2) for c in range(4)]  # what a viewer shows
+    n_batches = -(-len(grid.coords) // 64)
+    with open_slide(svs.path, cache=TileCache((len(viewer) + 2 * n_batches) * 256 * 256 * 3)
+                    ) as s:
+        lv = s.info.levels[grid.read_level]
+        assert len(set(map(tuple, grid.coords // (lv.downsample * 256)))) > 2 * n_batches
+        for key in viewer:
+            s.tile(*key)
+        before = s.cache.misses
+        bag = collect(extract_bag(s, grid, encoder, batch_size=64, device="cpu"))
+        assert bag.n == len(grid.coords) and s.cache.misses > before  # tiles were decoded
+        assert all(s.cache.get((s._key, *key)) is not None for key in viewer)
+
+
 @pytest.mark.parametrize("how", ["cancel", "close"])
 def test_cancel_and_close_leave_no_threads(slide, grid, encoder, how):
     run(extract_bag(slide, grid, encoder, batch_size=8, device="cpu"))  # warm shared pools
