@@ -14,18 +14,24 @@ shipped, the same network with random weights: the same cost) on the CPU:
     and 2 worker threads, each run on a fresh ``Slide`` with its own empty tile cache (the
     OS page cache is warm: the file is read once before timing);
 (c) the reading side alone: the same pipeline with a no-op encoder and the input step off
-    (read + decode + cut into uint8 batches, 2 workers).
+    (read + decode + cut into uint8 batches, 2 workers);
+(d) the physical floor of reading: the JPEG decode alone (tifffile's decoder, libjpeg-turbo
+    via imagecodecs, as the pipeline calls it) of the tiles the grid needs, their bytes in
+    memory beforehand, on 2 threads.
 
 On a CPU run reading and the forward compete for the same cores, so the pipeline cannot
 beat ``1 / (1/a + 1/c)`` (the "bound" row; ``min(a, c)`` on a GPU, where they overlap);
-"b / bound" says how much of that the pipeline reaches.
+"b / bound" says how much of that the pipeline reaches. No reader can beat (d), so
+``1 / (1/a + 1/d)`` (the "ceiling" row) is the most any pipeline could reach on this
+machine with these tiles and this encoder.
 
 Efficiency = (b) / (a); the target is >= 0.9. Each figure is the median of ``--repeats``
 runs, interleaved. glibc malloc is tuned as ``milview extract`` tunes it
 (``--untuned-malloc``: as in napari's process). GPU rows are "unmeasured" unless run on a
 CUDA machine (``--device cuda``).
 
-    .venv/bin/python bench/extract.py [--docs docs/BENCHMARKS.md] [--quick] [--regenerate]
+    .venv/bin/python bench/extract.py [--docs docs/BENCHMARKS.md] [--quick | --size WxH]
+                                      [--regenerate]
                                       [--wait-quiet 900]
 
 The machine's load matters a lot here: on a shared 2-core machine, other processes take
@@ -172,7 +178,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     from napari_milview.tissue import patch_grid, read_patches, tile_order
 
     tuned = tune_for_batches() if not args.untuned_malloc else False  # as `milview extract`
-    width, height = QUICK if args.quick else (WIDTH, HEIGHT)
+    width, height = QUICK if args.quick else args.size
     path, t_write = get_slide(width, height, args.regenerate)
     deadline = time.monotonic() + args.wait_quiet
     while os.getloadavg()[0] >= 0.5 and time.monotonic() < deadline:
@@ -194,6 +200,28 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         order = tile_order(slide, grid)
         batches = [order[s:s + bs] for s in range(0, n, bs)]
         raw = [torch.from_numpy(read_patches(slide, grid, b)) for b in batches]  # uint8
+
+        level = grid.read_level
+        pages = slide.backend._tiles.pages[level]  # the direct TIFF tile path (SVS)
+        th, tw = slide.info.levels[level].tile
+        ds = slide.info.levels[level].downsample
+        need = sorted({(int(y / ds) // th, int(x / ds) // tw) for x, y in grid.coords})
+        index = [r * pages.grid_cols + c for r, c in need]
+        with open(path, "rb") as f:
+            tile_bytes = []
+            for i in index:
+                f.seek(pages.offsets[i])
+                tile_bytes.append(f.read(pages.counts[i]))
+
+    def decode_all() -> float:
+        """(d): every needed tile decoded from memory, on 2 threads; seconds."""
+        def one(k: int):
+            return pages.decode(tile_bytes[k], index[k], jpegtables=pages.jpegtables)
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(2) as ex:
+            list(ex.map(one, range(len(index))))
+        return time.perf_counter() - t
 
     # as the pipeline runs it: channels_last model, uint8 batches, the input step on the device
     encoder = encoder.to(dev).to(memory_format=torch.channels_last)
@@ -256,6 +284,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
             times.setdefault(f"pipe{w}", []).append(pipeline(w))
         with input_step_off():
             times.setdefault("read", []).append(pipeline(2, nothing))
+        times.setdefault("decode", []).append(decode_all())
     info["others"] = others_cores(cpu0, cpu_seconds())
     info["load_after"] = os.getloadavg()
 
@@ -275,6 +304,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         "0 is a quiet machine).",
         "",
         f"Command: `.venv/bin/python bench/extract.py{' --quick' if args.quick else ''}"
+        f"{f' --size {width}x{height}' if (width, height) not in (QUICK, (WIDTH, HEIGHT)) else ''}"
         f"{' --docs ' + str(args.docs) if args.docs else ''}"
         f"{f' --wait-quiet {args.wait_quiet:g}' if args.wait_quiet else ''}`. Slide: synthetic "
         f"{width} x {height} px, mpp {MPP}, {TILE}-px JPEG tiles (quality 85), {LEVELS} levels"
@@ -312,6 +342,13 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     how_bound = "min(a, c)" if cuda else "1 / (1/a + 1/c), the cores shared by both"
     lines.append(f"| {dev_name} | bound: {how_bound} | {bound:.0f} | {bound / best:.2f} | "
                  f"{bound / best_ready:.2f} | 1 |")
+    lines.append(f"| {dev_name} | (d) the floor of reading: JPEG decode alone of the "
+                 f"{len(index)} tiles, bytes in memory, 2 threads | {rate['decode']:.0f} | - | "
+                 "- | - |")
+    ceiling = min(best, rate["decode"]) if cuda else 1 / (1 / best + 1 / rate["decode"])
+    how_ceiling = "min(a, d)" if cuda else "1 / (1/a + 1/d)"
+    lines.append(f"| {dev_name} | ceiling for any pipeline: {how_ceiling} | {ceiling:.0f} | "
+                 f"{ceiling / best:.2f} | {ceiling / best_ready:.2f} | - |")
     if not cuda:
         lines.append("| GPU (bf16 autocast, channels_last) | (a), (b), (c) | unmeasured | "
                      "unmeasured | unmeasured | unmeasured |")
@@ -328,6 +365,9 @@ def write_docs(docs: Path, body: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"{QUICK[0]} x {QUICK[1]} slide")
+    p.add_argument("--size", type=lambda v: tuple(int(x) for x in v.lower().split("x")),
+                   default=(WIDTH, HEIGHT), metavar="WxH",
+                   help=f"slide size in level-0 px (default {WIDTH}x{HEIGHT})")
     p.add_argument("--regenerate", action="store_true", help="rewrite the cached slide")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
