@@ -122,6 +122,9 @@ class TiffTiles:
         tile = seg.reshape(seg.shape[-3:])
         if tile.shape[0] < h or tile.shape[1] < w or tile.shape[2] != 3:
             raise ValueError(f"decoded tile has shape {tile.shape}, expected at least {(h, w, 3)}")
+        if data[:2] == b"\xff\xd8" and ends_mid_grey(tile):
+            raise ValueError("the JPEG tile's last block is exactly mid-grey, what libjpeg draws "
+                             "when the scan ends early (which it only warns about)")
         return np.ascontiguousarray(tile[:h, :w])
 
     def close(self) -> None:
@@ -129,6 +132,20 @@ class TiffTiles:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def ends_mid_grey(tile: np.ndarray) -> bool:
+    """True when the last 8 x 8 block of a decoded JPEG frame ([H, W, 3] uint8, uncropped)
+    is exactly (128, 128, 128).
+
+    When a tile's entropy-coded data ends early but the stream still closes with an EOI,
+    libjpeg only warns ("premature end of data segment") and decodes every missing block
+    with all-zero coefficients: mid-grey, whatever the colour space, down to the frame's
+    last block. Real image content is practically never exactly 128 over a whole block, so
+    the caller hands such a tile to OpenSlide, which turns the warning into an error (and
+    simply decodes a genuinely grey tile, only more slowly).
+    """
+    return bool((tile[-8:, -8:] == 128).all())
 
 
 # After 0xFF in entropy-coded JPEG data: stuffing (00), fill (FF), restart markers (D0-D7),
