@@ -65,6 +65,10 @@ def spin(lo: float, hi: float, value: float, decimals: int = 4, step: float = 0.
     return s
 
 
+#: the status line of a run that waits while the view moves
+PAUSED = "paused while the view moves"
+
+
 class Interaction:
     """When the user last moved the view. A run pauses between batches while
     :meth:`active`, so on a machine with few cores panning and zooming keep the CPU.
@@ -170,6 +174,13 @@ class Job:
         if self.cancel.is_set():
             raise Cancelled("run cancelled")
 
+    def _paused(self, pause: Interaction | None, update: Any) -> Generator[Any, None, None]:
+        """A pause point between batches: while the view moves (``pause`` active), yield
+        ``update`` (saying so) once and wait; Cancel still acts. ``pause=None``: no pause."""
+        if pause is not None and pause.active():
+            yield update
+            pause.wait(self.cancel)
+
 
 def relay(gen):
     """A generator function around an existing generator (``create_worker`` wants one)."""
@@ -200,7 +211,9 @@ class JobDock(QWidget):
     ``_slide_layers`` (list), ``_jobs`` (list), ``job``, ``worker``, ``pbar`` (None),
     ``jobs_started`` (0), ``status`` (QLabel), ``cancel_button``, the model choice controls
     (``demo_radio``, ``file_radio``, ``model_edit``); it calls :meth:`_connect_viewer` once
-    built, and implements ``_on_layers_changed``, ``_on_model_choice``,
+    built (and :meth:`_pause_control` while building, to let its runs wait while the view
+    moves: :meth:`pause_source` for the run's config, ``Job._paused`` between its batches),
+    and implements ``_on_layers_changed``, ``_on_model_choice``,
     ``_on_update(job, update)``, ``_show_done(result)``, ``_update_enabled()``, optionally
     ``_run_ended(outcome)``, and
     ``stop_all(wait)``; it has a ``run_finished`` signal (str: the outcome).
@@ -218,6 +231,27 @@ class JobDock(QWidget):
         if app is not None:
             app.aboutToQuit.connect(self.stop_all)
         self._on_layers_changed()
+
+    def _pause_control(self) -> QWidget:
+        """The "Pause while I pan or zoom" check box (on), ``self.pause_check``; the camera's
+        moves are followed in ``self.interaction`` (see :meth:`pause_source`)."""
+        from qtpy.QtWidgets import QCheckBox
+
+        from .navigation import viewer_camera
+
+        self.interaction = Interaction()
+        camera = viewer_camera(self.viewer)
+        for emitter in (camera.events.center, camera.events.zoom):
+            emitter.connect(self.interaction.touch)
+        self.pause_check = QCheckBox("Pause while I pan or zoom")
+        self.pause_check.setChecked(True)
+        self.pause_check.setToolTip("The run waits between batches while the view moves, "
+                                    "so panning and zooming keep the CPU (few-core machines)")
+        return self.pause_check
+
+    def pause_source(self) -> Interaction | None:
+        """What a run started now pauses on: the camera's moves, None when unchecked."""
+        return self.interaction if self.pause_check.isChecked() else None
 
     def _pick_model(self) -> None:
         """A file dialog for a MIL checkpoint (``model_edit``, ``file_radio``)."""

@@ -44,7 +44,6 @@ from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QFont, QStandardItemModel
 from qtpy.QtWidgets import (
     QButtonGroup,
-    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -64,12 +63,11 @@ from qtpy.QtWidgets import (
 )
 
 from ..overlay.heatmap import PENDING
-from ._common import Interaction, JobDock, real_viewer, slide_mpp
+from ._common import PAUSED, JobDock, real_viewer, slide_mpp
 from ._common import Job as _BaseJob
 from ._common import one_line as _one_line
 from ._common import spin as _spin
 from ._common import stop_jobs as _stop_jobs
-from .navigation import viewer_camera
 
 log = logging.getLogger(__name__)
 
@@ -257,9 +255,7 @@ class Job(_BaseJob):
         last = time.perf_counter()
         try:
             while True:
-                if cfg.pause is not None and cfg.pause.active():
-                    yield Update("extract", *self.progress, "paused while the view moves")
-                    cfg.pause.wait(self.cancel)
+                yield from self._paused(cfg.pause, Update("extract", *self.progress, PAUSED))
                 try:
                     p = next(gen)
                 except StopIteration as stop:
@@ -434,7 +430,6 @@ class MILWidget(JobDock):
         self.pbar = None
         self.jobs_started = 0
         self.stream_s = 1.0
-        self.interaction = Interaction()  # camera moves: a run pauses (pause_check)
         self._shown = None  # the result drawn now (a partial one during a run)
         self._jobs: list = []  # (job, worker) pairs not yet finished
         self._slide_layers: list = []
@@ -446,9 +441,6 @@ class MILWidget(JobDock):
         self._build()
 
         self._connect_viewer()
-        camera = viewer_camera(self.viewer)
-        for emitter in (camera.events.center, camera.events.zoom):
-            emitter.connect(self.interaction.touch)
         self._fill_devices()
         self._on_model_choice()
 
@@ -566,17 +558,13 @@ class MILWidget(JobDock):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
-        self.pause_check = QCheckBox("Pause while I pan or zoom")
-        self.pause_check.setChecked(True)
-        self.pause_check.setToolTip("Extraction waits between batches while the view moves, "
-                                    "so panning and zooming keep the CPU (few-core machines)")
         self.status = QLabel("Idle.")
         self.status.setWordWrap(True)
         g.addWidget(QLabel("Device"), 0, 0)
         g.addWidget(self.device_combo, 0, 1)
         g.addWidget(QLabel("Batch"), 0, 2)
         g.addWidget(self.batch_spin, 0, 3)
-        g.addWidget(self.pause_check, 1, 0, 1, 4)
+        g.addWidget(self._pause_control(), 1, 0, 1, 4)
         g.addWidget(self.run_button, 2, 0, 1, 2)
         g.addWidget(self.cancel_button, 2, 2, 1, 2)
         g.addWidget(self.status, 3, 0, 1, 4)
@@ -842,7 +830,7 @@ class MILWidget(JobDock):
         cfg = RunConfig(slide=layer.metadata["slide"], model=model, card=card, model_name=name,
                         device=self.device_combo.currentText() or "auto",
                         batch_size=self.batch_spin.value(), stream_s=self.stream_s,
-                        pause=self.interaction if self.pause_check.isChecked() else None)
+                        pause=self.pause_source())
         if self.bag_radio.isChecked():
             path = self.bag_edit.text().strip()
             if not path:

@@ -62,7 +62,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import Job, JobDock, real_viewer, relay, slide_mpp, spin, stop_jobs
+from ._common import PAUSED, Job, JobDock, real_viewer, relay, slide_mpp, spin, stop_jobs
 from ._common import one_line as _one_line
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ class RunConfig:
     top_k: int = 20
     batch_size: int = 32
     device: str = "auto"
+    pause: Any = None  # a _common.Interaction: wait between batches while the view moves
 
 
 class RobustnessJob(Job):
@@ -202,6 +203,7 @@ class RobustnessJob(Job):
                          device=cfg.device, cancel=self.cancel, model_name=cfg.model_name)
         try:
             while True:
+                yield from self._paused(cfg.pause, Update("extract", *self.progress, PAUSED))
                 try:
                     p = next(gen)
                 except StopIteration as stop:
@@ -413,6 +415,7 @@ class StainWidget(JobDock):
             runrow.addWidget(QLabel(label))
             runrow.addWidget(w)
         form.addRow(runrow)
+        form.addRow(self._pause_control())
         v.addLayout(form)
         brow = QHBoxLayout()
         self.run_button = QPushButton("Run robustness")
@@ -777,7 +780,8 @@ class StainWidget(JobDock):
                          encoder_weights=self.weights_edit.text().strip() or None,
                          patch_um=self.patch_um.value(), top_k=self.k_spin.value(),
                          batch_size=self.batch_spin.value(),
-                         device=self.device_combo.currentText() or "auto")
+                         device=self.device_combo.currentText() or "auto",
+                         pause=self.pause_source())
 
     def run(self, *_) -> RobustnessJob | None:
         """Start a robustness run in a worker thread (None when nothing could start)."""
