@@ -17,13 +17,14 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from qtpy.QtCore import QEvent, Qt
 from qtpy.QtWidgets import QDoubleSpinBox, QWidget
 
 from .._reader import is_slide_layer
 
-__all__ = ["JOIN_TIMEOUT_S", "Job", "JobDock", "one_line", "real_viewer", "relay", "slide_mpp",
-           "spin", "stop_jobs"]
+__all__ = ["JOIN_TIMEOUT_S", "PAUSED", "Interaction", "Job", "JobDock", "one_line", "real_viewer",
+           "relay", "slide_frame", "slide_mpp", "spin", "stop_jobs"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,18 @@ class Interaction:
         """Block while the view moves, or until ``cancel`` is set."""
         while self.active() and not cancel.wait(poll_s):
             pass
+
+
+def slide_frame(slide_layer) -> np.ndarray:
+    """[3, 3] affine matrix: where a 2-D slide layer puts its scaled data in the world beyond
+    its scale, its ``affine`` after its translate, rotate and shear (napari's order), the
+    identity for a slide layer as opened. An overlay built in the slide's own world (level-0
+    pixels x mpp) takes it as its ``affine`` to sit on the slide (``JobDock._on_slide``)."""
+    from napari.utils.transforms import Affine
+
+    own = Affine(translate=slide_layer.translate[-2:], rotate=slide_layer.rotate[-2:, -2:],
+                 shear=slide_layer.shear[-1:], ndim=2)
+    return slide_layer.affine.affine_matrix[-3:, -3:] @ own.affine_matrix
 
 
 class Job:
@@ -248,6 +261,31 @@ class JobDock(QWidget):
         self.pause_check.setToolTip("The run waits between batches while the view moves, "
                                     "so panning and zooming keep the CPU (few-core machines)")
         return self.pause_check
+
+    def _on_slide(self, overlay, slide_layer=None) -> None:
+        """Keep ``overlay`` where its slide layer (default: the one picked now) is drawn.
+
+        Overlays are built in the slide's own world, level-0 pixels x mpp, which is where a
+        slide layer as opened sits. A user who moves the slide layer (its translate, rotate,
+        shear or affine: aligning two slides, say) moves the overlay with it: the overlay's
+        ``affine`` becomes the slide's placement beyond its scale (:func:`slide_frame`), now
+        and on every later change; the overlay's own scale and translate stay its local
+        placement.
+        """
+        slide_layer = slide_layer if slide_layer is not None else self.slide_layer
+        if slide_layer is None or overlay is None:
+            return
+        placed = self.__dict__.setdefault("_placed", [])
+        placed[:] = [(o, s) for o, s in placed if o is not overlay and o in self.viewer.layers]
+        placed.append((overlay, slide_layer))
+        overlay.affine = slide_frame(slide_layer)
+        for name in ("translate", "rotate", "shear", "affine"):
+            getattr(slide_layer.events, name).connect(self._slide_moved)  # once (napari)
+
+    def _slide_moved(self, event) -> None:
+        for overlay, slide_layer in getattr(self, "_placed", []):
+            if slide_layer is event.source and overlay in self.viewer.layers:
+                overlay.affine = slide_frame(slide_layer)
 
     def pause_source(self) -> Interaction | None:
         """What a run started now pauses on: the camera's moves, None when unchecked."""

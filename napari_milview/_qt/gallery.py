@@ -88,6 +88,7 @@ class TopKGallery(QWidget):
         self._indices = np.zeros(0, np.int64)
         self._ps = 1
         self._mpp: float | None = None
+        self._slide_layer = None
 
         self.header = QLabel("No selection yet.")
         self.header.setWordWrap(True)
@@ -127,6 +128,7 @@ class TopKGallery(QWidget):
         self._coords = result.coords[idx]
         self._ps = int(result.patch_size_level0)
         self._mpp = mpp
+        self._slide_layer = slide_layer
         scores = result.attention(source)[idx]
         self._clear()
         self.header.setText(f"{len(idx)} patches \u00b7 {source or result.default_source}"
@@ -202,12 +204,16 @@ class TopKGallery(QWidget):
 
     # ------------------------------------------------------------------ navigation
     def patch_centre(self, k: int) -> tuple[float, float]:
-        """World (row, col) of the centre of the ``k``-th patch shown."""
+        """World (row, col) of the centre of the ``k``-th patch shown (where the slide layer
+        draws it, wherever the user moved that layer)."""
         f = 1.0 if self._mpp is None else float(self._mpp)
         x, y = (float(v) for v in self._coords[k])
         # level-0 pixel i is centred on world i * mpp: the patch [x, x + ps) centres on
         # x + (ps - 1) / 2
         c = (self._ps - 1) / 2
+        if self._slide_layer is not None:
+            world = self._slide_layer.data_to_world((y + c, x + c))
+            return (float(world[-2]), float(world[-1]))
         return ((y + c) * f, (x + c) * f)
 
     def go_to(self, k: int, *_) -> None:

@@ -1030,6 +1030,7 @@ class MILWidget(JobDock):
         layer = self.viewer.add_image(data, name=self._layer_name("attention"), **kwargs)
         layer.colorbar.visible = True
         _install_status(layer, self)
+        self._on_slide(layer)
         self.heatmap_layer = layer
         return layer
 
@@ -1113,6 +1114,7 @@ class MILWidget(JobDock):
             else:
                 self.viewer.layers.insert(index, new)
             self.topk_layer = new
+            self._on_slide(new)
             keep = active if active is not None and active in self.viewer.layers and \
                 active is not layer else self.heatmap_layer
             if keep is not None:

@@ -698,10 +698,11 @@ class StainWidget(JobDock):
                                         "see the original.")
         if prev is None or prev not in self.viewer.layers:
             return
-        t = np.asarray(layer.translate, dtype=float).copy()
+        t = np.zeros(len(prev.translate))  # on the slide's own world, moved with it
         if side:
             t[-1] += self.preview_shift()
         prev.translate = tuple(t)
+        self._on_slide(prev, layer)
 
     def _on_visible(self, checked: bool) -> None:
         if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
@@ -893,8 +894,6 @@ class StainWidget(JobDock):
         kwargs["metadata"]["milview"] = "stability"
         kwargs["name"] = f"attention stability ({layer.name})" if layer is not None else \
             "attention stability"
-        if layer is not None and np.any(np.asarray(layer.translate) != 0):
-            kwargs["translate"] = tuple(np.add(kwargs["translate"], layer.translate[-2:]))
         old = self.stability_layer
         if old is not None and old in self.viewer.layers:
             old.data = data
@@ -902,9 +901,10 @@ class StainWidget(JobDock):
             old.translate = kwargs["translate"]
             old.metadata = kwargs["metadata"]
             old.name = kwargs["name"]
-            return
-        self.stability_layer = self.viewer.add_image(data, **kwargs)
-        self.stability_layer.colorbar.visible = True
+        else:
+            self.stability_layer = self.viewer.add_image(data, **kwargs)
+            self.stability_layer.colorbar.visible = True
+        self._on_slide(self.stability_layer, layer)
 
     def _set_export_enabled(self, enabled: bool) -> None:
         self.csv_button.setEnabled(enabled)

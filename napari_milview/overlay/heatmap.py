@@ -11,6 +11,10 @@ covers level-0 pixels [x, x + ps), i.e. world [(x - 1/2) mpp, (x + ps - 1/2) mpp
 cell (row i, col j) covers level-0 pixels [x0 + j c, x0 + (j + 1) c), so the heatmap layer
 gets ``scale = c mpp`` and ``translate = (x0 + c/2 - 1/2) mpp`` (per axis). Without an mpp
 everything is in level-0 pixels (mpp = 1), as the slide layer is.
+
+That is the slide layer as opened. When the user moves it (translate, rotate, shear, affine),
+the docks give each overlay the slide's placement as its ``affine``
+(``_qt._common.slide_frame``): the ``scale`` and ``translate`` made here stay as they are.
 """
 
 from __future__ import annotations

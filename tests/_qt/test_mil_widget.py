@@ -224,6 +224,24 @@ def test_end_to_end_streams_then_topk_inside_lesion(make_napari_viewer, qtbot, s
     h, wd = viewer.canvas.viewbox_size(viewer.layers)
     assert cam.zoom * ps * mpp == pytest.approx(min(h, wd) / 3)
 
+    # the user moves and turns the slide layer: heatmap, rectangles and gallery go with it,
+    # also through a later re-colour (which resets the heatmap's own scale and translate)
+    slide_layer.translate = (250.0, -400.0)
+    slide_layer.rotate = 30.0
+    w.set_source(other)
+    w.set_source(r.default_source)
+    on_slide = np.stack([slide_layer.data_to_world(np.array([y, x]))
+                         for x, y in r.coords + (ps - 1) / 2])  # world (row, col)
+    cells = np.floor(np.stack([heat.world_to_data(p) for p in on_slide]) + 0.5).astype(int)
+    np.testing.assert_allclose(heat.data[cells[:, 0], cells[:, 1]], shown, rtol=1e-6)
+    corner = np.asarray(w.topk_layer.data[0]).min(0)  # the rectangle's top-left, local
+    x0, y0 = r.coords[w.topk_layer.features["index"].to_numpy()[0]]
+    np.testing.assert_allclose(w.topk_layer.data_to_world(corner),
+                               slide_layer.data_to_world(np.array([y0 - 0.5, x0 - 0.5])),
+                               atol=1e-6)
+    gal.buttons[0].click()
+    np.testing.assert_allclose(cam.center[-2:], on_slide[idx[0]], atol=1e-6)
+
 
 def test_cancel_mid_run_stops_within_a_batch(make_napari_viewer, qtbot, svs, assets):
     # 16 um patches: ~2000 of them, 4 per batch, so the run is far from over when cancelled

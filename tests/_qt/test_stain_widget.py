@@ -124,6 +124,16 @@ def test_preview_follows_condition_and_parameters(make_napari_viewer, qtbot, svs
     assert "\u00b5m" in w.placement_info.text()
     w.placement_combo.setCurrentIndex(w.placement_combo.findData("overlay"))
     np.testing.assert_array_equal(prev.translate, slide_layer.translate)
+    # the user moves and turns the slide layer: the preview goes with it, in either placement
+    slide_layer.translate = (300.0, -120.0)
+    slide_layer.rotate = 20.0
+    p = np.array([700.0, 1500.0])  # a level-0 pixel (row, col)
+    np.testing.assert_allclose(prev.data_to_world(p), slide_layer.data_to_world(p), atol=1e-6)
+    w.placement_combo.setCurrentIndex(w.placement_combo.findData("side"))
+    shifted = slide_layer.data_to_world(p + (0, slide.info.dimensions[0] * 1.05))
+    np.testing.assert_allclose(prev.data_to_world(p), shifted, atol=1e-6)
+    w.placement_combo.setCurrentIndex(w.placement_combo.findData("overlay"))
+    slide_layer.translate, slide_layer.rotate = (0.0, 0.0), 0.0
     # toggling shows the original underneath
     w.visible_check.setChecked(False)
     assert not prev.visible
@@ -175,6 +185,11 @@ def test_robustness_run_table_stability_export(make_napari_viewer, qtbot, svs, t
     x0, y0 = rep.reference.coords[0]
     cell = np.floor(lay.world_to_data(np.array([(y0 + ps / 2) * mpp, (x0 + ps / 2) * mpp]))
                     + 0.5).astype(int)
+    assert lay.data[cell[0], cell[1]] == pytest.approx(float(rep.stability[0]))
+    slide_layer.translate = (-80.0, 40.0)  # moved by the user: the layer goes with the slide
+    slide_layer.rotate = -25.0
+    centre = slide_layer.data_to_world(np.array([y0 + ps / 2, x0 + ps / 2]))
+    cell = np.floor(lay.world_to_data(centre) + 0.5).astype(int)
     assert lay.data[cell[0], cell[1]] == pytest.approx(float(rep.stability[0]))
     assert tuple(lay.contrast_limits) == (0.0, 1.0)
     # exports
