@@ -93,11 +93,12 @@ def tiff_problems(path: str) -> tuple[list[str], list[tuple[int, int, str | None
                     break
                 seen[page.offset] = i
                 w, h = int(page.imagewidth), int(page.imagelength)
-                ends = [int(o) + int(n) for o, n in zip(page.dataoffsets, page.databytecounts)
-                        if o and n]
-                if ends and max(ends) > size:
+                offsets = np.asarray(page.dataoffsets, np.int64)
+                counts = np.asarray(page.databytecounts, np.int64)
+                ends = (offsets + counts)[(offsets != 0) & (counts != 0)]
+                if ends.size and ends.max() > size:
                     truncated.append(f"the file is truncated: it is {size} bytes but page {i}'s "
-                                     f"data extend to byte {max(ends)}")
+                                     f"data extend to byte {int(ends.max())}")
                 header = None
                 if w <= 0 or h <= 0:
                     pages.append(f"page {i} has zero size ({w} x {h} px)")

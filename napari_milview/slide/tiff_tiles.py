@@ -30,8 +30,8 @@ class TileOutsideFile(OSError):
 
 @dataclass
 class _PageTiles:
-    offsets: tuple[int, ...]
-    counts: tuple[int, ...]
+    offsets: np.ndarray  # [n_tiles] int64, row-major
+    counts: np.ndarray  # [n_tiles] int64
     grid_cols: int
     tile: tuple[int, int]  # (th, tw)
     decode: object  # tifffile's per-page decode function
@@ -77,8 +77,8 @@ class TiffTiles:
                     if len(page.dataoffsets) != rows * cols:
                         raise ValueError("tile table does not match the page size")
                     self.pages.append(_PageTiles(
-                        tuple(int(o) for o in page.dataoffsets),
-                        tuple(int(n) for n in page.databytecounts),
+                        np.asarray(page.dataoffsets, np.int64),
+                        np.asarray(page.databytecounts, np.int64),
                         cols, tile, page.decode, page.jpegtables,
                         (int(page.tilelength), int(page.tilewidth)),
                     ))
@@ -104,7 +104,7 @@ class TiffTiles:
         """
         pt = self.pages[level]
         index = row * pt.grid_cols + col
-        offset, count = pt.offsets[index], pt.counts[index]
+        offset, count = int(pt.offsets[index]), int(pt.counts[index])
         if not offset or not count:
             return None
         if offset + count > self._size:  # never allocate what a corrupt byte count claims
