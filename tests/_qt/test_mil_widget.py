@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -266,38 +265,11 @@ def test_cancel_mid_run_stops_within_a_batch(make_napari_viewer, qtbot, svs, ass
     _no_threads_left(qtbot, before)
 
 
-def test_run_pauses_while_the_view_moves(make_napari_viewer, qtbot, svs, assets):
-    """Camera moves hold the extraction between batches (the status says so); it goes on
-    once the view rests; Cancel still acts while it waits. Unticked, nothing waits."""
+def test_run_pauses_while_the_view_moves(make_napari_viewer, qtbot, svs, assets, check_pause):
+    """Camera moves hold the extraction between batches (conftest.check_pause)."""
     viewer, w, _ = _setup(make_napari_viewer, qtbot, svs, assets, patch_um=16.0, batch=4)
-    from napari_milview._qt.navigation import viewer_camera
-
     w.stream_s = -1.0
-    assert w.pause_check.isChecked() and w.run_config().pause is w.interaction
-    camera = viewer_camera(viewer)
-
-    def move(seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            camera.zoom = camera.zoom * 1.001
-            qtbot.wait(30)
-
-    with qtbot.waitSignal(w.run_finished, timeout=60_000) as blocker:
-        job = w.run()
-        qtbot.waitUntil(lambda: job.progress[0] > 0, timeout=20_000)
-        move(0.3)  # the pause starts at the next batch
-        held = job.progress[0]
-        move(0.8)
-        assert job.progress[0] == held, "a batch went through while the view moved"
-        assert "paused" in w.status.text().lower()
-        qtbot.waitUntil(lambda: job.progress[0] > held, timeout=10_000)  # the view rests
-        move(0.3)
-        w.cancel()  # while paused
-    assert blocker.args == ["cancelled"]
-    assert job.progress[0] < job.progress[1]
-
-    w.pause_check.setChecked(False)
-    assert w.run_config().pause is None
+    check_pause(viewer, w)
 
 
 def test_error_then_a_good_run(make_napari_viewer, qtbot, svs, assets, tmp_path):

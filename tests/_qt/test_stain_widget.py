@@ -206,39 +206,12 @@ def test_robustness_run_table_stability_export(make_napari_viewer, qtbot, svs, t
     assert w.stability_layer is lay and len(viewer.layers) == 2
 
 
-def test_run_pauses_while_the_view_moves(make_napari_viewer, qtbot, svs):
-    """As in the MIL dock: camera moves hold the run between batches, the status says so,
-    it goes on once the view rests, Cancel acts while it waits; unticked, nothing waits."""
-    import time
-
-    from napari_milview._qt.navigation import viewer_camera
-
+def test_run_pauses_while_the_view_moves(make_napari_viewer, qtbot, svs, check_pause):
+    """As in the MIL dock: camera moves hold the run between batches (conftest.check_pause)."""
     viewer, w, _ = _setup(make_napari_viewer, svs)
     w.patch_um.setValue(16.0)  # ~2000 patches per condition, 4 per batch
     w.batch_spin.setValue(4)
-    assert w.pause_check.isChecked() and w.run_config().pause is w.interaction
-    camera = viewer_camera(viewer)
-
-    def move(seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            camera.zoom = camera.zoom * 1.001
-            qtbot.wait(30)
-
-    with qtbot.waitSignal(w.run_finished, timeout=60_000) as blocker:
-        job = w.run()
-        qtbot.waitUntil(lambda: job.progress[0] > 0, timeout=30_000)
-        move(0.3)  # the pause starts at the next batch
-        held = job.progress[0]
-        move(0.8)
-        assert job.progress[0] == held, "a batch went through while the view moved"
-        assert "paused" in w.status.text().lower()
-        qtbot.waitUntil(lambda: job.progress[0] > held, timeout=10_000)  # the view rests
-        move(0.3)
-        w.cancel()  # while paused
-    assert blocker.args == ["cancelled"]
-    w.pause_check.setChecked(False)
-    assert w.run_config().pause is None
+    check_pause(viewer, w)
 
 
 def test_cancel_and_teardown_leave_no_threads(make_napari_viewer, qtbot, svs):
