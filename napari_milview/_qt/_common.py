@@ -237,6 +237,7 @@ class JobDock(QWidget):
         deleted with the viewer, application quit)."""
         from qtpy.QtWidgets import QApplication
 
+        self._placed: list = []  # (overlay layer, its slide layer): see _on_slide
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
         self.destroyed.connect(partial(stop_jobs, self._jobs))
@@ -275,15 +276,15 @@ class JobDock(QWidget):
         slide_layer = slide_layer if slide_layer is not None else self.slide_layer
         if slide_layer is None or overlay is None:
             return
-        placed = self.__dict__.setdefault("_placed", [])
-        placed[:] = [(o, s) for o, s in placed if o is not overlay and o in self.viewer.layers]
-        placed.append((overlay, slide_layer))
+        self._placed = [(o, s) for o, s in self._placed
+                        if o is not overlay and o in self.viewer.layers]
+        self._placed.append((overlay, slide_layer))
         overlay.affine = slide_frame(slide_layer)
         for name in ("translate", "rotate", "shear", "affine"):
             getattr(slide_layer.events, name).connect(self._slide_moved)  # once (napari)
 
     def _slide_moved(self, event) -> None:
-        for overlay, slide_layer in getattr(self, "_placed", []):
+        for overlay, slide_layer in self._placed:
             if slide_layer is event.source and overlay in self.viewer.layers:
                 overlay.affine = slide_frame(slide_layer)
 
