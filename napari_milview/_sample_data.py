@@ -21,7 +21,8 @@ def sample_slide_path(lesion: bool = True) -> Path:
     from .synthetic import write_synthetic_slide
 
     tag = "lesion" if lesion else "normal"
-    out = sample_dir() / f"synthetic-{tag}-s{SAMPLE['seed']}-{SAMPLE['width']}x{SAMPLE['height']}.svs"
+    size = f"{SAMPLE['width']}x{SAMPLE['height']}"
+    out = sample_dir() / f"synthetic-{tag}-s{SAMPLE['seed']}-{size}.svs"
     if not (out.exists() and out.with_suffix(".json").exists()):
         import tempfile
 

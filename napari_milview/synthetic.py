@@ -1255,9 +1255,7 @@ def write_synthetic_slide(
                 yield level0_job(tx, ty)
 
     def level0_bytes(executor):
-        n = 0
-        for b in _ordered(executor, level0_jobs(), 4 * workers + 4):
-            n += 1
+        for n, b in enumerate(_ordered(executor, level0_jobs(), 4 * workers + 4), start=1):
             if n % ntx == 0 and zgroup is not None:  # row complete: store it before the
                 ty = n // ntx - 1                      # last yield (tifffile stops pulling)
                 y0 = ty * t
@@ -1324,7 +1322,7 @@ def write_synthetic_slide(
         tw.write(macro, compression="jpeg", compressionargs={"level": 90, "outcolorspace": "RGB"},
                  subsampling=(1, 1), subfiletype=9, rowsperstrip=16,
                  description=f"{_APERIO}\nmacro {macro.shape[1]}x{macro.shape[0]}", **common)
-    del arrays, level1
+    arrays = level1 = None  # level 1 (W * H * 3 / 16 bytes) is written: free it
 
     # --- lesion mask, statistics, sidecars
     lesion_mask = scene.lesion_mask(width, height, ds) if lesion else np.zeros(

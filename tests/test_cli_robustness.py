@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,9 +62,9 @@ def test_prints_conditions_then_summary_and_writes_files(slide, tmp_path, capsys
     # files
     stem = slide.name.split(".")[0]
     assert summary["csv"] == str(out / f"{stem}.robustness.csv")
-    table = list(csv.DictReader(open(summary["csv"])))
+    table = list(csv.DictReader(Path(summary["csv"]).read_text().splitlines()))
     assert [t["condition"] for t in table] == [*DEFAULT_CONDITIONS, "min-max range"]
-    doc = json.loads(open(summary["json"]).read())
+    doc = json.loads(Path(summary["json"]).read_text())
     assert doc["summary"]["range"] == summary["range"]
     assert len(list((out / "cache").glob("*.h5"))) == len(DEFAULT_CONDITIONS)
     # the second run re-uses the bag files: same numbers

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -59,7 +60,7 @@ def test_heatmap_layer_carries_its_result(heat):
 def test_geojson_csv_h5(heat, tmp_path):
     viewer, _, r = heat
     [p] = _save(viewer, tmp_path / "svs.geojson")
-    doc = json.loads(open(p).read())
+    doc = json.loads(Path(p).read_text())
     detections = [f for f in doc["features"] if f["properties"]["objectType"] == "detection"]
     assert len(detections) == r.n
     got = [f["properties"]["measurements"]["attention"] for f in detections]
@@ -96,7 +97,7 @@ def test_sidecar_round_trip_in_napari(heat, make_napari_viewer, tmp_path):
     viewer, _, r = heat
     out = _save(viewer, tmp_path / "svs.milview.json")
     assert out[0].endswith("svs.milview.json") and out[1].endswith("svs.result.h5")
-    doc = json.loads(open(out[0]).read())
+    doc = json.loads(Path(out[0]).read_text())
     assert doc["attention_source"] == "head/0" and doc["colormap"] == "magma"
     assert doc["normalisation"] == {"method": "fixed", "vmin": 0.0, "vmax": 0.02, "zoom": 1.0}
 

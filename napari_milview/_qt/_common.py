@@ -8,6 +8,7 @@ teardown or its ``destroyed`` signal).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -205,10 +206,8 @@ def stop_jobs(jobs: list, wait: bool = True) -> None:
     for job, worker in list(jobs):
         job.orphaned = True
         job.stop()
-        try:
+        with contextlib.suppress(RuntimeError):  # the worker's Qt object is already gone
             worker.quit()
-        except RuntimeError:  # the worker's Qt object is already gone
-            pass
     if wait:
         for job, _ in list(jobs):
             job.join()

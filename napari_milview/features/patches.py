@@ -135,8 +135,8 @@ def extent_from_coords_attrs(attrs: dict[str, Any], where: str) -> tuple[int, st
     if abs(ex - ey) > 0.01 * max(ex, ey):
         raise BagError(where, f"patches are not square at level 0 ({ex:g} x {ey:g} px)")
     extent = int(round((ex + ey) / 2))
-    how = f"patch_size {ps:g} at level {level if level is not None else '?'} x downsample " \
-          f"{(dx + dy) / 2:g}"
+    how = (f"patch_size {ps:g} at level {level if level is not None else '?'} x downsample "
+           f"{(dx + dy) / 2:g}")
     if factor != 1.0:
         how += f" x custom_downsample {factor:g}"
     return extent, how

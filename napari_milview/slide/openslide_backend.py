@@ -13,6 +13,7 @@ a TIFF is checked with tifffile before OpenSlide opens it, and tile sizes before
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -160,7 +161,8 @@ def diagnose_tiff(path: str) -> str | None:
 
 
 def _mpp_source(props: dict[str, str]) -> str:
-    """Where OpenSlide's ``openslide.mpp-x`` came from: the TIFF resolution tag or a vendor field."""
+    """Where OpenSlide's ``openslide.mpp-x`` came from: the TIFF resolution tag or a vendor
+    field."""
     if parse_mpp(props.get("openslide.mpp-x")) is None:
         return "none"
     unit = props.get("tiff.ResolutionUnit", "")
@@ -398,10 +400,8 @@ class OpenSlideBackend:
 
 
 def _close_quietly(osr) -> None:
-    try:
+    with contextlib.suppress(Exception):  # closing a dead handle
         osr.close()
-    except Exception:  # noqa: BLE001, S110 - closing a dead handle
-        pass
 
 
 def _rgba_to_rgb(rgba: np.ndarray) -> np.ndarray:

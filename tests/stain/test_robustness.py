@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,7 +203,7 @@ def test_exports_csv_and_json(case, tmp_path):
     rep = _run(case, conditions=["reference", "hed-strong"], top_k=7)
     assert rep.conditions == ["reference", "hed-strong"] and rep.top_k == 7
     csv_path = rep.to_csv(tmp_path / "r.csv")
-    rows = list(csv.DictReader(open(csv_path)))
+    rows = list(csv.DictReader(Path(csv_path).read_text().splitlines()))
     assert [r["condition"] for r in rows] == ["reference", "hed-strong", "min-max range"]
     assert list(rows[0]) == ["condition", "predicted", "p_normal", "p_lesion",
                              "jaccard_top7", "features"]
