@@ -222,7 +222,11 @@ class Job(_BaseJob):
         yield Update("attend", message=f"running {cfg.card.arch} on {bag.n} patches")
         self.calls["attend"] += 1
         result = attend(bag, cfg.model, cfg.card, device=cfg.device, model_name=cfg.model_name)
-        import scipy.stats  # noqa: F401 - loaded here, off the GUI thread: 'rank' needs it
+        # loaded here, off the GUI thread: 'rank' normalisation needs scipy.stats, and napari
+        # builds the top-K layer's features table with pandas (~0.3 s to import the first
+        # time, which would stall the viewer at the moment the result is shown)
+        import pandas  # noqa: F401
+        import scipy.stats  # noqa: F401
 
         return result
 
