@@ -1018,8 +1018,10 @@ class MILWidget(JobDock):
             if tuple(getattr(layer, key)) != tuple(kwargs[key]):
                 setattr(layer, key, kwargs[key])
         layer.data = data
-        layer.contrast_limits_range = cl
-        layer.contrast_limits = cl
+        if tuple(layer.contrast_limits_range) != tuple(cl):  # each redraws the colour bar
+            layer.contrast_limits_range = cl
+        if tuple(layer.contrast_limits) != tuple(cl):
+            layer.contrast_limits = cl
         if layer.colormap.name != kwargs["colormap"]:
             layer.colormap = kwargs["colormap"]
         if layer.opacity != kwargs["opacity"]:
