@@ -15,6 +15,7 @@ from napari_milview.tissue import (
     patch_grid,
     read_patch,
     read_patches,
+    resize_box,
     tile_order,
     tissue_mask,
 )
@@ -186,8 +187,9 @@ def test_read_patch_equals_openslide(svs, slide, mag, px, level, size):
         for i in (0, len(g) // 2, len(g) - 1):
             x, y = (int(v) for v in g.coords[i])
             ref = osr.read_region((x, y), level, (size, size)).convert("RGB")
-            if size != px:
-                ref = ref.resize((px, px), Image.BOX)
+            if size != px:  # whole multiples here: the exact rounded block mean
+                assert size % px == 0
+                ref = ref.reduce(size // px)
             np.testing.assert_array_equal(read_patch(slide, g, i), np.asarray(ref))
     finally:
         osr.close()
@@ -254,6 +256,28 @@ def test_read_patches_uncached_decodes_each_tile_once_and_keeps_few(svs, mag, px
         assert kept == len(decoded) and kept_u <= 2 * n_batches < kept
     else:
         assert kept_u == kept
+
+
+@pytest.mark.parametrize("side, size", [(512, 256), (256, 64), (96, 32), (100, 48)])
+def test_resize_box_is_the_block_mean(side, size):
+    """Whole multiples: each pixel the mean of its f x f block, rounded half up (exactly for
+    f = 2, 4; within one level for f = 3); other ratios: Pillow's BOX filter; the same side:
+    the same array."""
+    img = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    out = resize_box(img, size)
+    assert out.shape == (size, size, 3) and out.dtype == np.uint8
+    if side % size == 0:
+        f = side // size
+        blocks = img.reshape(size, f, size, f, 3).astype(np.int64).sum(axis=(1, 3))
+        mean = (blocks + f * f // 2) // (f * f)
+        if f in (2, 4):
+            np.testing.assert_array_equal(out, mean)
+        else:
+            assert np.abs(out.astype(np.int64) - mean).max() <= 1
+    else:
+        ref = Image.fromarray(img).resize((size, size), Image.BOX)
+        np.testing.assert_array_equal(out, np.asarray(ref))
+    assert resize_box(img, side) is img
 
 
 def test_tile_order_groups_patches_by_tile(slide):
