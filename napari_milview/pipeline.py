@@ -301,7 +301,7 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
     """
     import torch
 
-    from .tissue import read_patches, tile_order
+    from .tissue import read_patches, tile_order, tile_uses
 
     path = str(getattr(slide, "path", "slide"))
     coords = np.asarray(grid.coords)
@@ -332,10 +332,10 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
     chunk = batch_size  # forward rows per call; halved for good on an out-of-memory error
 
     def load(idx: np.ndarray) -> Any:
-        # one batch per worker thread: whole tiles (tile order), their patches cut out; the
-        # tiles are read once, so they stay out of the tile cache (the viewer's tiles stay in
+        # one batch per worker thread: whole tiles (tile order), their patches cut out; a
+        # tile no other batch needs stays out of the tile cache (the viewer's tiles stay in
         # it, and each decoded tile's memory is reused at once)
-        patches = read_patches(slide, grid, idx, cache=False)
+        patches = read_patches(slide, grid, idx, uses=uses)
         if transform is not None:
             out = transform(patches)
             if getattr(out, "shape", None) != patches.shape or out.dtype != np.uint8:
@@ -357,6 +357,7 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
     # batches follow the slide's tiles (each tile decoded once, its patches cut in one copy);
     # the features go back to grid order
     order = tile_order(slide, grid)
+    uses = tile_uses(slide, grid)
     batches = iter([order[s:s + batch_size] for s in range(0, n, batch_size)])
     pool = ThreadPoolExecutor(n_workers, thread_name_prefix=THREAD_PREFIX,
                               initializer=_reader_thread)

@@ -496,7 +496,29 @@ def tile_order(slide, grid: PatchGrid) -> np.ndarray:
     return np.lexsort((lx, ly, lx // tw, ly // th)).astype(np.int64)
 
 
-def read_patches(slide, grid: PatchGrid, indices, *, cache: bool = True) -> np.ndarray:
+def tile_uses(slide, grid: PatchGrid) -> np.ndarray:
+    """How many of the grid's patches touch each native tile of ``grid.read_level``.
+
+    Returns
+    -------
+    [rows, cols] int32, the level's tile grid. An extraction pass hands it to
+    :func:`read_patches` so that a tile no other read will need stays out of the tile cache.
+    """
+    lv = slide.info.levels[grid.read_level]
+    (th, tw), (h, w), rs = lv.tile, lv.shape, grid.read_size
+    rows, cols = lv.grid
+    ly, lx = _read_corners(slide, grid, np.arange(grid.coords.shape[0]))
+    # each patch adds 1 over its (clipped) rectangle of tiles: a 2-D difference array
+    r0, r1 = np.clip(ly, 0, h - 1) // th, np.clip(ly + rs - 1, 0, h - 1) // th + 1
+    c0, c1 = np.clip(lx, 0, w - 1) // tw, np.clip(lx + rs - 1, 0, w - 1) // tw + 1
+    diff = np.zeros((rows + 1, cols + 1), np.int32)
+    for rr, cc, sign in ((r0, c0, 1), (r0, c1, -1), (r1, c0, -1), (r1, c1, 1)):
+        np.add.at(diff, (rr, cc), sign)
+    return diff.cumsum(0).cumsum(1)[:rows, :cols].astype(np.int32)
+
+
+def read_patches(slide, grid: PatchGrid, indices, *, uses: np.ndarray | None = None
+                 ) -> np.ndarray:
     """Several patches, equal to :func:`read_patch` of each, read with the fewest copies.
 
     Patches inside one native tile (the usual case: a grid anchored at the slide origin
@@ -508,12 +530,12 @@ def read_patches(slide, grid: PatchGrid, indices, *, cache: bool = True) -> np.n
     Parameters
     ----------
     indices : [B] int, positions in ``grid.coords``.
-    cache : bool
-        False for a pass over the slide in :func:`tile_order` batches (extraction): a tile
-        whose patches all lie in this call is decoded without entering the slide's tile
-        cache (see ``Slide.tile``). The call's first and last tiles, which the neighbouring
-        batches share, are still cached, and so is every tile when some patch straddles
-        tiles.
+    uses : [rows, cols] int, optional
+        :func:`tile_uses` of the grid, for a pass over the whole slide (extraction): a tile
+        that only this read needs (one tile's group of patches, or one strip) is decoded
+        without entering the slide's tile cache, so the pass does not evict the tiles a
+        viewer shows and each decoded tile's memory is reused at once. A tile that other
+        patches also touch is cached as usual. None (default): every tile is cached.
 
     Returns
     -------
@@ -541,14 +563,9 @@ def read_patches(slide, grid: PatchGrid, indices, *, cache: bool = True) -> np.n
     if len(sel):
         order = sel[np.argsort(key[sel], kind="stable")]
         cuts = np.flatnonzero(np.diff(key[order])) + 1
-        tile_of = key[order][np.r_[0, cuts]] // 2  # each group's tile, in tile order
-        # kept in the cache: tiles a neighbouring batch or a second group may need again
-        again = tile_of[1:][tile_of[1:] == tile_of[:-1]]
-        keep = (None if cache or not one_tile.all()
-                else {int(tile_of[0]), int(tile_of[-1]), *again.tolist()})
-        for t, group in zip(tile_of.tolist(), np.split(order, cuts)):
+        for group in np.split(order, cuts):
             r, c = int(row[group[0]]), int(col[group[0]])
-            tile = slide.tile(level, r, c, cache=keep is None or t in keep)
+            tile = slide.tile(level, r, c, cache=uses is None or uses[r, c] > len(group))
             oy, ox = ly[group] - r * th, lx[group] - c * tw
             if blocks[group[0]]:
                 grid_view = np.ascontiguousarray(tile).reshape(th // rs, rs, tw // rs, rs,
@@ -567,7 +584,13 @@ def read_patches(slide, grid: PatchGrid, indices, *, cache: bool = True) -> np.n
             end += 1
         run = order[start:end]
         x0, y0 = int(lx[run[0]]), int(ly[run[0]])
-        strip = slide.read(level, y0, x0, rs, int(lx[run[-1]]) - x0 + rs)
+        keep = None
+        if uses is not None:  # a tile is kept when patches outside this strip touch it
+            first, last = lx[run] // tw, (lx[run] + rs - 1) // tw
+
+            def keep(r, c, first=first, last=last):
+                return uses[r, c] > int(((first <= c) & (c <= last)).sum())
+        strip = slide.read(level, y0, x0, rs, int(lx[run[-1]]) - x0 + rs, keep=keep)
         for k in run:
             dx = int(lx[k]) - x0
             out[k] = resize_box(strip[:, dx:dx + rs], grid.patch_px)

@@ -17,6 +17,7 @@ from napari_milview.tissue import (
     read_patches,
     resize_box,
     tile_order,
+    tile_uses,
     tissue_mask,
 )
 
@@ -227,35 +228,57 @@ def test_read_patches_equals_read_patch_in_any_order(slide, mag, px, shift):
         np.testing.assert_array_equal(batch[k], read_patch(slide, g, int(i)), err_msg=f"{i}")
 
 
-@pytest.mark.parametrize("mag, px, shift", [(10, 64, 0), (10, 64, 40)])
-def test_read_patches_uncached_decodes_each_tile_once_and_keeps_few(svs, mag, px, shift):
-    """An extraction pass (tile-order batches, cache=False) gives the cached pass's pixels,
-    decodes each tile once, and leaves at most the batches' shared edge tiles in the cache;
-    with patches straddling tiles every tile stays cached (strips re-read them)."""
+@pytest.mark.parametrize("mag, px, shift", [
+    (10, 64, 0),    # whole 4 x 4 blocks per 256-px tile
+    (10, 64, 40),   # off the tiles' sub-grid: one-tile cuts and strips
+    (20, 256, 0),   # 20x on 40x: 512-px strips over 2 x 2 tiles, resized
+    (20, 256, 100),  # the same, straddling: neighbouring strips share tiles
+])
+def test_extraction_reads_each_tile_once_and_keeps_only_shared_ones(svs, mag, px, shift):
+    """An extraction pass (tile-order batches with ``uses``) gives the cached pass's pixels,
+    decodes each tile once, and leaves in the cache only tiles that patches of another read
+    (group or strip) also touch."""
     import dataclasses
 
     from napari_milview.slide.cache import TileCache
 
-    def run(cache):
+    def run(extraction):
         with open_slide(svs.path, cache=TileCache(1 << 30)) as s:
             g = patch_grid(s, patch_px=px, mag=mag, min_tissue=0.0)
             g = dataclasses.replace(g, coords=g.coords + shift)
-            order = tile_order(s, g)
+            order, uses = tile_order(s, g), tile_uses(s, g)
             before, decoded = len(s.cache), []
             decode = s._decode_tile
             s._decode_tile = lambda *key: decoded.append(key) or decode(*key)
             batches = [order[i:i + 37] for i in range(0, len(order), 37)]
-            pix = np.concatenate([read_patches(s, g, b, cache=cache) for b in batches])
-            return pix, decoded, len(s.cache) - before, len(batches)
+            pix = np.concatenate([read_patches(s, g, b, uses=uses if extraction else None)
+                                  for b in batches])
+            kept = {k[1:] for k in s.cache._items if k[0] == s._key}
+            return pix, decoded, kept, uses
 
-    pix, decoded, kept, n_batches = run(True)
-    pix_u, decoded_u, kept_u, _ = run(False)
+    pix, decoded, kept, uses = run(False)
+    pix_u, decoded_u, kept_u, _ = run(True)
     np.testing.assert_array_equal(pix_u, pix)
     assert len(decoded_u) == len(set(decoded_u)) == len(set(decoded))
-    if shift == 0:  # aligned: whole tiles, only the batches' first and last tiles kept
-        assert kept == len(decoded) and kept_u <= 2 * n_batches < kept
-    else:
-        assert kept_u == kept
+    level = decoded_u[0][0]
+    shared = {k for k in kept if k[0] == level and uses[k[1], k[2]] > 1}
+    assert kept_u <= kept and {k for k in kept_u if k[0] == level} <= shared
+    if any(uses[r, c] == 1 for _, r, c in decoded_u):  # tiles one patch needs: not kept
+        assert kept_u < kept
+    if (mag, shift) == (20, 0):  # aligned strips: no tile is shared, none is kept
+        assert not shared and not {k for k in kept_u if k[0] == level}
+
+
+def test_tile_uses_counts_the_patches_on_each_tile(svs, slide):
+    g = patch_grid(slide, patch_px=256, mag=20, min_tissue=0.0)  # 512 px on 256-px tiles
+    uses = tile_uses(slide, g)
+    assert uses.shape == slide.info.levels[g.read_level].grid
+    ly, lx = g.coords[:, 1], g.coords[:, 0]
+    expect = np.zeros_like(uses)
+    for y, x in zip(ly.tolist(), lx.tolist()):
+        expect[y // 256:(y + 511) // 256 + 1, x // 256:(x + 511) // 256 + 1] += 1
+    np.testing.assert_array_equal(uses, expect)
+    assert uses.max() == 1  # an aligned 512-px grid: every tile under one patch at most
 
 
 @pytest.mark.parametrize("side, size", [(512, 256), (256, 64), (96, 32), (100, 48)])

@@ -201,11 +201,14 @@ class Slide:
                 (r, c), fut = pending.popleft()
                 yield r, c, fut.result()
 
-    def read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+    def read(self, level: int, y: int, x: int, h: int, w: int, *,
+             keep: Callable[[int, int], bool] | None = None) -> np.ndarray:
         """A region of ``level`` in that level's pixels, assembled from cached tiles.
 
         Tiles missing from the cache are decoded in parallel on a small shared thread pool
         (OpenSlide and libjpeg release the GIL). Parts outside the level are white.
+        ``keep(row, col)`` decides whether a tile decoded here enters the tile cache
+        (default: every one; see :meth:`tile`).
 
         Returns
         -------
@@ -223,12 +226,15 @@ class Slide:
                 for c in range(x0 // tw, (x1 - 1) // tw + 1)]
         tiles = {k: self.cache.get((self._key, level, *k)) for k in keys}
         missing = [k for k, t in tiles.items() if t is None]
+        def get(k):
+            return self.tile(level, *k, cache=keep is None or bool(keep(*k)))
+
         if len(missing) > 1 and not getattr(_pool_local, "inside", False):
-            for k, t in zip(missing, _tile_pool().map(lambda k: self.tile(level, *k), missing)):
+            for k, t in zip(missing, _tile_pool().map(get, missing)):
                 tiles[k] = t
         else:
             for k in missing:
-                tiles[k] = self.tile(level, *k)
+                tiles[k] = get(k)
         for (r, c), t in tiles.items():
             ty, tx = r * th, c * tw
             sy0, sy1 = max(y0, ty), min(y1, ty + t.shape[0])
