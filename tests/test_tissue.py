@@ -247,7 +247,7 @@ def test_extraction_reads_each_tile_once_and_keeps_only_shared_ones(svs, mag, px
             g = patch_grid(s, patch_px=px, mag=mag, min_tissue=0.0)
             g = dataclasses.replace(g, coords=g.coords + shift)
             order, uses = tile_order(s, g), tile_uses(s, g)
-            before, decoded = len(s.cache), []
+            decoded = []
             decode = s._decode_tile
             s._decode_tile = lambda *key: decoded.append(key) or decode(*key)
             batches = [order[i:i + 37] for i in range(0, len(order), 37)]
