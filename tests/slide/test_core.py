@@ -111,6 +111,26 @@ def test_iter_tiles_scans_in_order_without_filling_the_cache(svs):
         assert len(s.cache) >= 4
 
 
+def test_tile_and_read_can_leave_the_cache_alone(svs):
+    """``tile(cache=False)`` and ``read(keep=...)`` give the same pixels; only the tiles
+    ``keep`` picks enter the cache; a cached tile is used either way."""
+    with open_slide(svs.path, cache=TileCache(64 * 2**20)) as s:
+        t = s.tile(0, 1, 1, cache=False)
+        assert len(s.cache) == 0 and not t.flags.writeable
+        picked = []
+
+        def keep(r, c):
+            picked.append((r, c))
+            return (r, c) == (0, 1)
+
+        region = s.read(0, 100, 100, 300, 300, keep=keep)  # tiles (0..1, 0..1)
+        assert sorted(picked) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert [k[1:] for k in s.cache._items] == [(0, 0, 1)]
+        np.testing.assert_array_equal(region, s.read(0, 100, 100, 300, 300))
+        np.testing.assert_array_equal(t, s.tile(0, 1, 1))
+        assert s.tile(0, 0, 1, cache=False) is s.tile(0, 0, 1)  # the cached one
+
+
 def test_non_integer_downsample_levels_stay_aligned(odd_svs):
     """2001 x 1533 gives downsamples like 4.0014: OpenSlide's read_region then resamples
     by a sub-pixel offset, so equality is impossible; we serve the stored tiles and stay
