@@ -9,6 +9,12 @@ import sys
 from pathlib import Path
 
 
+def default_readers() -> int:
+    """Reader threads of an extraction when ``--workers`` is not given: min(8, CPU cores), at
+    least 2 (on the CPU ``extract_bag`` caps them at torch's threads)."""
+    return max(2, min(8, os.cpu_count() or 2))
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from .slide import open_slide
 
@@ -112,7 +118,7 @@ def _cmd_extract(args: argparse.Namespace) -> int:
                 bar.update(len(p.features))
 
         try:
-            workers = args.workers or max(2, min(8, os.cpu_count() or 2))
+            workers = args.workers or default_readers()
             bag = collect(extract_bag(slide, grid, encoder, batch_size=args.batch_size,
                                       device=args.device, workers=workers), show)
         except KeyboardInterrupt:  # the generator has shut its readers down
@@ -291,7 +297,7 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
         gen = robustness(slide, grid, encoder, model, card, names, reference=reference,
                          library=library, seed=args.seed, source=args.source,
                          top_k=args.top_k, batch_size=args.batch_size, device=args.device,
-                         workers=args.workers or max(2, min(8, os.cpu_count() or 2)),
+                         workers=args.workers or default_readers(),
                          cancel=cancel, cache_dir=cache_dir, model_name=model_name)
         bar = None
         try:
