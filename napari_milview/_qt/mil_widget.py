@@ -88,6 +88,20 @@ def gui_torch_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def gui_readers(device: str) -> int:
+    """Reader threads of an extraction inside napari. On a GPU the readers bound the run
+    (the GPU waits on decoded tiles): as many as the command line's default, leaving napari
+    and the thread feeding the GPU a core each. On the CPU 2, each running the forward on
+    its own batches with half of torch's threads (``pipeline.extract_bag``)."""
+    import os
+
+    from ..pipeline import resolve_device
+
+    if resolve_device(device).type != "cuda":
+        return 2
+    return max(2, min(8, (os.cpu_count() or 2) - 2))
+
+
 def fill_edge(grid: np.ndarray) -> np.ndarray:
     """Fill the NaN cells that touch a scored cell with the mean of their scored neighbours.
 
@@ -254,7 +268,8 @@ class Job(_BaseJob):
         self._check()
         self.calls["extract"] += 1
         gen = extract_bag(cfg.slide, grid, encoder, batch_size=cfg.batch_size,
-                          device=cfg.device, cancel=self.cancel)
+                          device=cfg.device, workers=gui_readers(cfg.device),
+                          cancel=self.cancel)
         feats = have = None
         last = time.perf_counter()
         try:

@@ -472,3 +472,22 @@ def test_closing_widget_or_viewer_mid_run_leaves_no_threads(make_napari_viewer, 
     qtbot.waitUntil(job2.done.is_set, timeout=10_000)
     qtbot.waitUntil(lambda: job2.gen.gi_frame is None, timeout=10_000)
     _no_threads_left(qtbot, before)
+
+
+def test_reader_and_thread_counts_inside_napari():
+    """CPU runs: 2 readers that also run the forward, torch on every core but one; asking
+    for CUDA where there is none is the same clear error as the run's."""
+    import os
+
+    import torch
+
+    from napari_milview._qt.mil_widget import gui_readers, gui_torch_threads
+
+    assert gui_torch_threads() == max(1, (os.cpu_count() or 2) - 1)
+    assert gui_readers("cpu") == 2
+    if torch.cuda.is_available():
+        assert 2 <= gui_readers("cuda") <= 8
+    else:
+        assert gui_readers("auto") == 2
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            gui_readers("cuda")
