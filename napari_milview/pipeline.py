@@ -333,8 +333,8 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
 
     def load(idx: np.ndarray) -> Any:
         # one batch per worker thread: whole tiles (tile order), their patches cut out; a
-        # tile no other batch needs stays out of the tile cache (the viewer's tiles stay in
-        # it, and each decoded tile's memory is reused at once)
+        # tile that no other read needs stays out of the tile cache (the viewer's tiles stay
+        # in it, and each decoded tile's memory is reused at once)
         patches = read_patches(slide, grid, idx, uses=uses)
         if transform is not None:
             out = transform(patches)

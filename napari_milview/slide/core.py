@@ -226,6 +226,7 @@ class Slide:
                 for c in range(x0 // tw, (x1 - 1) // tw + 1)]
         tiles = {k: self.cache.get((self._key, level, *k)) for k in keys}
         missing = [k for k, t in tiles.items() if t is None]
+
         def get(k):
             return self.tile(level, *k, cache=keep is None or bool(keep(*k)))
 
