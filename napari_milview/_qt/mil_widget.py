@@ -1032,6 +1032,9 @@ class MILWidget(JobDock):
         for key in ("scale", "translate"):
             if tuple(getattr(layer, key)) != tuple(kwargs[key]):
                 setattr(layer, key, kwargs[key])
+        slide = self.slide_layer
+        if slide is not None and tuple(layer.units) != tuple(slide.units):
+            layer.units = tuple(slide.units)
         layer.data = data
         if tuple(layer.contrast_limits_range) != tuple(cl):  # each redraws the colour bar
             layer.contrast_limits_range = cl
@@ -1063,10 +1066,13 @@ class MILWidget(JobDock):
         if self.heatmap_layer is not None and self.heatmap_layer in self.viewer.layers:
             return
         kw = self._heatmap_kwargs()
+        slide = self.slide_layer
         self._add_heatmap_layer(np.full((1, 1), np.nan, np.float32), {
             "colormap": kw["colormap"], "opacity": kw["opacity"], "blending": "translucent",
             "interpolation2d": kw["interpolation"], "contrast_limits": (0.0, 1.0),
-            "metadata": {"milview": PENDING}})
+            "metadata": {"milview": PENDING},
+            # the slide's units (microns): one layer in pixels turns napari's units off
+            **({"units": tuple(slide.units)} if slide is not None else {})})
 
     def _drop_pending_heatmap(self) -> None:
         """Remove the empty layer of :meth:`_prepare_heatmap_layer` if no result filled it."""

@@ -129,6 +129,7 @@ def test_end_to_end_streams_then_topk_inside_lesion(make_napari_viewer, qtbot, s
         assert empty is not None and empty.metadata["milview"] == PENDING
         assert empty.data.shape == (1, 1) and not np.isfinite(empty.data).any()
         assert empty.colorbar.visible
+        assert tuple(empty.units) == tuple(slide_layer.units)  # microns, as the slide's
         w.worker.yielded.connect(lambda u: bars.append((w.pbar.total, w.pbar.n)
                                                        if w.pbar is not None else None))
     assert blocker.args == ["done"], w.status.text()
@@ -155,6 +156,7 @@ def test_end_to_end_streams_then_topk_inside_lesion(make_napari_viewer, qtbot, s
     # heatmap: colour bar on, and every patch's cell is where the patch is (no one-patch shift)
     heat = w.heatmap_layer
     assert heat in viewer.layers and heat.colorbar.visible
+    assert tuple(heat.units) == tuple(w.topk_layer.units) == tuple(slide_layer.units)
     assert viewer.layers.selection.active is heat
     shown = normalise(r.attention(w.source), w.method)
     ps = r.patch_size_level0
