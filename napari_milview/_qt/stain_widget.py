@@ -668,6 +668,7 @@ class StainWidget(JobDock):
         else:
             prev.data = data
             prev.scale = tuple(layer.scale)
+            prev.units = tuple(layer.units)  # the slide picked now may be another one
             prev.metadata = meta
             prev.name = name
         self._place_preview()
