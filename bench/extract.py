@@ -17,7 +17,10 @@ shipped, the same network with random weights: the same cost) on the CPU:
     (read + decode + cut into uint8 batches, 2 workers);
 (d) the physical floor of reading: the JPEG decode alone (tifffile's decoder, libjpeg-turbo
     via imagecodecs, as the pipeline calls it) of the tiles the grid needs, their bytes in
-    memory beforehand, on 2 threads.
+    memory beforehand, on 2 threads;
+(r) the reading side of resnet50_trunc's grid on the same slide (20x patches at 40x: 512 px
+    read, halved), 1 worker, and (r') the same with the halving done by Pillow's BOX resize,
+    as before ``tissue.resize_box`` used ``reduce``.
 
 On a CPU run reading and the forward compete for the same cores, so the pipeline cannot
 beat ``1 / (1/a + 1/c)`` (the "bound" row; ``min(a, c)`` on a GPU, where they overlap);
@@ -261,6 +264,34 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
             torch.set_num_threads(budget)
 
     nothing = NoEncoder(spec)  # (c): the pipeline's reading side alone
+    with fresh() as slide:  # (r): resnet50_trunc's grid, 20x patches on this 40x slide
+        grid20 = patch_grid(slide, patch_px=256, mag=20)
+
+    def read20(box: bool) -> float:
+        """(r): the reading side of the 20x grid (512 px read, halved), 1 worker; with
+        ``box`` the halving by Pillow's BOX resize, as before ``resize_box`` used reduce."""
+        import napari_milview.tissue as tissue
+
+        shipped = tissue.resize_box
+
+        def box_resize(img, size):
+            import numpy as np
+            from PIL import Image
+
+            if img.shape[0] == size:
+                return img
+            return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize(
+                (size, size), Image.BOX))
+
+        tissue.resize_box = box_resize if box else shipped
+        try:
+            with fresh() as slide, input_step_off():
+                t = time.perf_counter()
+                collect(extract_bag(slide, grid20, nothing, batch_size=bs, device=dev,
+                                    workers=1))
+                return time.perf_counter() - t
+        finally:
+            tissue.resize_box = shipped
 
     def pipeline(workers: int, enc=encoder) -> float:
         with fresh() as slide:
@@ -285,10 +316,13 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         with input_step_off():
             times.setdefault("read", []).append(pipeline(2, nothing))
         times.setdefault("decode", []).append(decode_all())
+        times.setdefault("read20", []).append(read20(False))
+        times.setdefault("read20box", []).append(read20(True))
     info["others"] = others_cores(cpu0, cpu_seconds())
     info["load_after"] = os.getloadavg()
 
-    rate = {k: n / statistics.median(v) for k, v in times.items()}
+    rate = {k: (len(grid20.coords) if k.startswith("read20") else n) / statistics.median(v)
+            for k, v in times.items()}
     best = max(rate[f"bare{k}"] for k in streams)  # (a): the faster way to run the forward
     best_ready = max(rate[f"ready{k}"] for k in streams)  # (a'): the same, normalised before
     dev_name = info["gpu"] if cuda else info["cpu"]
@@ -349,6 +383,13 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     how_ceiling = "min(a, d)" if cuda else "1 / (1/a + 1/d)"
     lines.append(f"| {dev_name} | ceiling for any pipeline: {how_ceiling} | {ceiling:.0f} | "
                  f"{ceiling / best:.2f} | {ceiling / best_ready:.2f} | - |")
+    lines.append(f"| {dev_name} | (r) reading side of resnet50_trunc's grid: "
+                 f"{len(grid20.coords)} patches at 20x on this 40x slide ({grid20.read_size} px "
+                 f"read, halved to {grid20.patch_px} by Pillow's reduce), 1 worker | "
+                 f"{rate['read20']:.0f} | - | - | - |")
+    lines.append(f"| {dev_name} | (r') the same, halved by Pillow's BOX resize (before): r / r' "
+                 f"= {rate['read20'] / rate['read20box']:.2f} | {rate['read20box']:.0f} | - | - "
+                 "| - |")
     if not cuda:
         lines.append("| GPU (bf16 autocast, channels_last) | (a), (b), (c) | unmeasured | "
                      "unmeasured | unmeasured | unmeasured |")
