@@ -505,3 +505,84 @@ def attend(bag: Bag, model: MILModel, card: ModelCard, *, device: Any = "auto",
                   slide=None if slide is None else str(slide), slide_id=bag.slide_id,
                   encoder=bag.encoder, model=model_name, device=str(dev), timings=timings,
                   meta=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# checks before a bag meets a slide
+# --------------------------------------------------------------------------------------------
+def check_bag_fits(bag: Bag, slide: Any, *, allow: bool = False) -> list[str]:
+    """Refuse a bag that cannot have been made on ``slide``, before any inference.
+
+    Two signs: a patch lies outside the slide's level-0 extent by more than one patch
+    (``coords`` [N, 2] level-0 (x, y) beyond (width, height), or below -patch), or the bag
+    stores the slide file it was made from (``bag.meta["slide"]``: our own h5) and its name
+    is not this slide's.
+
+    Parameters
+    ----------
+    bag : Bag
+        coords [N, 2] int64.
+    slide : napari_milview.slide.Slide
+        The slide the user runs on.
+    allow : bool
+        The user knows better: the problems come back as notes instead of an error.
+
+    Returns
+    -------
+    list[str]
+        The problems found (empty when the bag fits); only returned when ``allow``.
+
+    Raises
+    ------
+    BagError
+        Naming both files and the problem, and how to run anyway.
+    """
+    w, h = slide.info.dimensions
+    slide_path = Path(str(slide.path))
+    problems = []
+    if len(bag.coords):
+        ps = int(bag.patch_size_level0 or 0)
+        (x0, y0), (x1, y1) = bag.coords.min(axis=0), bag.coords.max(axis=0)
+        if x1 > w or y1 > h or x0 < -ps or y0 < -ps:
+            problems.append(f"its patches reach level-0 ({int(x1)}, {int(y1)}) "
+                            f"[from ({int(x0)}, {int(y0)})], outside the slide's "
+                            f"{w} x {h} px")
+    stored = bag.meta.get("slide")
+    if stored and Path(str(stored)).name != slide_path.name:
+        problems.append(f"it was made from {Path(str(stored)).name}")
+    if problems and not allow:
+        raise BagError(bag.where, f"does not fit the slide {slide_path.name}: "
+                       f"{'; '.join(problems)} (is the bag from another slide? to run it "
+                       "anyway, tick 'Run a bag that does not fit the slide')")
+    return problems
+
+
+#: The note a demo-model result carries on a slide the demo model was not trained on.
+DEMO_NOTE = ("demo model: trained on napari-milview's synthetic slides only; on this slide "
+             "its output is a demonstration, not a prediction")
+
+
+def demo_note(model_name: str | None, slide: Any) -> str | None:
+    """:data:`DEMO_NOTE` when ``model_name`` is the bundled demo model and ``slide`` (a
+    Slide, or None when unknown) is not one of the package's synthetic slides."""
+    if model_name != "demo":
+        return None
+    return None if slide is not None and is_synthetic(slide) else DEMO_NOTE
+
+
+def is_synthetic(slide: Any) -> bool:
+    """True for a slide ``synthetic.write_synthetic_slide`` wrote: its Aperio title says so,
+    or the JSON it writes beside the slide (``NAME.json`` for ``NAME.svs`` and
+    ``NAME.ome.zarr``) names the generator."""
+    import json
+
+    title = slide.info.properties.get("aperio.Title", "")
+    if title.startswith("napari-milview synthetic"):
+        return True
+    path = Path(str(slide.path))
+    stem = path.name.split(".")[0]
+    try:
+        doc = json.loads((path.parent / f"{stem}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("generator") == "napari_milview.synthetic"

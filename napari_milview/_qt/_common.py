@@ -226,8 +226,8 @@ class JobDock(QWidget):
     built (and :meth:`_pause_control` while building, to let its runs wait while the view
     moves: :meth:`pause_source` for the run's config, ``Job._paused`` between its batches),
     and implements ``_on_layers_changed``, ``_on_model_choice``,
-    ``_on_update(job, update)``, ``_show_done(result)``, ``_update_enabled()``, optionally
-    ``_run_ended(outcome)``, and
+    ``_on_update(job, update)``, ``_show_done(job)``, ``_update_enabled()``, optionally
+    ``_run_ended(job)``, and
     ``stop_all(wait)``; it has a ``run_finished`` signal (str: the outcome).
     """
 
@@ -365,7 +365,10 @@ class JobDock(QWidget):
 
     def _on_finished(self, job: Job, *_) -> None:
         """The run's worker ended (finished, failed or cancelled): status line, notification,
-        ``_show_done(result)`` on success, controls re-enabled, ``run_finished(outcome)``."""
+        ``_show_done(job)`` on success, controls re-enabled, ``run_finished(outcome)``.
+
+        A layer a subclass drops in ``_run_ended`` goes on a later turn of the event loop
+        (``overlays.remove_later``), never in this step, which shows a notification."""
         from napari.utils.notifications import show_error, show_info
 
         job.close()  # a run stopped between yields: end its worker threads now
@@ -378,10 +381,17 @@ class JobDock(QWidget):
         self.job = self.worker = None
         if pbar is not None:
             pbar.close()
-        outcome = job.outcome if job.outcome != "pending" else "cancelled"
+        if job.outcome == "pending":  # stopped between yields
+            job.outcome = "cancelled"
+        if job.outcome == "done":
+            try:
+                self._show_done(job)
+            except Exception as e:  # noqa: BLE001 - the run still ends, with a word
+                log.exception("showing the result of %s failed", type(job).__name__)
+                job.outcome, job.error = "failed", f"showing the result: {one_line(e)}"
+        outcome = job.outcome
         if outcome == "done":
             self.status.setText("Done.")
-            self._show_done(job.result)
         elif outcome == "failed":
             self.status.setText(f"Failed: {job.error}")
             show_error(f"{self._desc}: {job.error}")
@@ -390,11 +400,11 @@ class JobDock(QWidget):
             self.status.setText(f"Cancelled after {done} of {total} patches." if total
                                 else "Cancelled.")
             show_info(f"{self._desc}: run cancelled")
-        self._run_ended(outcome)
+        self._run_ended(job)
         self._update_enabled()
         self.run_finished.emit(outcome)
 
-    def _run_ended(self, outcome: str) -> None:
+    def _run_ended(self, job: Job) -> None:
         """Called once a run has ended and its result (if any) is shown."""
 
     def cancel(self, *_) -> None:

@@ -44,6 +44,7 @@ from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QFont, QStandardItemModel
 from qtpy.QtWidgets import (
     QButtonGroup,
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -68,6 +69,7 @@ from ._common import Job as _BaseJob
 from ._common import one_line as _one_line
 from ._common import spin as _spin
 from ._common import stop_jobs as _stop_jobs
+from .overlays import SlideOverlays
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +190,8 @@ class RunConfig:
     ``patch_um`` None means the encoder's own patch size (``spec.patch_px`` x ``spec.mpp``).
     ``stream_s`` < 0 turns off the partial heatmaps. With ``pause`` (an
     :class:`._common.Interaction`) extraction waits between batches while the view moves.
+    ``allow_foreign_bag``: run a bag that does not fit the slide (``pipeline.check_bag_fits``)
+    with a note instead of refusing it.
     """
 
     slide: Any
@@ -202,6 +206,7 @@ class RunConfig:
     batch_size: int = 32
     stream_s: float = 1.0
     pause: Any = None
+    allow_foreign_bag: bool = False
 
 
 class Job(_BaseJob):
@@ -222,20 +227,24 @@ class Job(_BaseJob):
 
     def _run(self) -> Generator[Update, None, Any]:
         from ..features.io import load_bag
-        from ..pipeline import attend
+        from ..pipeline import attend, check_bag_fits, demo_note
 
         cfg = self.config
         yield Update("prepare", message="preparing")
+        notes = []
         if cfg.bag_path:
             yield Update("load", message=f"reading {Path(cfg.bag_path).name}")
             bag = load_bag(cfg.bag_path)
-            self._check_bag_coords(bag)
+            notes += check_bag_fits(bag, cfg.slide, allow=cfg.allow_foreign_bag)
         else:
             bag = yield from self._extract()
         self._check()
         yield Update("attend", message=f"running {cfg.card.arch} on {bag.n} patches")
         self.calls["attend"] += 1
         result = attend(bag, cfg.model, cfg.card, device=cfg.device, model_name=cfg.model_name)
+        notes += [n for n in [demo_note(cfg.model_name, cfg.slide)] if n]
+        if notes:
+            result.meta["notes"] = [*result.meta.get("notes", []), *notes]
         # loaded here, off the GUI thread: 'rank' normalisation needs scipy.stats, and napari
         # builds the top-K layer's features table with pandas (~0.3 s to import the first
         # time, which would stall the viewer at the moment the result is shown)
@@ -243,15 +252,6 @@ class Job(_BaseJob):
         import scipy.stats  # noqa: F401
 
         return result
-
-    def _check_bag_coords(self, bag) -> None:
-        w, h = self.config.slide.info.dimensions
-        x, y = bag.coords.max(axis=0)
-        if x >= w or y >= h:
-            import warnings
-
-            warnings.warn(f"{bag.where}: patch coordinates reach ({x}, {y}), beyond this slide "
-                          f"({w} x {h} px): is the bag from another slide?", stacklevel=2)
 
     def _extract(self) -> Generator[Update, None, Any]:
         from ..pipeline import build_encoder_for, extract_bag
@@ -368,8 +368,11 @@ class PredictionPanel(QWidget):
         self.headline.setText(text)
         self.info.setText("")
 
-    def set_result(self, result, partial: bool = False) -> None:
-        """Show ``result``'s probabilities [C], predicted class, N, timings and device."""
+    def set_result(self, result, partial: bool = False, ended: str = "") -> None:
+        """Show ``result``'s probabilities [C], predicted class, N, timings and device.
+
+        ``partial``: the model on the patches encoded so far; with ``ended`` (why the run
+        stopped) the bars are greyed out and the headline says there is no prediction."""
         probs = np.asarray(result.probabilities, dtype=float)
         if len(self.bars) != len(probs):
             self.clear()
@@ -396,7 +399,12 @@ class PredictionPanel(QWidget):
             self.names[i].setText(cls)
             self.bars[i].setValue(int(round(1000 * float(p))))
             self.values[i].setText(f"{float(p):.3f}")
-        if partial:
+        for bar in self.bars:
+            bar.setEnabled(not ended)
+        if partial and ended:
+            self.headline.setText(f"<b>No prediction</b>: the run was {ended}. The heatmap "
+                                  "shows the attention on the patches encoded until then.")
+        elif partial:
             n_done = result.meta.get("n_done", result.n)
             self.headline.setText(f"<i>So far ({n_done} of {result.n} patches): "
                                   f"{result.predicted_class}</i>")
@@ -427,7 +435,8 @@ class MILWidget(JobDock):
     ----------
     result : Result or None
         The last complete result shown.
-    heatmap_layer, topk_layer : the layers this widget owns (None until a result).
+    heatmap_layer, topk_layer : the picked slide's layers (None until a result); each slide
+        layer has its own (:class:`.overlays.SlideOverlays`, ``overlays_for``).
     jobs_started : int
         Runs started so far (tests check that display changes start none).
     """
@@ -440,21 +449,17 @@ class MILWidget(JobDock):
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(parent)
         self.viewer = real_viewer(napari_viewer)
-        self.result = None
-        self.heatmap_layer = None
-        self.topk_layer = None
+        self._overlays: list[SlideOverlays] = []  # one per slide layer that has results
+        self._loose: SlideOverlays | None = None  # a result opened without a slide layer
         self.gallery = None
         self.job: Job | None = None
         self.worker = None
         self.pbar = None
         self.jobs_started = 0
         self.stream_s = 1.0
-        self._shown = None  # the result drawn now (a partial one during a run)
         self._jobs: list = []  # (job, worker) pairs not yet finished
         self._slide_layers: list = []
         self._model = None  # (model, card, name)
-        self._bag_source = None
-        self._indices = np.zeros(0, np.int64)
         self._fixed_set = False
         self._docked = False
         self._build()
@@ -462,6 +467,52 @@ class MILWidget(JobDock):
         self._connect_viewer()
         self._fill_devices()
         self._on_model_choice()
+
+    # ------------------------------------------------------------------ per slide
+    def overlays_for(self, slide_layer=None, create: bool = True) -> SlideOverlays | None:
+        """The :class:`SlideOverlays` of ``slide_layer`` (default: the one picked now; None
+        with no slide layer: the result opened without one)."""
+        slide_layer = slide_layer if slide_layer is not None else self.slide_layer
+        if slide_layer is None:
+            if self._loose is None and create:
+                self._loose = SlideOverlays(self.viewer, None, self._on_slide)
+            return self._loose
+        for ov in self._overlays:
+            if ov.slide_layer is slide_layer:
+                return ov
+        if not create:
+            return None
+        ov = SlideOverlays(self.viewer, slide_layer, self._on_slide)
+        self._overlays.append(ov)
+        return ov
+
+    @property
+    def current(self) -> SlideOverlays:
+        """What is shown on the slide picked now."""
+        return self.overlays_for()
+
+    @property
+    def result(self):
+        """The last complete result on the picked slide (None before one)."""
+        return self.current.result
+
+    @property
+    def heatmap_layer(self):
+        """The picked slide's heatmap layer (None before a run)."""
+        return self.current.heatmap
+
+    @property
+    def topk_layer(self):
+        """The picked slide's top-K layer (None before a result)."""
+        return self.current.topk
+
+    @property
+    def _shown(self):
+        return self.current.shown
+
+    @property
+    def _indices(self) -> np.ndarray:
+        return self.current.indices
 
     # ------------------------------------------------------------------ building
     def _build(self) -> None:
@@ -531,6 +582,11 @@ class MILWidget(JobDock):
         row.addWidget(self.bag_edit, 1)
         row.addWidget(bbtn)
         v.addWidget(self.bag_box)
+        self.foreign_check = QCheckBox("Run a bag that does not fit the slide")
+        self.foreign_check.setToolTip("A bag whose patches lie outside this slide, or that "
+                                      "names another slide file, is refused; tick to run it "
+                                      "anyway (the result carries a warning)")
+        v.addWidget(self.foreign_check)
         layout.addWidget(box)
 
         # Model
@@ -719,10 +775,11 @@ class MILWidget(JobDock):
     # ------------------------------------------------------------------ slide
     def _on_layers_changed(self, event=None) -> None:
         self._follow_slide_layers(event)
-        if self.heatmap_layer is not None and self.heatmap_layer not in self.viewer.layers:
-            self.heatmap_layer = None
-        if self.topk_layer is not None and self.topk_layer not in self.viewer.layers:
-            self.topk_layer = None
+        # a removed slide's overlays are forgotten (its layers stay: the user's to remove)
+        self._overlays = [ov for ov in self._overlays if ov.slide_layer in self.viewer.layers]
+        for ov in [*self._overlays, self._loose]:
+            if ov is not None:
+                ov.forget_removed()
         self._on_slide_choice()
 
     def _on_slide_choice(self, index: int = -1) -> None:
@@ -737,13 +794,27 @@ class MILWidget(JobDock):
             um = f"{mpp:.4g} \u00b5m/px ({meta.get('mpp_source', '?')})" if mpp else \
                 "mpp unknown: pixel units"
             self.slide_info.setText(f"{w} x {h} px \u00b7 {um}")
+        self._show_panel()
         self._update_enabled()
+
+    def _show_panel(self) -> None:
+        """The prediction panel, sources and exports for the slide picked now."""
+        ov = self.current
+        shown = ov.shown
+        if shown is None:
+            self.prediction.clear()
+        else:
+            if self.source_combo.count() == 0 or self.source not in shown.sources:
+                self._fill_sources(shown)
+            self.prediction.set_result(shown, partial=shown is not ov.result, ended=ov.ended)
+        self._set_display_enabled(ov.result is not None and shown is ov.result)
 
     # ------------------------------------------------------------------ features
     def _on_feature_choice(self, checked: bool = True) -> None:
         extract = self.extract_radio.isChecked()
         self.extract_box.setEnabled(extract)
         self.bag_box.setEnabled(not extract)
+        self.foreign_check.setEnabled(not extract)
 
     def _on_encoder_choice(self, name: str) -> None:
         from ..features.encoders import EncoderError, encoder_spec
@@ -855,6 +926,7 @@ class MILWidget(JobDock):
             if not path:
                 raise ValueError("choose a bag file")
             cfg.bag_path = path
+            cfg.allow_foreign_bag = self.foreign_check.isChecked()
         else:
             cfg.encoder = self.encoder_combo.currentText()
             cfg.encoder_weights = self.weights_edit.text().strip() or None
@@ -873,9 +945,11 @@ class MILWidget(JobDock):
             show_error(f"MIL attention: {e}")
             return None
         job = Job(cfg)
-        self._prepare_heatmap_layer()
+        ov = job.overlays = self.current  # the run's layers belong to this slide
+        ov.ended = ""
+        self._prepare_heatmap_layer(ov)
         worker = self._start_job(job, "MIL attention")
-        self._bag_source = (cfg.bag_path if cfg.bag_path else f"extracted with {cfg.encoder}")
+        ov.bag_source = cfg.bag_path if cfg.bag_path else f"extracted with {cfg.encoder}"
         self._update_enabled()
         worker.start()
         return job
@@ -894,11 +968,11 @@ class MILWidget(JobDock):
             text = u.message
         self.status.setText(text[:1].upper() + text[1:])
         if u.partial is not None:
-            self.show_result(u.partial, partial=True)
+            self.show_result(u.partial, partial=True, ov=job.overlays)
         pbar = self.pbar
         if job is not self.job or pbar is None:
             return
-        if u.stage != "extract":
+        if u.stage != "extract" or u.message == PAUSED:
             pbar.set_description(f"MIL attention: {u.message}")
         elif u.total:
             if pbar.total != u.total:
@@ -912,16 +986,34 @@ class MILWidget(JobDock):
                 self._pbar_t = now
                 pbar.update(u.done - pbar.n)
 
-    def _show_done(self, result) -> None:
-        self.show_result(result)
+    def _show_done(self, job: Job) -> None:
+        self.show_result(job.result, ov=job.overlays)
 
-    def _run_ended(self, outcome: str) -> None:
-        self._drop_pending_heatmap()  # failed or cancelled before any heatmap
+    def _run_ended(self, job: Job) -> None:
+        """A run that did not finish: its pending heatmap layer goes (later, see
+        ``overlays``); partial heatmaps stay, marked partial, and the prediction panel says
+        there is no prediction."""
+        ov = job.overlays
+        ov.drop_pending()
+        if job.outcome == "done":
+            return
+        done, total = job.progress
+        verb = "cancelled" if job.outcome != "failed" else "failed"
+        ov.mark_ended(f"{verb} after {done} of {total} patches" if total else verb)
+        if ov is self.current:
+            self._show_panel()
 
     def stop_all(self, wait: bool = True) -> None:
-        """Cancel every run of this widget and (by default) join its thread."""
+        """Cancel every run of this widget and (by default) join its thread; their partial
+        layers are marked (never removed while napari may draw them)."""
+        running = [job for job, _ in self._jobs]
         _stop_jobs(self._jobs, wait=wait)
-        self._drop_pending_heatmap()
+        for job in running:
+            ov = getattr(job, "overlays", None)
+            if ov is not None:
+                ov.drop_pending()
+                if ov.shown is not None and ov.shown is not ov.result:
+                    ov.mark_ended("stopped when the dock closed")
         pbar, self.pbar = self.pbar, None
         self.job = self.worker = None
         if pbar is not None:
@@ -930,23 +1022,29 @@ class MILWidget(JobDock):
             self.gallery.stop()
 
     # ------------------------------------------------------------------ results
-    def show_result(self, result, partial: bool = False) -> None:
-        """Show ``result``: prediction panel, heatmap layer, top-K layer (not for partial)."""
-        first = self.result is None or self.result.sources.keys() != result.sources.keys()
+    def show_result(self, result, partial: bool = False, ov: SlideOverlays | None = None
+                    ) -> None:
+        """Show ``result`` on ``ov``'s slide (default: the picked one): its heatmap and top-K
+        layers (top-K not for a partial result), and, when that slide is the picked one, the
+        prediction panel and the display controls."""
+        ov = ov if ov is not None else self.current
         if partial and self.job is None:
             return  # a late partial of a run that has ended
         if not partial:
-            self.result = result
-        self._shown = result
-        self.prediction.set_result(result, partial=partial)
-        if first or self.source_combo.count() == 0:
-            self._fill_sources(result)
-        self._set_display_enabled(not partial)
-        self.update_heatmap()
+            ov.result = result
+            ov.ended = ""
+        ov.shown = result
+        if ov is self.current:
+            first = self.source_combo.count() == 0 or self.source not in result.sources
+            self.prediction.set_result(result, partial=partial)
+            if first:
+                self._fill_sources(result)
+            self._set_display_enabled(not partial)
+        self.update_heatmap(ov)
         if not partial:
-            self.update_topk()
+            self.update_topk(ov)
             self.result_ready.emit(result)
-            if self.gallery is None:
+            if self.gallery is None and ov is self.current:
                 self.show_gallery()
 
     def _fill_sources(self, result) -> None:
@@ -1001,134 +1099,104 @@ class MILWidget(JobDock):
 
     @property
     def mpp(self) -> float | None:
-        """Microns per level-0 pixel the layers are placed with (slide layer's, else result's)."""
-        mpp = slide_mpp(self.slide_layer)
-        if mpp is None and self.slide_layer is None and self._shown is not None:
-            return self._shown.mpp
-        return mpp
+        """Microns per level-0 pixel the picked slide's layers are placed with."""
+        return self._mpp_of(self.current)
 
-    def update_heatmap(self) -> None:
-        """(Re)draw the heatmap of the shown result with the current display settings."""
+    def _source_of(self, result) -> str:
+        """The source picked in the dock, or ``result``'s default when it lacks that one (a
+        run on another slide with another model)."""
+        src = self.source
+        return src if src in result.sources else result.default_source
+
+    def _mpp_of(self, ov: SlideOverlays) -> float | None:
+        """Microns per level-0 pixel ``ov``'s layers are placed with: its slide layer's,
+        else (no slide layer) its result's."""
+        if ov.slide_layer is not None:
+            return slide_mpp(ov.slide_layer)
+        return ov.shown.mpp if ov.shown is not None else None
+
+    def update_heatmap(self, ov: SlideOverlays | None = None) -> None:
+        """(Re)draw ``ov``'s heatmap (default: the picked slide's) with the display settings."""
         from ..overlay.heatmap import heatmap_layer
 
-        result = self._shown
+        ov = ov if ov is not None else self.current
+        result = ov.shown
         if result is None or self.source is None:
             return
         kw = self._heatmap_kwargs()
-        data, kwargs, _ = heatmap_layer(result, self.source, self.method, mpp=self.mpp,
-                                        name="attention", **kw)
+        data, kwargs, _ = heatmap_layer(result, self._source_of(result), self.method,
+                                        mpp=self._mpp_of(ov), name="attention", **kw)
         if kwargs["interpolation2d"] == "linear":
             data = fill_edge(data)
-        layer = self.heatmap_layer
-        if layer is None or layer not in self.viewer.layers:
-            self._add_heatmap_layer(data, kwargs)
-            if self._shown is not result:  # another result came in while the layer was added
-                self.update_heatmap()
+        if not ov.alive(ov.heatmap):
+            ov.add_heatmap(data, kwargs, partial(_install_status, widget=self))
+            if ov.shown is not result:  # another result came in while the layer was added
+                self.update_heatmap(ov)
             return
-        cl = kwargs["contrast_limits"]
-        layer.metadata = kwargs["metadata"]
-        # set only what changed: each setter re-slices the layer (ms each, on the GUI thread,
-        # once a second while a run streams partial heatmaps)
-        for key in ("scale", "translate"):
-            if tuple(getattr(layer, key)) != tuple(kwargs[key]):
-                setattr(layer, key, kwargs[key])
-        slide = self.slide_layer
-        if slide is not None and tuple(layer.units) != tuple(slide.units):
-            layer.units = tuple(slide.units)
-        layer.data = data
-        if tuple(layer.contrast_limits_range) != tuple(cl):  # each redraws the colour bar
-            layer.contrast_limits_range = cl
-        if tuple(layer.contrast_limits) != tuple(cl):
-            layer.contrast_limits = cl
-        if layer.colormap.name != kwargs["colormap"]:
-            layer.colormap = kwargs["colormap"]
-        if layer.opacity != kwargs["opacity"]:
-            layer.opacity = kwargs["opacity"]
-        if str(layer.interpolation2d) != kwargs["interpolation2d"]:
-            layer.interpolation2d = kwargs["interpolation2d"]
+        ov.set_heatmap(data, kwargs)
 
-    def _add_heatmap_layer(self, data: np.ndarray, kwargs: dict):
-        """The heatmap Image layer with its colour bar and hover score (``kwargs`` as
-        ``overlay.heatmap.heatmap_layer`` gives them; its name is ours)."""
-        kwargs = {k: v for k, v in kwargs.items() if k != "name"}
-        layer = self.viewer.add_image(data, name=self._layer_name("attention"), **kwargs)
-        layer.colorbar.visible = True
-        _install_status(layer, self)
-        self._on_slide(layer)
-        self.heatmap_layer = layer
-        return layer
-
-    def _prepare_heatmap_layer(self) -> None:
-        """At Run: an empty heatmap layer (one transparent cell, its colour bar on), unless
-        one is there. Creating the layer and drawing its colour bar for the first time costs
-        napari ~0.4 s of the GUI thread with software OpenGL; paid at the click, the run's
-        partial heatmaps later only update it (docs/BENCHMARKS.md, responsiveness)."""
-        if self.heatmap_layer is not None and self.heatmap_layer in self.viewer.layers:
+    def _prepare_heatmap_layer(self, ov: SlideOverlays) -> None:
+        """At Run: an empty heatmap layer (one transparent cell, no colour bar yet), unless
+        one is there. Creating a layer costs napari ~0.4 s of the GUI thread with software
+        OpenGL; paid at the click, the run's partial heatmaps later only update it
+        (docs/BENCHMARKS.md, responsiveness)."""
+        if ov.alive(ov.heatmap):
             return
         kw = self._heatmap_kwargs()
-        slide = self.slide_layer
-        self._add_heatmap_layer(np.full((1, 1), np.nan, np.float32), {
+        ov.add_heatmap(np.full((1, 1), np.nan, np.float32), {
             "colormap": kw["colormap"], "opacity": kw["opacity"], "blending": "translucent",
             "interpolation2d": kw["interpolation"], "contrast_limits": (0.0, 1.0),
-            "metadata": {"milview": PENDING},
-            # the slide's units (microns): one layer in pixels turns napari's units off
-            **({"units": tuple(slide.units)} if slide is not None else {})})
+            "metadata": {"milview": PENDING}}, partial(_install_status, widget=self),
+            pending=True)
 
-    def _drop_pending_heatmap(self) -> None:
-        """Remove the empty layer of :meth:`_prepare_heatmap_layer` if no result filled it."""
-        layer = self.heatmap_layer
-        if layer is not None and layer.metadata.get("milview") == PENDING:
-            self.heatmap_layer = None
-            if layer in self.viewer.layers:
-                self.viewer.layers.remove(layer)
-
-    def _layer_name(self, what: str) -> str:
-        layer = self.slide_layer
-        return f"{what} ({layer.name})" if layer is not None else what
-
-    def selection(self) -> np.ndarray:
-        """[K] bag indices the top-K settings pick from the current result (best first)."""
+    def selection(self, ov: SlideOverlays | None = None) -> np.ndarray:
+        """[K] bag indices the top-K settings pick from ``ov``'s result (best first)."""
         from ..overlay.normalise import normalise
         from ..overlay.topk import select
 
-        r = self.result
+        ov = ov if ov is not None else self.current
+        r = ov.result
         if r is None:
             return np.zeros(0, np.int64)
+        src = self._source_of(r)
         mode = self.topk_mode.currentData()
         k = self.k_spin.value()
         if mode == "range":
-            shown = normalise(r.attention(self.source), self.method, **self._norm_kw())
+            shown = normalise(r.attention(src), self.method, **self._norm_kw())
             lo, hi = sorted((self.lo.value(), self.hi.value()))
             return select(shown, k, "range", lo, hi)
-        return select(r.attention(self.source), k, mode)
+        return select(r.attention(src), k, mode)
 
     def _norm_kw(self) -> dict:
         """The normalisation's parameters: the fixed range and the attention x N zoom."""
         return {"vmin": self.vmin.value(), "vmax": self.vmax.value(),
                 "zoom": self.zoom.value()}
 
-    def update_topk(self) -> None:
-        """(Re)draw the top-K rectangles (and the gallery) for the current settings."""
+    def update_topk(self, ov: SlideOverlays | None = None) -> None:
+        """(Re)draw ``ov``'s top-K rectangles (default: the picked slide's), and the gallery
+        when that slide is the picked one."""
         from ..overlay.topk import topk_layer
 
-        r = self.result
+        ov = ov if ov is not None else self.current
+        r = ov.result
         if r is None or self.source is None:
             return
-        idx = self.selection()
-        self._indices = idx
-        data, kwargs, _ = topk_layer(r, idx, self.source, mpp=self.mpp)
-        layer = self.topk_layer
+        src = self._source_of(r)
+        idx = self.selection(ov)
+        ov.indices = idx
+        data, kwargs, _ = topk_layer(r, idx, src, mpp=self._mpp_of(ov))
+        layer = ov.topk
         mode = self.topk_mode.currentData()
-        name = self._layer_name(f"{mode} {len(idx)}" if mode != "range" else "score range")
-        if layer is not None and layer in self.viewer.layers and layer.nshapes == len(idx) > 0:
+        name = ov.name(f"{mode} {len(idx)}" if mode != "range" else "score range")
+        if ov.alive(layer) and layer.nshapes == len(idx) > 0:
             layer.data = list(data)
             layer.features = kwargs["features"]
             layer.metadata = kwargs["metadata"]
             layer.name = name
-        else:
+        else:  # a Shapes layer (no colour bar) can be replaced safely
             active = self.viewer.layers.selection.active
             index = None
-            if layer is not None and layer in self.viewer.layers:
+            if ov.alive(layer):
                 index = self.viewer.layers.index(layer)
                 self.viewer.layers.remove(layer)
             kwargs.pop("name")
@@ -1140,24 +1208,25 @@ class MILWidget(JobDock):
                 self.viewer.layers.append(new)
             else:
                 self.viewer.layers.insert(index, new)
-            self.topk_layer = new
-            self._on_slide(new)
+            ov.topk = new
+            self._on_slide(new, ov.slide_layer)
             keep = active if active is not None and active in self.viewer.layers and \
-                active is not layer else self.heatmap_layer
+                active is not layer else ov.heatmap
             if keep is not None:
                 self.viewer.layers.selection.active = keep
-        if self.gallery is not None:
-            self.gallery.set_items(self.slide_layer, r, idx, self.source, mpp=self.mpp)
+        if self.gallery is not None and ov is self.current:
+            self.gallery.set_items(ov.slide_layer, r, idx, src, mpp=self._mpp_of(ov))
 
-    def raw_score_at(self, position, world: bool = True) -> float | None:
+    def raw_score_at(self, position, world: bool = True, layer=None) -> float | None:
         """The raw score of the source shown at a viewer position, None outside the patches.
 
         Parameters
         ----------
         position : sequence of float
             (row, col) in world (``world=True``) or heatmap data coordinates.
+        layer : the heatmap layer to read (default: the picked slide's).
         """
-        layer = self.heatmap_layer
+        layer = layer if layer is not None else self.heatmap_layer
         if layer is None:
             return None
         pos = np.asarray(position, dtype=float)
@@ -1171,7 +1240,6 @@ class MILWidget(JobDock):
         v = float(raw[r, c])
         return v if np.isfinite(v) else None
 
-    # ------------------------------------------------------------------ display events
     def _on_source(self, *_) -> None:
         if self.source is None:
             return
@@ -1281,7 +1349,7 @@ class MILWidget(JobDock):
             if topk["mode"] == "range":
                 topk.update(lo=self.lo.value(), hi=self.hi.value())
             return ex.write_sidecar(path, r, source=src, method=method,
-                                    bag_source=self._bag_source,
+                                    bag_source=self.current.bag_source,
                                     colormap=self.cmap_combo.currentText(), topk=topk,
                                     **fixed)
         raise ValueError(f"unknown export {kind!r}; choose one of {list(EXPORTS)}")
@@ -1335,7 +1403,6 @@ class MILWidget(JobDock):
                 self.viewer.open(slide, plugin="napari-milview")
         else:
             result = load_result(p)
-        self.result = None
         self.show_result(result)
         if doc is not None:
             norm = doc.get("normalisation") or {}
@@ -1388,7 +1455,7 @@ def _install_status(layer, widget: MILWidget) -> None:
         w = wref()
         if lyr is None or w is None or position is None or not isinstance(status, dict):
             return status
-        v = w.raw_score_at(position, world=world)
+        v = w.raw_score_at(position, world=world, layer=lyr)
         if v is not None:
             src = lyr.metadata.get("source", "")
             status["coordinates"] = f"{status.get('coordinates', '')}; raw {src} = {v:.6g}"

@@ -819,8 +819,8 @@ class StainWidget(JobDock):
         if u.done > pbar.n and job is self.job:
             pbar.update(u.done - pbar.n)
 
-    def _show_done(self, result) -> None:
-        self.show_report(result)
+    def _show_done(self, job) -> None:
+        self.show_report(job.result)
 
     # ------------------------------------------------------------------ results
     def _start_table(self, cfg: RunConfig) -> None:

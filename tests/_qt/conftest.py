@@ -41,3 +41,86 @@ def check_pause(qtbot):
         assert w.run_config().pause is None
 
     return check
+
+
+#: What every child script starts with: a *shown* napari viewer (``viewer``), the app, the
+#: notifications shown so far (``MESSAGES``), and helpers to let Qt run (``process``,
+#: ``wait_until``), to list the threads a run may leave (``leftover_threads``) and to end
+#: (``finish``: closes the viewer, checks no thread is left, prints ``CHILD-EXIT-OK``).
+CHILD_PRELUDE = r'''
+import faulthandler, json, os, sys, threading, time
+faulthandler.enable()
+import napari
+from qtpy.QtCore import QThreadPool
+from qtpy.QtWidgets import QApplication
+from napari.utils.notifications import notification_manager
+
+viewer = napari.Viewer(show=True)
+viewer.window._qt_window.resize(1280, 900)
+app = QApplication.instance()
+MESSAGES = []
+notification_manager.notification_ready.connect(
+    lambda event: MESSAGES.append(str(getattr(event, "message", event))))
+
+
+def process(ms=100):
+    end = time.monotonic() + ms / 1000
+    while time.monotonic() < end:
+        app.processEvents()
+        time.sleep(0.005)
+
+
+def wait_until(predicate, timeout=60.0, what="condition"):
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise SystemExit(f"timed out waiting for {what}")
+        process(20)
+
+
+def leftover_threads():
+    from napari_milview.pipeline import THREAD_PREFIX
+    names = [t.name for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
+    busy = QThreadPool.globalInstance().activeThreadCount()
+    return names + [f"{busy} busy QThreadPool thread(s)"] * (busy > 0)
+
+
+def report(**kw):
+    print("CHILD-REPORT " + json.dumps(kw), flush=True)
+
+
+def finish():
+    process(300)  # let every deferred step and draw run
+    wait_until(lambda: not leftover_threads(), 10, "threads to end")
+    viewer.close()
+    process(100)
+    print("CHILD-EXIT-OK", flush=True)
+'''
+
+
+@pytest.fixture
+def shown_child(tmp_path):
+    """``run(script, timeout=180) -> (stdout, reports)``: run ``script`` after
+    :data:`CHILD_PRELUDE` in a child Python under this display (Xvfb), so that a crash
+    (a segfault while napari draws) fails the test instead of killing the suite. Asserts the
+    child exited 0 after ``finish()``; ``reports`` are the dicts it passed to ``report``."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    def run(script: str, timeout: float = 180) -> tuple[str, list[dict]]:
+        path = tmp_path / "child.py"
+        path.write_text(CHILD_PRELUDE + "\n" + textwrap.dedent(script) + "\nfinish()\n")
+        env = {**os.environ, "QT_QPA_PLATFORM": "xcb"}
+        proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                              timeout=timeout, env=env, cwd=str(tmp_path))
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "CHILD-EXIT-OK" in proc.stdout, (
+            f"child exited {proc.returncode}:\n{out[-4000:]}")
+        reports = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
+                   if line.startswith("CHILD-REPORT ")]
+        return out, reports
+
+    return run

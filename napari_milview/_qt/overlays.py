@@ -1,0 +1,157 @@
+"""The layers one slide layer's MIL results are drawn with: heatmap and top-K, kept per slide.
+
+A :class:`SlideOverlays` belongs to one slide layer: its runs' heatmap and top-K layers are
+named for it (``attention (slide.svs)``), placed on it (its units, and its move through
+``place``) and never touched by a run on another slide. It owns the layers' lifecycle:
+
+- at Run, an empty *pending* heatmap layer (one transparent cell, no colour bar) takes the
+  GUI cost of creating a layer at the click;
+- the first real heatmap turns the colour bar on;
+- a run that ends before any heatmap removes the pending layer, on a later turn of the event
+  loop (never in the step that shows a notification);
+- a run that ends after partial heatmaps keeps that layer, renamed and marked partial.
+
+Why a layer with a colour bar is never removed by this package: under software OpenGL
+(Mesa llvmpipe, Xvfb) napari 0.9 / vispy 0.17 crash in ``glDrawArrays`` on the first draw
+after an Image layer whose colour bar has been shown is removed (plain napari does the same:
+add an image, show its colour bar, remove it, pan -> segmentation fault). A user may still
+remove such a layer; our code only renames and marks it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from ..overlay.heatmap import PENDING
+
+__all__ = ["SlideOverlays", "remove_later"]
+
+
+def remove_later(viewer, layer) -> None:
+    """Remove ``layer`` from ``viewer`` on a later turn of the event loop (if still there).
+
+    Never in the step that handles a run's end, a dock's close or a notification: nothing
+    refers to the widget, which may be deleted by then."""
+    from qtpy.QtCore import QTimer
+
+    def remove() -> None:
+        if layer in viewer.layers:
+            viewer.layers.remove(layer)
+
+    QTimer.singleShot(0, remove)
+
+
+class SlideOverlays:
+    """What the MIL dock shows on one slide layer.
+
+    Attributes
+    ----------
+    slide_layer : napari Image layer or None
+        The slide (None: a result opened with no slide layer).
+    result : Result or None
+        The last complete result on this slide.
+    shown : Result or None
+        The result drawn now (a partial one while a run streams, or after it was stopped).
+    heatmap, topk : napari layers or None
+    indices : np.ndarray
+        [K] int64, the bag rows the top-K layer shows.
+    bag_source : str or None
+        Where the result's features came from (for the sidecar).
+    ended : str
+        Why a partial result stays on screen: ``""`` or "cancelled after 32 of 539 patches".
+    """
+
+    def __init__(self, viewer, slide_layer, place: Callable[[Any, Any], None]):
+        self.viewer = viewer
+        self.slide_layer = slide_layer
+        self._place = place  # (overlay layer, slide layer) -> keeps it where the slide is
+        self.result = None
+        self.shown = None
+        self.heatmap = None
+        self.topk = None
+        self.indices = np.zeros(0, np.int64)
+        self.bag_source: str | None = None
+        self.ended = ""
+
+    # ------------------------------------------------------------------ names, units
+    def name(self, what: str) -> str:
+        """``what (slide name)``; ``what`` alone without a slide layer."""
+        return f"{what} ({self.slide_layer.name})" if self.slide_layer is not None else what
+
+    def units(self) -> dict:
+        """The slide's units as layer kwargs: one layer in pixels beside a slide in microns
+        turns napari's units off for every layer."""
+        return {"units": tuple(self.slide_layer.units)} if self.slide_layer is not None else {}
+
+    def alive(self, layer) -> bool:
+        return layer is not None and layer in self.viewer.layers
+
+    def forget_removed(self) -> None:
+        """Drop references to layers the user removed."""
+        if not self.alive(self.heatmap):
+            self.heatmap = None
+        if not self.alive(self.topk):
+            self.topk = None
+
+    # ------------------------------------------------------------------ heatmap
+    def add_heatmap(self, data: np.ndarray, kwargs: dict, install: Callable[[Any], None],
+                    pending: bool = False):
+        """A new heatmap Image layer (``kwargs`` as ``overlay.heatmap.heatmap_layer`` gives
+        them; name and units are ours); its colour bar on unless ``pending``."""
+        kwargs = {k: v for k, v in kwargs.items() if k != "name"}
+        kwargs.update(self.units())
+        layer = self.viewer.add_image(data, name=self.name("attention"), **kwargs)
+        layer.colorbar.visible = not pending
+        install(layer)
+        self._place(layer, self.slide_layer)
+        self.heatmap = layer
+        return layer
+
+    def pending(self) -> bool:
+        """The heatmap layer is the empty one made at Run."""
+        return self.alive(self.heatmap) and self.heatmap.metadata.get("milview") == PENDING
+
+    def set_heatmap(self, data: np.ndarray, kwargs: dict) -> None:
+        """Update the existing heatmap layer in place, setting only what changed (each
+        setter re-slices the layer on the GUI thread)."""
+        layer = self.heatmap
+        cl = kwargs["contrast_limits"]
+        layer.metadata = kwargs["metadata"]
+        for key in ("scale", "translate"):
+            if tuple(getattr(layer, key)) != tuple(kwargs[key]):
+                setattr(layer, key, kwargs[key])
+        units = self.units().get("units")
+        if units is not None and tuple(layer.units) != units:
+            layer.units = units
+        layer.data = data
+        if tuple(layer.contrast_limits_range) != tuple(cl):  # each redraws the colour bar
+            layer.contrast_limits_range = cl
+        if tuple(layer.contrast_limits) != tuple(cl):
+            layer.contrast_limits = cl
+        for key in ("colormap", "opacity", "interpolation2d"):
+            now = getattr(layer, key)
+            now = now.name if key == "colormap" else now
+            if str(now) != str(kwargs[key]):
+                setattr(layer, key, kwargs[key])
+        name = self.name("attention")
+        if layer.name != name:
+            layer.name = name
+        if not layer.colorbar.visible:
+            layer.colorbar.visible = True
+
+    def drop_pending(self) -> None:
+        """Remove the pending heatmap layer (it never showed a colour bar), later."""
+        if self.pending():
+            layer, self.heatmap = self.heatmap, None
+            remove_later(self.viewer, layer)
+
+    def mark_ended(self, why: str) -> None:
+        """A run stopped after partial heatmaps: the heatmap stays, named and marked as
+        partial (``why``: "cancelled after 32 of 539 patches")."""
+        self.ended = why
+        if self.alive(self.heatmap) and not self.pending():
+            self.heatmap.name = self.name(f"attention, partial: {why}")
+            self.heatmap.metadata = {**self.heatmap.metadata, "partial": why}
