@@ -496,3 +496,55 @@ def test_reader_and_thread_counts_inside_napari():
         assert gui_readers("auto") == 2
         with pytest.raises(ValueError, match="CUDA is not available"):
             gui_readers("cuda")
+
+
+def test_two_slides_keep_their_own_layers(make_napari_viewer, qtbot, svs, odd_svs, assets):
+    """A run on slide B never touches slide A's heatmap and top-K: each slide's layers are
+    named for it, placed on it (moving B moves B's overlays only) and come back in the dock
+    when that slide is picked again."""
+    viewer, w, layer_a = _setup(make_napari_viewer, qtbot, svs, assets, batch=32)
+    w.stream_s = -1.0
+    job_a, outcome = _run(qtbot, w)
+    assert outcome == "done"
+    heat_a, topk_a, result_a = w.heatmap_layer, w.topk_layer, w.result
+    grid_a = np.array(heat_a.data, copy=True)
+    assert heat_a.name == "attention (svs.svs)" and topk_a.name.endswith("(svs.svs)")
+
+    [layer_b] = viewer.open(str(odd_svs.path), plugin="napari-milview")
+    assert w.slide_layer is layer_b  # a newly opened slide is picked
+    assert w.result is None and w.heatmap_layer is None
+    assert w.prediction.headline.text() == "No prediction yet."
+    assert not w.export_buttons["csv"].isEnabled()
+    w.patch_um.setValue(PATCH_UM)
+    job_b, outcome = _run(qtbot, w)
+    assert outcome == "done", w.status.text()
+    heat_b, topk_b = w.heatmap_layer, w.topk_layer
+    assert heat_b is not heat_a and topk_b is not topk_a
+    assert heat_b.name == "attention (odd.svs)" and topk_b.name.endswith("(odd.svs)")
+    assert w.result is not result_a and w.result.slide == str(odd_svs.path)
+    # A's layers untouched
+    assert heat_a in viewer.layers and topk_a in viewer.layers
+    np.testing.assert_array_equal(heat_a.data, grid_a)
+    assert heat_a.name == "attention (svs.svs)"
+
+    # move B: its overlays follow, A's stay
+    layer_b.translate = (500.0, 700.0)
+    np.testing.assert_allclose(heat_b.affine.affine_matrix[:2, 2], (500.0, 700.0))
+    np.testing.assert_allclose(topk_b.affine.affine_matrix[:2, 2], (500.0, 700.0))
+    np.testing.assert_allclose(heat_a.affine.affine_matrix[:2, 2], (0.0, 0.0))
+    np.testing.assert_allclose(topk_a.affine.affine_matrix[:2, 2], (0.0, 0.0))
+
+    # pick A again: its result, layers and exports come back; display changes touch A only
+    w.slide_combo.setCurrentIndex(w.slide_combo.findText(layer_a.name))
+    assert w.result is result_a and w.heatmap_layer is heat_a and w.topk_layer is topk_a
+    assert w.prediction.headline.text().startswith("Predicted:")
+    assert w.export_buttons["csv"].isEnabled()
+    grid_b = np.array(heat_b.data, copy=True)
+    w.set_method("minmax")
+    assert not np.array_equal(np.nan_to_num(heat_a.data), np.nan_to_num(grid_a))
+    np.testing.assert_array_equal(heat_b.data, grid_b)
+
+    # removing slide B forgets its overlays (its layers stay, the user's to remove)
+    viewer.layers.remove(layer_b)
+    assert w.overlays_for(layer_b, create=False) is None
+    assert heat_b in viewer.layers
