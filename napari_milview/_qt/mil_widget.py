@@ -780,7 +780,39 @@ class MILWidget(JobDock):
         for ov in [*self._overlays, self._loose]:
             if ov is not None:
                 ov.forget_removed()
+        self._adopt_restored()
         self._on_slide_choice()
+
+    def _adopt_restored(self) -> None:
+        """Take on the heatmap and top-K layers a sidecar restored (``metadata
+        ["restored_from"]``, opened before or after this dock): their result becomes their
+        slide's result here, with the display controls and exports, as if it had just run."""
+        owned = {id(layer) for ov in [*self._overlays, self._loose] if ov is not None
+                 for layer in (ov.heatmap, ov.topk) if layer is not None}
+        for layer in list(self.viewer.layers):
+            md = layer.metadata
+            if id(layer) in owned or not md.get("restored_from") or md.get("milview") != \
+                    "heatmap" or md.get("result") is None:
+                continue
+            slide = next((s for s in self._slide_layers
+                          if _same_file(s.metadata.get("path"), md.get("slide_path"))), None)
+            ov = self.overlays_for(slide)
+            ov.heatmap, ov.result, ov.shown, ov.ended = layer, md["result"], md["result"], ""
+            ov.restored_from = md["restored_from"]
+            _install_status(layer, self)
+            layer.colorbar.visible = True
+            if ov is self.current:
+                self._fill_sources(ov.result)
+                if md.get("source") in ov.result.sources:
+                    self.source_combo.setCurrentIndex(self.source_combo.findData(md["source"]))
+                if self.cmap_combo.findText(layer.colormap.name) >= 0:
+                    self.cmap_combo.setCurrentText(layer.colormap.name)
+                self.set_method(md.get("method", "raw"))
+        for ov in [*self._overlays, self._loose]:  # its top-K layer (inserted after it)
+            if ov is not None and ov.restored_from and ov.topk is None:
+                ov.topk = next((t for t in self.viewer.layers if t.metadata.get("milview") ==
+                                "topk" and t.metadata.get("restored_from") == ov.restored_from),
+                               None)
 
     def _on_slide_choice(self, index: int = -1) -> None:
         layer = self.slide_layer
@@ -1436,6 +1468,13 @@ class MILWidget(JobDock):
             self.open_result(path)
         except Exception as e:  # noqa: BLE001 - shown as one line
             show_error(f"Open result: {_one_line(e)}")
+
+
+def _same_file(a, b) -> bool:
+    """Two paths name the same file (None never does)."""
+    if not a or not b:
+        return False
+    return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
 
 
 def _install_status(layer, widget: MILWidget) -> None:

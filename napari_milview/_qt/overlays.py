@@ -62,6 +62,8 @@ class SlideOverlays:
         Where the result's features came from (for the sidecar).
     ended : str
         Why a partial result stays on screen: ``""`` or "cancelled after 32 of 539 patches".
+    restored_from : str
+        The sidecar its layers were restored from (``""``: made here).
     """
 
     def __init__(self, viewer, slide_layer, place: Callable[[Any, Any], None]):
@@ -75,6 +77,7 @@ class SlideOverlays:
         self.indices = np.zeros(0, np.int64)
         self.bag_source: str | None = None
         self.ended = ""
+        self.restored_from = ""
 
     # ------------------------------------------------------------------ names, units
     def name(self, what: str) -> str:

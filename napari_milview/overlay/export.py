@@ -330,4 +330,6 @@ def layers_from_sidecar(path: str | os.PathLike) -> list[tuple]:
     idx = select(result.attention(src), tk.get("k", 20), tk.get("mode", "top"),
                  tk.get("lo"), tk.get("hi"))
     layers.append(topk_layer(result, idx, src, mpp=mpp))
+    for _, kwargs, _ in layers[-2:]:  # what a MIL dock opened later adopts (and the reader's
+        kwargs["metadata"]["restored_from"] = str(path)  # colour bar)
     return layers

@@ -548,3 +548,38 @@ def test_two_slides_keep_their_own_layers(make_napari_viewer, qtbot, svs, odd_sv
     viewer.layers.remove(layer_b)
     assert w.overlays_for(layer_b, create=False) is None
     assert heat_b in viewer.layers
+
+
+def test_restored_sidecar_and_the_dock_agree(make_napari_viewer, qtbot, svs, assets, tmp_path):
+    """A sidecar opened in napari, before or after the MIL dock: its heatmap shows its colour
+    bar, and the dock shows that result (prediction, source, exports enabled) on its slide."""
+    from napari_milview._qt.mil_widget import MILWidget
+
+    viewer, w, _ = _setup(make_napari_viewer, qtbot, svs, assets, batch=32)
+    w.stream_s = -1.0
+    _, outcome = _run(qtbot, w)
+    assert outcome == "done"
+    w.set_method("minmax")
+    side = w.export("sidecar", tmp_path / "svs.milview.json")
+    n = w.result.n
+
+    for dock_first in (False, True):
+        v2 = make_napari_viewer()
+        if dock_first:
+            w2 = MILWidget(v2)
+            v2.window.add_dock_widget(w2, name="MIL attention")
+        layers = v2.open(str(side), plugin="napari-milview")
+        if not dock_first:
+            w2 = MILWidget(v2)
+            v2.window.add_dock_widget(w2, name="MIL attention")
+        heat = next(lyr for lyr in layers if lyr.metadata.get("milview") == "heatmap")
+        assert heat.colorbar.visible
+        assert w2.slide_layer is not None and w2.slide_layer.name == "svs.svs"
+        assert w2.result is not None and w2.result.n == n
+        assert w2.heatmap_layer is heat and w2.topk_layer is not None
+        assert w2.method == "minmax" and w2.source == w.source
+        assert w2.prediction.headline.text().startswith("Predicted:")
+        assert all(b.isEnabled() for b in w2.export_buttons.values())
+        out = w2.export("csv", tmp_path / f"again_{dock_first}.csv")
+        assert out.is_file()
+        w2.teardown()
