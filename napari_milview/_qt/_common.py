@@ -196,6 +196,22 @@ class Job:
             pause.wait(self.cancel)
 
 
+#: Callbacks waiting for the worker that imports torch (None: no such worker running).
+_torch_waiters: list | None = None
+_torch_worker = None
+
+
+def _import_torch() -> None:
+    import torch  # noqa: F401
+
+
+def _torch_imported(*_) -> None:
+    global _torch_waiters, _torch_worker
+    waiters, _torch_waiters, _torch_worker = _torch_waiters or [], None, None
+    for ready in waiters:
+        ready()
+
+
 def relay(gen):
     """A generator function around an existing generator (``create_worker`` wants one)."""
     return (yield from gen)
@@ -244,6 +260,31 @@ class JobDock(QWidget):
         if app is not None:
             app.aboutToQuit.connect(self.stop_all)
         self._on_layers_changed()
+
+    def _after_torch(self, then) -> None:
+        """Call ``then()`` (GUI thread) once torch is imported: at once when it is, else when
+        a worker thread has imported it (1.4-1.9 s on a 2-core machine), so the dock appears
+        at once and fills in."""
+        import sys
+
+        global _torch_waiters, _torch_worker
+        if _torch_waiters is None and "torch" in sys.modules:
+            then()
+            return
+
+        def ready() -> None:
+            with contextlib.suppress(RuntimeError):  # the dock was deleted meanwhile
+                then()
+
+        if _torch_waiters is not None:  # a worker imports it now: "torch" is in sys.modules
+            _torch_waiters.append(ready)  # before the import ends, which would block here
+            return
+        from napari.qt.threading import create_worker
+
+        _torch_waiters = [ready]
+        _torch_worker = create_worker(_import_torch, _start_thread=False)  # kept: a worker
+        _torch_worker.finished.connect(_torch_imported)  # collected while it runs loses its
+        _torch_worker.start()  # signals
 
     def _pause_control(self) -> QWidget:
         """The "Pause while I pan or zoom" check box (on), ``self.pause_check``; the camera's

@@ -42,8 +42,15 @@ def run_demo(path: Path, shot: Path | None, timeout: float, t0: float) -> int:
     viewer.window.add_plugin_dock_widget("napari-milview", "Slide navigation")
     _, mil = viewer.window.add_plugin_dock_widget("napari-milview", "MIL attention")
     if shot is None:
-        if mil.run() is None:
-            print(f"milview demo: the run did not start: {mil.status.text()}", file=sys.stderr)
+        def start() -> None:
+            if mil.run() is None:
+                print(f"milview demo: the run did not start: {mil.status.text()}",
+                      file=sys.stderr)
+
+        if mil.ready:
+            start()
+        else:  # torch is being imported off the GUI thread
+            mil.became_ready.connect(start)
         napari.run()
         return 0
 
@@ -71,6 +78,8 @@ def run_demo(path: Path, shot: Path | None, timeout: float, t0: float) -> int:
         return bool(fired)
 
     mil.run_finished.connect(ended.append)
+    if not mil.ready:
+        wait(mil.became_ready, 120)  # the run's own timeout starts at Run
     if mil.run() is None:
         status = mil.status.text()
         viewer.close()

@@ -445,6 +445,8 @@ class MILWidget(JobDock):
     result_ready = Signal(object)
     #: emitted when a run ends, whatever the outcome ("done", "cancelled", "failed")
     run_finished = Signal(str)
+    #: emitted once torch is imported and the chosen model loaded (see ``ready``)
+    became_ready = Signal()
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(parent)
@@ -461,12 +463,21 @@ class MILWidget(JobDock):
         self._slide_layers: list = []
         self._model = None  # (model, card, name)
         self._fixed_set = False
+        self.ready = False  # torch imported, the chosen model loaded (became_ready)
         self._docked = False
         self._build()
 
         self._connect_viewer()
+        self.device_combo.addItems(["auto", "cpu"])
+        self.model_info.setText("Loading torch\u2026")
+        self._after_torch(self._torch_ready)
+
+    def _torch_ready(self) -> None:
+        """torch is imported: the CUDA devices, and the chosen model loaded."""
         self._fill_devices()
         self._on_model_choice()
+        self.ready = True
+        self.became_ready.emit()
 
     # ------------------------------------------------------------------ per slide
     def overlays_for(self, slide_layer=None, create: bool = True) -> SlideOverlays | None:
@@ -768,7 +779,6 @@ class MILWidget(JobDock):
     def _fill_devices(self) -> None:
         import torch
 
-        self.device_combo.addItems(["auto", "cpu"])
         if torch.cuda.is_available():
             self.device_combo.addItems([f"cuda:{i}" for i in range(torch.cuda.device_count())])
 

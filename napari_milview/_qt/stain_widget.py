@@ -265,7 +265,7 @@ class StainWidget(JobDock):
 
         self._connect_viewer()
         self._on_condition()
-        self._on_model_choice()
+        self._after_torch(self._on_model_choice)
 
     # ------------------------------------------------------------------ building
     def _build(self) -> None:

@@ -7,6 +7,14 @@ import time
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _torch_imported():
+    """In-process dock tests find torch imported, so a dock loads its model while it is
+    built; the path where a worker imports torch first is tested in a child process
+    (``test_failure_paths.test_docks_appear_before_torch_is_imported``)."""
+    import torch  # noqa: F401
+
+
 @pytest.fixture
 def check_pause(qtbot):
     """``check(viewer, dock)``: with the dock's *Pause while I pan or zoom* ticked, camera

@@ -234,3 +234,34 @@ print("CHILD-EXIT-OK", flush=True)
 sys.exit(0)
 '''))
     assert "CHILD-EXIT-OK" in out
+
+
+def test_docks_appear_before_torch_is_imported(shown_child):
+    """torch is imported by a worker thread: both docks are built at once (the model line
+    says so), the event loop keeps turning while torch loads, then the demo model fills in."""
+    _, reports = shown_child('''
+from qtpy.QtCore import QTimer
+from napari_milview._qt.mil_widget import MILWidget
+from napari_milview._qt.stain_widget import StainWidget
+
+assert "torch" not in sys.modules
+ticks = []
+timer = QTimer()
+timer.timeout.connect(lambda: ticks.append(time.monotonic()))
+timer.start(20)
+mil = MILWidget(viewer)
+stain = StainWidget(viewer)
+built = {"mil": mil.model_info.text(), "mil_model": mil._model is not None,
+         "stain_model": stain._model is not None, "torch_done": "torch" in sys.modules}
+viewer.window.add_dock_widget(mil, name="MIL attention")
+viewer.window.add_dock_widget(stain, name="Staining")
+wait_until(lambda: mil._model is not None and stain._model is not None, 60, "the models")
+timer.stop()
+report(built=built, ticks=len(ticks), devices=[mil.device_combo.itemText(i)
+                                             for i in range(mil.device_combo.count())])
+''')
+    r = reports[0]
+    assert r["built"]["mil"].startswith("Loading torch")
+    assert not r["built"]["mil_model"] and not r["built"]["stain_model"]
+    assert r["ticks"] >= 10  # the GUI thread turned while torch was imported elsewhere
+    assert r["devices"][:2] == ["auto", "cpu"]
