@@ -604,7 +604,7 @@ def _process(job: Job, row: Row, seconds: dict[str, float]) -> Row:
     from .features.milview_h5 import save_bag
     from .overlay.export import write_heatmap_tiff, write_sidecar
     from .overlay.geojson import to_geojson
-    from .pipeline import attend, collect, extract_bag
+    from .pipeline import attend, collect, demo_note, extract_bag
     from .result import save_result
     from .slide import open_slide
     from .tissue import patch_grid
@@ -637,9 +637,13 @@ def _process(job: Job, row: Row, seconds: dict[str, float]) -> Row:
                                   device=cfg.device, workers=cfg.readers,
                                   slide_id=job.slide_id))
         seconds["extract"] = time.perf_counter() - t
+        note = demo_note(model_name, slide)
     t = time.perf_counter()
     bag.meta["slide"] = job.slide
     result = attend(bag, model, card, device=cfg.device, model_name=model_name)
+    if note:  # the row's message says it too (process_slide gathers warnings)
+        result.meta["notes"] = [*result.meta.get("notes", []), note]
+        warnings.warn(f"{job.slide}: {note}", UserWarning, stacklevel=2)
     seconds["attend"] = time.perf_counter() - t
     if cfg.source is not None and cfg.source not in result.sources:
         raise ValueError(f"{model_name}: no attention source {cfg.source!r}; this model has "

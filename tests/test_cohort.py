@@ -373,3 +373,19 @@ def test_killed_worker_task_is_retried(tmp_path, weights):
     workers = {r.worker.rsplit(":", 1)[1] for r in report.rows}
     assert str(killed[0]) not in workers  # the killed process finished nothing
     assert [r["status"] for r in _summary(tmp_path / "out")] == ["ok", "ok"]
+
+
+def test_demo_model_note_only_off_synthetic_slides(svs, real_svs, tmp_path):
+    """`milview run --model demo` on the real Aperio slide says the demo model was trained on
+    synthetic slides (row message and result notes); on a synthetic slide it says nothing."""
+    from napari_milview.cohort import CohortConfig, outputs, plan, process_slide
+    from napari_milview.pipeline import DEMO_NOTE
+    from napari_milview.result import load_result
+
+    jobs = plan([svs.path, real_svs], tmp_path / "out", CohortConfig(model="demo",
+                                                                      device="cpu"))
+    synthetic, real = (process_slide(job) for job in jobs)
+    assert synthetic.ok and real.ok, (synthetic.message, real.message)
+    assert DEMO_NOTE not in synthetic.message and DEMO_NOTE in real.message
+    result = outputs(tmp_path / "out", real.slide_id)["result"]
+    assert DEMO_NOTE in load_result(result).meta["notes"]

@@ -583,3 +583,21 @@ def test_restored_sidecar_and_the_dock_agree(make_napari_viewer, qtbot, svs, ass
         out = w2.export("csv", tmp_path / f"again_{dock_first}.csv")
         assert out.is_file()
         w2.teardown()
+
+
+def test_demo_model_on_a_real_slide_says_it_is_a_demo(make_napari_viewer, qtbot, real_svs,
+                                                      svs, assets):
+    """The demo model was trained on synthetic slides only: on the real Aperio slide its
+    output carries that note; on a synthetic slide it does not."""
+    from napari_milview.pipeline import DEMO_NOTE
+
+    viewer, w, _ = _setup(make_napari_viewer, qtbot, svs, assets, batch=32)
+    w.stream_s = -1.0
+    assert _run(qtbot, w)[1] == "done"
+    assert DEMO_NOTE not in w.prediction.info.text()
+    assert "notes" not in w.result.meta or DEMO_NOTE not in w.result.meta["notes"]
+    viewer.open(str(real_svs), plugin="napari-milview")
+    w.patch_um.setValue(PATCH_UM)
+    assert _run(qtbot, w, timeout=60_000)[1] == "done", w.status.text()
+    assert DEMO_NOTE in w.result.meta["notes"]
+    assert DEMO_NOTE in w.prediction.info.text()
