@@ -265,3 +265,38 @@ report(built=built, ticks=len(ticks), devices=[mil.device_combo.itemText(i)
     assert not r["built"]["mil_model"] and not r["built"]["stain_model"]
     assert r["ticks"] >= 10  # the GUI thread turned while torch was imported elsewhere
     assert r["devices"][:2] == ["auto", "cpu"]
+
+
+def test_staining_dock_cancel_and_close_mid_run(shown_child, svs):
+    """The staining dock's robustness run: Cancel, then a run stopped by closing the dock
+    while its preview is shown; napari draws on, no thread left."""
+    _, reports = shown_child(f'''
+from napari_milview._qt.stain_widget import StainWidget
+[slide_layer] = viewer.open({str(svs.path)!r}, plugin="napari-milview")
+dock = StainWidget(viewer)
+viewer.window.add_dock_widget(dock, name="Staining")
+wait_until(lambda: dock._model is not None, 60, "the demo model")
+dock.device_combo.setCurrentText("cpu")
+dock.patch_um.setValue(16.0)
+dock.batch_spin.setValue(8)
+ENDED = []
+dock.run_finished.connect(ENDED.append)
+job = dock.run()
+wait_until(lambda: job.progress[0] > 0, 60, "the first batch")
+dock.cancel()
+wait_until(lambda: ENDED, 30, "the cancel")
+process(500)
+assert ENDED == ["cancelled"] and any("cancelled" in m for m in MESSAGES), MESSAGES
+dock.set_condition("reinhard")
+dock.show_preview()
+job = dock.run()
+wait_until(lambda: job.progress[0] > 0, 60, "the first batch")
+viewer.window.remove_dock_widget(dock)
+cam = viewer.camera
+for _ in range(20):
+    cam.zoom = cam.zoom * 1.02
+    process(30)
+assert job.done.is_set() and job.cancel.is_set()
+report(layers=[l.name for l in viewer.layers])
+''')
+    assert reports[0]["layers"][0] == "svs.svs"
