@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -18,13 +20,185 @@ def test_get_reader_claims_slides_only(svs, tmp_path):
     from PIL import Image
 
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png)
-    plain_tif = tmp_path / "photo.tif"
-    import tifffile
-
-    tifffile.imwrite(plain_tif, np.zeros((64, 64, 3), np.uint8))  # stripped, not a slide
-    for not_ours in (str(png), str(tmp_path), str(tmp_path / "missing.svs"), str(plain_tif),
+    for not_ours in (str(png), str(tmp_path), str(tmp_path / "missing.svs"),
                      [str(svs.path), str(svs.path)], None, 42, b"\x00"):
         assert napari_get_reader(not_ours) is None, not_ours
+
+
+def test_plain_tiff_opens_with_naparis_own_reader(tmp_path):
+    """A stripped 2-D .tif is not a slide: napari's builtin reader reads it, also when this
+    plugin is the chosen (or preferred) reader for ``*.tif``."""
+    import tifffile
+
+    from napari_milview._reader import read_plain_tiff
+
+    plain_tif = tmp_path / "photo.tif"
+    img = np.arange(64 * 48 * 3, dtype=np.uint8).reshape(64, 48, 3)
+    tifffile.imwrite(plain_tif, img)  # stripped, not a slide
+    reader = napari_get_reader(str(plain_tif))
+    assert reader is read_plain_tiff
+    [(data, *_)] = reader(str(plain_tif))
+    np.testing.assert_array_equal(np.asarray(data), img)
+
+
+def _png(path):
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16, 3), 200, np.uint8)).save(path, format="PNG")
+    return path
+
+
+#: name -> (content, the problem the error states); None content = an empty folder
+NOT_SLIDES = {
+    "png.svs": ("png", "not a whole-slide image: it is a PNG image"),
+    "png.tif": ("png", "not a whole-slide image: it is a PNG image"),
+    "notes.svs": (b"slide 12, stain H&E\n", "not a whole-slide image: it is a text file"),
+    "notes.ndpi": (b'{"a": 1}', "not a whole-slide image: it is a text file"),
+    "empty.svs": (b"", "the file is empty"),
+    "jpeg.mrxs": (b"\xff\xd8\xff\xe0" + b"\x00" * 60, "not a whole-slide image: it is a JPEG"),
+    "plain.zarr": (None, "not a whole-slide image"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_SLIDES))
+def test_not_a_slide_gets_one_clear_error(tmp_path, name):
+    content, problem = NOT_SLIDES[name]
+    path = tmp_path / name
+    if content == "png":
+        _png(path)
+    elif content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    reader = napari_get_reader(str(path))
+    assert reader is read_slide, "a slide extension is always answered, never refused"
+    with pytest.raises(SlideError) as info:
+        reader(str(path))
+    message = str(info.value)
+    assert message.startswith(f"{path}: {problem}"), message
+    assert "\n" not in message
+
+
+@pytest.mark.gui
+def test_viewer_shows_the_not_a_slide_error(make_napari_viewer, tmp_path):
+    path = _png(tmp_path / "renamed.svs")
+    viewer = make_napari_viewer()
+    with pytest.raises(SlideError, match=r"renamed\.svs: not a whole-slide image: it is a PNG"):
+        viewer.open(str(path), plugin="napari-milview")
+    assert len(viewer.layers) == 0
+
+
+def _manifest_patterns() -> list[str]:
+    import yaml
+
+    import napari_milview
+
+    manifest = yaml.safe_load(
+        (Path(napari_milview.__file__).parent / "napari.yaml").read_text(encoding="utf-8"))
+    [reader] = manifest["contributions"]["readers"]
+    return reader["filename_patterns"]
+
+
+def test_slide_patterns_are_the_manifests():
+    from napari_milview._reader import SIDECAR_PATTERN, SLIDE_FILE_PATTERNS, SLIDE_PATTERNS
+
+    patterns = _manifest_patterns()
+    assert [p for p in patterns if p != SIDECAR_PATTERN] == list(SLIDE_PATTERNS)
+    assert set(SLIDE_FILE_PATTERNS) <= set(SLIDE_PATTERNS)
+    assert "*.json" not in patterns and SIDECAR_PATTERN in patterns
+
+
+def test_other_json_is_not_offered_to_this_plugin(tmp_path):
+    import json
+
+    from npe2 import PluginManager
+
+    pm = PluginManager.instance()
+    pm.discover()
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"format": "something else"}))
+    offered = {r.plugin_name for r in pm.iter_compatible_readers([str(cfg)])}
+    assert "napari-milview" not in offered
+    assert napari_get_reader(str(cfg)) is None
+    side = tmp_path / "s.milview.json"
+    assert "napari-milview" in {r.plugin_name for r in pm.iter_compatible_readers([str(side)])}
+
+
+# --------------------------------------------------------------------- heatmap OME-TIFF
+def _heatmap_tiff(svs, tmp_path, method="minmax"):
+    from napari_milview.overlay.export import write_heatmap_tiff
+    from napari_milview.result import Result
+
+    ps = 256
+    xs, ys = np.meshgrid(np.arange(10) * ps + 512, np.arange(8) * ps + 768)
+    coords = np.stack([xs.ravel(), ys.ravel()], 1)
+    att = np.linspace(0.001, 0.01, len(coords)).astype(np.float32)
+    att[23] = 0.5
+    r = Result(coords=coords, patch_size_level0=ps, sources={"attention": att},
+               default_source="attention", classes=["normal", "lesion"], logits=[0.1, 0.9],
+               probabilities=[0.31, 0.69], arch="abmil", mpp=svs.mpp, slide=str(svs.path),
+               slide_id="svs", encoder="demo", model="demo")
+    return r, write_heatmap_tiff(r, tmp_path / "svs.heatmap.ome.tif", method=method,
+                                 min_side=4)
+
+
+def test_heatmap_tiff_reopens_with_values_and_placement(svs, tmp_path):
+    from napari_milview._reader import read_heatmap_tiff_layer
+    from napari_milview.overlay.normalise import normalise
+
+    r, path = _heatmap_tiff(svs, tmp_path)
+    reader = napari_get_reader(str(path))
+    assert reader is read_heatmap_tiff_layer
+    [(grid, kwargs, kind)] = reader(str(path))
+    assert kind == "image" and grid.dtype == np.float32 and grid.ndim == 2
+    # one cell per 256-px patch from the slide's origin: 3 NaN rows, 2 NaN columns first
+    assert grid.shape == (3 + 8, 2 + 10)
+    expected = np.full(grid.shape, np.nan, np.float32)
+    cells = r.coords // 256
+    expected[cells[:, 1], cells[:, 0]] = normalise(r.attention(), "minmax")
+    np.testing.assert_array_equal(grid, expected)  # NaN where NaN (assert_array_equal)
+    cell_um = 256 * svs.mpp
+    assert kwargs["scale"] == pytest.approx((cell_um, cell_um))
+    # cell (0, 0) is centred where the slide layer draws level-0 pixel (127.5, 127.5)
+    assert kwargs["translate"] == pytest.approx(((128 - 0.5) * svs.mpp,) * 2)
+    assert kwargs["units"] == ("um", "um") and kwargs["colormap"] == "inferno"
+    assert kwargs["contrast_limits"] == pytest.approx((0.0, 1.0))
+    md = kwargs["metadata"]
+    assert md["path"] == str(path) and md["source"] == "attention" and md["method"] == "minmax"
+    assert md["cell_level0"] == 256 and md["mpp"] == pytest.approx(svs.mpp)
+
+
+def test_heatmap_tiff_without_mpp_is_in_level0_pixels(svs, tmp_path):
+    from napari_milview.overlay.export import read_heatmap_tiff, write_heatmap_tiff
+
+    r, _ = _heatmap_tiff(svs, tmp_path)
+    r.mpp = None
+    path = write_heatmap_tiff(r, tmp_path / "px.tif", method="raw")
+    [(grid, kwargs, _)] = napari_get_reader(str(path))(str(path))
+    assert kwargs["scale"] == (256, 256) and "units" not in kwargs
+    assert kwargs["contrast_limits"] == pytest.approx((0.001, 0.5))
+    assert np.isfinite(grid).sum() == r.n
+    with pytest.raises(ValueError, match=r"photo\.tif: not a napari-milview heatmap"):
+        import tifffile
+
+        tifffile.imwrite(tmp_path / "photo.tif", np.zeros((8, 8), np.float32))
+        read_heatmap_tiff(tmp_path / "photo.tif")
+
+
+@pytest.mark.gui
+def test_viewer_puts_the_heatmap_tiff_on_the_slide(make_napari_viewer, svs, tmp_path):
+    r, path = _heatmap_tiff(svs, tmp_path)
+    viewer = make_napari_viewer()
+    [slide] = viewer.open(str(svs.path), plugin="napari-milview")
+    [heat] = viewer.open(str(path), plugin="napari-milview")
+    assert heat.dtype == np.float32 and not heat.rgb and not heat.multiscale
+    assert tuple(heat.units) == tuple(slide.units)
+    # the centre of the planted patch (level-0 pixels) falls in the planted cell
+    x, y = r.coords[23]
+    world = slide.data_to_world(np.array([y + 128, x + 128], float))
+    i, j = np.round(heat.world_to_data(world)).astype(int)
+    assert (i, j) == (y // 256, x // 256)
+    assert heat.data[i, j] == 1.0 == np.nanmax(heat.data)
 
 
 def test_read_slide_layer_tuple(svs):

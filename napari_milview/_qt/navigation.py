@@ -23,6 +23,13 @@ magnification buttons are disabled.
 
 Updates to the minimap box and the readout are coalesced on a short single-shot timer, so a
 burst of camera events while panning costs one repaint per :data:`THROTTLE_MS`.
+
+Default reader
+--------------
+napari asks which reader opens a ``.svs`` or ``.tif`` (its builtins claim them too) unless its
+own preference ``settings.plugins.extension2reader`` names one. "Use napari-milview for slide
+files" sets it for every slide file pattern (:data:`~napari_milview._reader.
+SLIDE_FILE_PATTERNS`), as napari's "remember this choice" does for one; a label says the state.
 """
 
 from __future__ import annotations
@@ -45,8 +52,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .._reader import is_slide_layer
+from .._reader import SLIDE_FILE_PATTERNS, is_slide_layer
 from ._common import real_viewer
+
+#: The npe2 plugin name napari's reader preference refers to (napari.yaml's ``name``).
+PLUGIN_NAME = "napari-milview"
 
 #: The magnification buttons, as on a microscope's nosepiece.
 MAGNIFICATIONS = (1.25, 5.0, 10.0, 20.0, 40.0)
@@ -101,6 +111,39 @@ def format_magnification(mag: float) -> str:
     """'20.0x', '1.25x', '0.35x': two decimals at most, at least one."""
     text = f"{mag:.2f}".rstrip("0")
     return f"{text}0x" if text.endswith(".") else f"{text}x"
+
+
+# ------------------------------------------------------------------ default reader
+def reader_preference() -> dict[str, str | None]:
+    """The reader napari's settings name for each slide file pattern (None: napari asks)."""
+    from napari.settings import get_settings
+
+    prefs = get_settings().plugins.extension2reader
+    return {pat: prefs.get(pat) for pat in SLIDE_FILE_PATTERNS}
+
+
+def prefer_this_reader() -> None:
+    """Make napari-milview napari's preferred reader for every slide file pattern (saved in
+    napari's settings, like the reader dialog's "remember this choice"; other patterns kept)."""
+    from napari.settings import get_settings
+
+    plugins = get_settings().plugins
+    plugins.extension2reader = {**plugins.extension2reader,
+                                **dict.fromkeys(SLIDE_FILE_PATTERNS, PLUGIN_NAME)}
+
+
+def describe_reader_preference(prefs: dict[str, str | None]) -> str:
+    """One sentence for the dock, from :func:`reader_preference`."""
+    if all(r == PLUGIN_NAME for r in prefs.values()):
+        return f"Slide files open with {PLUGIN_NAME} without asking."
+    if all(r is None for r in prefs.values()):
+        return "napari asks which reader opens each slide file."
+    ext = [pat.lstrip("*") for pat, r in prefs.items() if r is None]
+    other = [f"{pat.lstrip('*')} with {r}" for pat, r in prefs.items()
+             if r not in (None, PLUGIN_NAME)]
+    parts = ([f"napari asks which reader opens {', '.join(ext)}"] if ext else []) + (
+        [f"opens {', '.join(other)}"] if other else [])
+    return "; ".join(parts) + "."
 
 
 # ------------------------------------------------------------------------ minimap
@@ -301,6 +344,14 @@ class NavigationWidget(QWidget):
         grid.addWidget(fit, len(MAGNIFICATIONS) // 3, len(MAGNIFICATIONS) % 3)
         self.scale_bar_box = QCheckBox("Scale bar")
         self.scale_bar_box.toggled.connect(self.show_scale_bar)
+        self.reader_state = QLabel("")
+        self.reader_state.setWordWrap(True)
+        self.reader_button = QPushButton(f"Use {PLUGIN_NAME} for slide files")
+        self.reader_button.setToolTip(
+            "Open " + ", ".join(p.lstrip("*") for p in SLIDE_FILE_PATTERNS) + " with "
+            f"{PLUGIN_NAME} without napari asking (napari's Preferences > Plugins > File "
+            "extension readers; other TIFFs still open with napari's own reader)")
+        self.reader_button.clicked.connect(self._on_prefer_reader)
 
         top = QHBoxLayout()
         top.addWidget(self.readout)
@@ -312,6 +363,8 @@ class NavigationWidget(QWidget):
         layout.addLayout(top)
         layout.addWidget(self.detail)
         layout.addLayout(grid)
+        layout.addWidget(self.reader_state)
+        layout.addWidget(self.reader_button)
         layout.addStretch(1)
 
         cam = viewer_camera(napari_viewer)
@@ -322,11 +375,16 @@ class NavigationWidget(QWidget):
             self._connect(size_events.size, self._schedule)
         self._connect(napari_viewer.layers.events.inserted, self._on_layers_changed)
         self._connect(napari_viewer.layers.events.removed, self._on_layers_changed)
+        from napari.settings import get_settings
+
+        # the state follows napari's Preferences dialog and its reader dialog too
+        self._connect(get_settings().plugins.events.extension2reader, self.show_reader_state)
         # no callback into a deleted widget, however it goes away
         self.destroyed.connect(partial(_disconnect, self._connections))
 
         self._on_layers_changed()
         self.scale_bar_box.setChecked(True)
+        self.show_reader_state()
 
     # ------------------------------------------------------------- plumbing
     def _connect(self, emitter, callback) -> None:
@@ -348,6 +406,16 @@ class NavigationWidget(QWidget):
             self.set_magnification(mag)
         else:
             self.viewer.reset_view()
+
+    def _on_prefer_reader(self, checked: bool = False) -> None:
+        prefer_this_reader()
+        self.show_reader_state()
+
+    def show_reader_state(self, event=None) -> None:
+        """Say which reader napari uses for slide files; the button only when not all ours."""
+        prefs = reader_preference()
+        self.reader_state.setText(describe_reader_preference(prefs))
+        self.reader_button.setEnabled(any(r != PLUGIN_NAME for r in prefs.values()))
 
     def _schedule(self, event=None) -> None:
         if not self._timer.isActive():

@@ -8,7 +8,8 @@ Every file is written to a temporary name in its folder and renamed into place (
   ``coords`` [N, 2] int64 (with ``patch_size_level0`` as an attribute, as TRIDENT stores it);
 * :func:`write_heatmap_tiff` - the heatmap as a pyramidal OME-TIFF: the **float32 grid**
   (normalised scores, NaN = no patch; not colour-mapped), pixel (0, 0) at level-0 (0, 0) and
-  ``PhysicalSizeX/Y`` = cell x mpp in µm, reduced levels as SubIFDs;
+  ``PhysicalSizeX/Y`` = cell x mpp in µm, reduced levels as SubIFDs; :func:`read_heatmap_tiff`
+  reads it back (and :func:`heatmap_tiff_info` recognises it);
 * :func:`write_topk_crops` - each selected patch read from the slide as a PNG;
 * :func:`write_sidecar` / :func:`read_sidecar` / :func:`layers_from_sidecar` - a JSON record of
   slide, mpp, bag source, model, attention source, normalisation and package versions, next to
@@ -20,6 +21,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import time
 import warnings
 from pathlib import Path
@@ -35,9 +37,10 @@ from .topk import select, topk_layer
 if TYPE_CHECKING:
     from ..result import Result
 
-__all__ = ["SIDECAR_FORMAT", "SIDECAR_SUFFIX", "atomic_write", "layers_from_sidecar",
-           "package_versions", "read_sidecar", "write_clam_h5", "write_csv",
-           "write_heatmap_tiff", "write_sidecar", "write_topk_crops"]
+__all__ = ["SIDECAR_FORMAT", "SIDECAR_SUFFIX", "atomic_write", "heatmap_tiff_info",
+           "layers_from_sidecar", "package_versions", "read_heatmap_tiff", "read_sidecar",
+           "write_clam_h5", "write_csv", "write_heatmap_tiff", "write_sidecar",
+           "write_topk_crops"]
 
 SIDECAR_FORMAT = "napari-milview-sidecar"
 SIDECAR_SUFFIX = ".milview.json"
@@ -147,6 +150,78 @@ def write_heatmap_tiff(result: Result, path: str | os.PathLike, source: str | No
                 tw.write(lvl, subfiletype=1, metadata=None, **kw, **res(i))
 
     return atomic_write(path, write)
+
+
+#: The OME image ``Name`` that :func:`write_heatmap_tiff` writes:
+#: "attention SOURCE (METHOD); cell C px".
+_HEATMAP_NAME = re.compile(
+    r"attention (?P<source>.*) \((?P<method>[^()]*)\); cell (?P<cell>\d+) px")
+
+
+def heatmap_tiff_info(path: str | os.PathLike) -> dict | None:
+    """What :func:`write_heatmap_tiff` recorded in ``path``, or None for any other file.
+
+    Reads the OME-XML of the first page only (cheap) and never raises.
+
+    Returns
+    -------
+    dict or None
+        ``source``, ``method``, ``cell_level0`` (int) and ``mpp`` (µm per level-0 pixel,
+        ``PhysicalSizeX / cell``; None when the file has no physical size).
+    """
+    try:
+        import xml.etree.ElementTree as ET
+
+        import tifffile
+
+        with tifffile.TiffFile(os.fspath(path)) as tf:
+            if not tf.is_ome:
+                return None
+            ome = ET.fromstring(tf.ome_metadata)
+    except Exception:  # noqa: BLE001 - a sniffer answers, it never raises
+        return None
+    images = [e for e in ome if e.tag.endswith("}Image")]
+    pixels = [e for e in images[0] if e.tag.endswith("}Pixels")] if len(images) == 1 else []
+    m = _HEATMAP_NAME.fullmatch(images[0].get("Name", "")) if pixels else None
+    if m is None or pixels[0].get("Type") != "float":
+        return None
+    cell = int(m["cell"])
+    try:
+        mpp = float(pixels[0].get("PhysicalSizeX")) / cell
+    except (TypeError, ValueError):
+        mpp = None
+    return {"source": m["source"], "method": m["method"], "cell_level0": cell, "mpp": mpp}
+
+
+def read_heatmap_tiff(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
+    """Read back a heatmap OME-TIFF written by :func:`write_heatmap_tiff`.
+
+    Returns
+    -------
+    grid : np.ndarray
+        [H, W] float32, the full-resolution level (NaN = no patch); cell (i, j) covers
+        level-0 pixels [j c, (j + 1) c) x [i c, (i + 1) c), c = ``info["cell_level0"]``.
+    info : dict
+        :func:`heatmap_tiff_info`.
+
+    Raises
+    ------
+    ValueError
+        One line naming the file, when it is not such a heatmap or cannot be read.
+    """
+    import tifffile
+
+    info = heatmap_tiff_info(path)
+    if info is None:
+        raise ValueError(f"{path}: not a napari-milview heatmap OME-TIFF")
+    try:
+        with tifffile.TiffFile(os.fspath(path)) as tf:
+            grid = tf.series[0].levels[0].asarray()
+    except Exception as e:  # noqa: BLE001 - whatever tifffile or its codec raised
+        raise ValueError(f"{path}: cannot read the heatmap ({type(e).__name__}: {e})") from None
+    if grid.ndim != 2:
+        raise ValueError(f"{path}: heatmap of shape {grid.shape}; a 2-D grid is expected")
+    return grid.astype(np.float32, copy=False), info
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,19 @@ import pytest
 pytestmark = pytest.mark.gui
 
 
+@pytest.fixture(autouse=True)
+def napari_settings(tmp_path, monkeypatch):
+    """napari's settings in a temporary file for each test: the user's real napari settings
+    are never read or changed (a click below writes a reader preference)."""
+    from napari import settings
+
+    monkeypatch.setattr(settings, "_SETTINGS", None)
+    path = tmp_path / "napari-settings.yaml"
+    s = settings.get_settings(path)
+    assert s.config_path == path
+    return s
+
+
 def _open(viewer, path):
     [layer] = viewer.open(str(path), plugin="napari-milview")
     viewer.reset_view()
@@ -204,3 +217,50 @@ def test_follows_layers_and_disconnects_on_close(make_napari_viewer, qtbot, svs)
     ours = ("_schedule", "_on_layers_changed")
     assert not any(isinstance(cb, tuple) and cb[0]() is None and cb[1] in ours
                    for e in emitters for cb in e.callbacks)  # no dead entries of ours left
+
+
+def test_use_this_reader_for_slide_files(make_napari_viewer, qtbot, svs, tmp_path,
+                                         napari_settings):
+    import tifffile
+    import yaml
+    from napari.errors import MultipleReaderError
+    from qtpy.QtCore import Qt
+
+    from napari_milview._qt.navigation import PLUGIN_NAME
+    from napari_milview._reader import SLIDE_FILE_PATTERNS
+
+    viewer = make_napari_viewer()
+    napari_settings.plugins.extension2reader = {"*.czi": "someone-else", "*.tif": "napari"}
+    # plugin=None is what napari's File > Open and drag-and-drop pass (viewer.open's own
+    # default is napari's builtins): with two readers and no preference, napari asks
+    with pytest.raises(MultipleReaderError):
+        viewer.open(str(svs.path), plugin=None)
+    w = _widget(qtbot, viewer)
+    assert w.reader_button.isEnabled()
+    assert w.reader_state.text() == ("napari asks which reader opens .svs, .tiff, .ndpi, .vms, "
+                                     ".vmu, .scn, .mrxs, .svslide, .bif; opens .tif with napari.")
+
+    qtbot.mouseClick(w.reader_button, Qt.MouseButton.LeftButton)
+    prefs = napari_settings.plugins.extension2reader
+    assert prefs == {"*.czi": "someone-else", **dict.fromkeys(SLIDE_FILE_PATTERNS, PLUGIN_NAME)}
+    assert w.reader_state.text() == "Slide files open with napari-milview without asking."
+    assert not w.reader_button.isEnabled()
+    saved = yaml.safe_load(napari_settings.config_path.read_text())
+    assert saved["plugins"]["extension2reader"]["*.svs"] == PLUGIN_NAME  # in the temp file
+
+    # napari now picks this reader for a slide, without a dialog ...
+    [layer] = viewer.open(str(svs.path), plugin=None)
+    assert layer.metadata["slide"].path == str(svs.path)
+    assert layer.source.reader_plugin == PLUGIN_NAME
+    # ... and a plain TIFF still opens (napari's own reader, through this one)
+    plain = tmp_path / "photo.tif"
+    tifffile.imwrite(plain, np.full((32, 48), 7, np.uint8))
+    [photo] = viewer.open(str(plain), plugin=None)
+    assert photo.data.shape == (32, 48) and "slide" not in photo.metadata
+
+    # napari's Preferences change it back: the dock follows
+    napari_settings.plugins.extension2reader = {}
+    assert w.reader_state.text() == "napari asks which reader opens each slide file."
+    assert w.reader_button.isEnabled()
+    w.close()
+    assert not _ours(napari_settings.plugins.events.extension2reader, w)
