@@ -151,7 +151,32 @@ def read_sidecar_layers(path: Any) -> list[tuple]:
 
     if isinstance(path, (list, tuple)):
         path = path[0]
-    return layers_from_sidecar(path)
+    layers = layers_from_sidecar(path)
+    _colour_bar_when_added(str(path))
+    return layers
+
+
+def _colour_bar_when_added(where: str) -> None:
+    """Turn the colour bar of the heatmap restored from sidecar ``where`` on once napari has
+    added it (a reader returns layer data; an Image's colour bar is no constructor argument).
+    """
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # noqa: BLE001 - no viewer (headless use): nothing to show
+        return
+    if viewer is None:
+        return
+
+    def on_inserted(event) -> None:
+        layer = event.value
+        md = getattr(layer, "metadata", {}) or {}
+        if md.get("restored_from") == where and md.get("milview") == "heatmap":
+            viewer.layers.events.inserted.disconnect(on_inserted)
+            layer.colorbar.visible = True
+
+    viewer.layers.events.inserted.connect(on_inserted)
 
 
 def is_slide_layer(layer) -> bool:

@@ -306,6 +306,7 @@ def test_sidecar_from_widget_export_restores_in_napari(make_napari_viewer, qtbot
     viewer.open(str(svs.path), plugin="napari-milview")
     w = MILWidget(viewer)
     viewer.window.add_dock_widget(w, name="MIL attention")
+    qtbot.waitUntil(lambda: w.ready, timeout=60_000)  # torch imported off the GUI thread
     w.device_combo.setCurrentText("cpu")
     w.k_spin.setValue(7)
     with qtbot.waitSignal(w.run_finished, timeout=60_000) as blocker:

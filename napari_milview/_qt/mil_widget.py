@@ -1409,6 +1409,10 @@ class MILWidget(JobDock):
                         "tiff": (".ome.tif", "OME-TIFF (*.ome.tif *.tif)"),
                         "sidecar": (SIDECAR_SUFFIX, "Sidecar (*.json)")}[kind]
         path, _ = QFileDialog.getSaveFileName(self, EXPORTS[kind], stem + suffix, filt)
+        if path and kind == "sidecar" and not path.lower().endswith(SIDECAR_SUFFIX):
+            # napari offers our reader for *.milview.json only
+            path = path[:-5] if path.lower().endswith(".json") else path
+            path += SIDECAR_SUFFIX
         return path
 
     def _export_dialog(self, kind: str, *_) -> None:

@@ -569,11 +569,11 @@ def test_restored_sidecar_and_the_dock_agree(make_napari_viewer, qtbot, svs, ass
             w2 = MILWidget(v2)
             v2.window.add_dock_widget(w2, name="MIL attention")
         layers = v2.open(str(side), plugin="napari-milview")
+        heat = next(lyr for lyr in layers if lyr.metadata.get("milview") == "heatmap")
+        assert heat.colorbar.visible  # with no dock too
         if not dock_first:
             w2 = MILWidget(v2)
             v2.window.add_dock_widget(w2, name="MIL attention")
-        heat = next(lyr for lyr in layers if lyr.metadata.get("milview") == "heatmap")
-        assert heat.colorbar.visible
         assert w2.slide_layer is not None and w2.slide_layer.name == "svs.svs"
         assert w2.result is not None and w2.result.n == n
         assert w2.heatmap_layer is heat and w2.topk_layer is not None

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_milview._reader import napari_get_reader, read_slide
+from napari_milview._reader import has_slide_extension, napari_get_reader, read_slide
 from napari_milview.slide import BadTileWarning, SlideError, open_slide, placeholder_tile
 
 try:
@@ -342,8 +342,9 @@ class Case:
     expect : 'error' (one SlideError) or 'layer' (a working layer).
     message : regex searched in the SlideError's problem ('error'), or in one of the
         layer's notes ('layer'; '' when the layer must have no note).
-    reader : whether ``napari_get_reader`` claims the path (else it answers None and the
-        outcome pinned is ``open_slide``'s, what the CLI meets).
+    reader : whether ``napari_get_reader`` claims the path as a slide (else the outcome
+        pinned is ``open_slide``'s, what the CLI meets; napari's reader still answers for an
+        existing path with a slide extension, and raises one error naming the file).
     check : extra assertions on a layer: (slide, level arrays, layer kwargs, reference
         slide (the pristine SVS, or its OME-Zarr copy for a zarr case), pristine).
     cheap : the outcome must come fast and without a big allocation (absurd sizes).
@@ -598,7 +599,13 @@ def test_bad_input(case: Case, pristine, reference, reference_zarr, tmp_path):
     t0, rss0 = time.perf_counter(), _maxrss_mb()
 
     reader = napari_get_reader(str(path))  # cheap, never raises
-    assert reader is (read_slide if case.reader else None)
+    # a path with a slide extension that is no slide still gets our reader: its one error
+    claimed = case.reader or (path.exists() and has_slide_extension(path))
+    assert reader is (read_slide if claimed else None)
+    if claimed and not case.reader:
+        with warnings.catch_warnings(record=True), pytest.raises(SlideError) as info:
+            read_slide(str(path))
+        assert str(path) in str(info.value) and "\n" not in str(info.value)
     opener = read_slide if case.reader else open_slide
 
     if case.expect == "error":

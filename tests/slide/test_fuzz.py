@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 warnings.simplefilter("ignore")
-from napari_milview._reader import napari_get_reader
+from napari_milview._reader import has_slide_extension, napari_get_reader
 from napari_milview.slide import SlideError, open_slide, sniff
 
 pristine, zarr_src, work = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
@@ -51,7 +51,8 @@ def attempt(kind, i, path):
     where = f"{kind} #{i}"
     try:
         claimed = napari_get_reader(str(path)) is not None
-        if claimed != (sniff(path) is not None):
+        # a slide by content, or an existing path with a slide extension (one clear error)
+        if claimed != (sniff(path) is not None or (path.exists() and has_slide_extension(path))):
             problems.append(f"{where}: get_reader and sniff disagree")
     except BaseException as e:  # noqa: BLE001
         problems.append(f"{where}: sniffing raised {type(e).__name__}: {e}")
@@ -63,7 +64,7 @@ def attempt(kind, i, path):
         stats["refused"] += 1
         if str(path) not in str(e) or "\n" in str(e):
             problems.append(f"{where}: unclear error {str(e)!r}")
-        if claimed and "not a whole-slide image" in str(e):
+        if sniff(path) is not None and "not a whole-slide image" in str(e):
             problems.append(f"{where}: claimed by the reader, then called not a slide")
         return
     except BaseException as e:  # noqa: BLE001
