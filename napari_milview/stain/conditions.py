@@ -15,8 +15,10 @@ low-similarity     H-E angle x :data:`LOW_SIMILARITY_ANGLE` (1.5, distinct stain
                    their plane about the bisector / H, E vectors of ``HRH_S60``
 high-similarity    H-E angle x :data:`HIGH_SIMILARITY_ANGLE` (0.5, similar stains) /
                    H, E vectors of ``GV_GT450``
-hed-light          Tellez HED jitter, sigma 0.05 (seeded, one draw per slide)
-hed-strong         Tellez HED jitter, sigma 0.2
+hed-light          Tellez HED jitter, sigma 0.05 (seeded, one draw per slide), the bias
+                   bounded to sigma / 2 OD (:data:`~.hed.HED_BIAS_SCALE`)
+hed-strong         Tellez HED jitter, sigma 0.2, the same bound: at most 3 % more tissue
+                   pixels saturated (measured, ``docs/STAINING.md``)
 macenko            normalise to a reference: H, E vectors replaced by the reference's and
                    concentrations x ``max_conc_ref / max_conc_slide`` (Macenko)
 reinhard           LAB mean/std of the tissue matched to the reference's (Reinhard)
@@ -86,8 +88,8 @@ CONDITIONS: dict[str, str] = {
                       f"{PLISM_SOURCES['low-similarity']} stain vectors)",
     "high-similarity": f"H-E angle x {HIGH_SIMILARITY_ANGLE}, similar stains (PLISM: "
                        f"{PLISM_SOURCES['high-similarity']} stain vectors)",
-    "hed-light": "Tellez HED jitter, sigma 0.05",
-    "hed-strong": "Tellez HED jitter, sigma 0.2",
+    "hed-light": "Tellez HED jitter, sigma 0.05 (bias bounded to sigma/2 OD)",
+    "hed-strong": "Tellez HED jitter, sigma 0.2 (bias bounded to sigma/2 OD)",
     "macenko": "Macenko normalisation to the reference",
     "reinhard": "Reinhard LAB normalisation to the reference",
 }
