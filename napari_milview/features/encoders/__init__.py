@@ -17,8 +17,8 @@ Families (one module each; torch and timm are imported only when an encoder is b
   is treated as a TorchScript file.
 
 Nothing here touches the network: weights always come from local files, read with
-safetensors or ``torch.load(weights_only=True)`` (:func:`napari_milview.mil.checkpoint.
-read_state_dict`).
+safetensors or ``torch.load(weights_only=True)`` (:func:`napari_milview._weights.
+read_state_dict`, no unsafe fallback).
 
 Every built encoder is an ``nn.Module`` in eval mode with an attribute ``spec``
 (:class:`EncoderSpec`); ``forward(x)`` takes ``[B, 3, S, S]`` float32 normalised images

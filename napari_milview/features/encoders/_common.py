@@ -9,12 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from napari_milview.mil.checkpoint import (
-    CheckpointError,
-    _key_report,
-    normalise_keys,
-    read_state_dict,
-)
+from napari_milview._weights import WeightsError, key_report, read_state_dict, strip_prefixes
 
 from . import EncoderError, EncoderSpec
 
@@ -28,7 +23,7 @@ def read_weights(path: str | os.PathLike, what: str) -> dict[str, Tensor]:
     ----------
     path : str or os.PathLike
         ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` ... in any container
-        :func:`napari_milview.mil.checkpoint.read_state_dict` understands.
+        :func:`napari_milview._weights.read_state_dict` understands.
     what : str
         The encoder name, for messages.
 
@@ -47,9 +42,9 @@ def read_weights(path: str | os.PathLike, what: str) -> dict[str, Tensor]:
         sd, _meta = read_state_dict(p)
     except FileNotFoundError:
         raise EncoderError(f"{what}: weights file not found: {p}") from None
-    except CheckpointError as exc:
+    except WeightsError as exc:
         raise EncoderError(f"{what}: {exc}") from None
-    sd, _notes = normalise_keys(sd)
+    sd, _notes = strip_prefixes(sd)
     return sd
 
 
@@ -62,7 +57,7 @@ def load_strict(module: nn.Module, sd: Mapping[str, Tensor], what: str, path: ob
         ``"{what}: {path}: the weights do not fit (strict load): 3 missing: ...;
         2 unexpected: ...; 1 shape mismatches: ..."``.
     """
-    report = _key_report(module.state_dict(), sd)
+    report = key_report(module.state_dict(), sd)
     if report:
         raise EncoderError(f"{what}: {path}: the weights do not fit (strict load): {report}")
     try:

@@ -25,8 +25,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from napari_milview._weights import WeightsError, read_json_object, sidecar_path
 from napari_milview.assets import demo_encoder_path, demo_model_path
-from napari_milview.mil.checkpoint import sidecar_path
 
 from . import DEMO, EncoderError
 from ._common import EncoderModule, load_strict, read_weights
@@ -71,10 +71,10 @@ def _read_sidecar(weights: Path) -> dict[str, Any]:
     if not side.is_file():
         raise EncoderError(f"demo: sidecar {side} missing (it holds the spec and widths)")
     try:
-        data = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EncoderError(f"demo: {side}: not a readable JSON sidecar ({exc})") from None
-    spec = data.get("spec") if isinstance(data, dict) else None
+        data = read_json_object(side)
+    except WeightsError as exc:
+        raise EncoderError(f"demo: {exc}") from None
+    spec = data.get("spec")
     if not isinstance(spec, dict) or not isinstance(data.get("widths"), list):
         raise EncoderError(f"demo: {side}: expected an object with 'spec' and 'widths'")
     for field in _CHECKED:

@@ -1,0 +1,679 @@
+"""Read weight files safely: no code from the file ever runs (used by ``features/`` and ``mil/``).
+
+This module knows files, containers and key prefixes; it knows no model. Architecture key
+remaps live in each architecture's module (``mil/clam.py`` ...); model loading, hyper-parameter
+inference and the model card live in ``mil/checkpoint.py``.
+
+Loading rules (``DESIGN.md`` section 4, ``style.md`` B.3)
+--------------------------------------------------------
+* ``.safetensors`` files are read with :func:`safetensors.torch.load_file`; the header's
+  ``__metadata__`` strings are returned (JSON values under ``milview`` and ``config`` are
+  decoded).
+* ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin`` / ``.tar`` files are read **only** with
+  ``torch.load(path, map_location="cpu", weights_only=True)`` inside
+  :class:`torch.serialization.safe_globals` with a minimal allowlist (:data:`SAFE_GLOBALS`):
+  ``argparse.Namespace`` (``args`` saved by many training scripts) and :class:`ACMILStruct`,
+  an inert attribute bag registered under the name ``utils.utils.Struct`` so ACMIL's
+  ``{'model', 'optimizer', 'epoch', 'config'}`` container loads without importing ACMIL's
+  code. ``collections.OrderedDict`` is already allowed by torch.
+* When the restricted unpickler refuses a file, :class:`WeightsError` names the file and the
+  globals it would have imported (:func:`unsafe_globals`, a static :mod:`pickletools` scan):
+  "refused: loading it would run code from ...; no unsafe fallback". There is **no**
+  fallback to ``weights_only=False``.
+
+Containers understood (:func:`read_state_dict`): a bare state_dict; ACMIL
+``{'model', 'optimizer', 'epoch', 'config'}``; PyTorch Lightning
+``{'state_dict', 'hyper_parameters', ...}``; ``{'model_state_dict': ...}``; ``{'net': ...}``.
+
+Generic key handling: :func:`strip_prefixes` removes a prefix shared by **all** keys
+(Lightning ``model.``, DataParallel ``module.``, ``torch.compile``'s ``_orig_mod.``);
+:func:`rename_prefix` renames a key prefix and refuses collisions; :func:`key_report` lists
+missing / unexpected keys and shape mismatches for a strict load.
+
+torch and safetensors are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import argparse
+import io
+import json
+import os
+import pickle
+import pickletools
+import warnings
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import Tensor
+
+__all__ = [
+    "ACMILStruct",
+    "SAFE_GLOBALS",
+    "TORCH_SUFFIXES",
+    "WeightsError",
+    "key_report",
+    "read_json_object",
+    "read_safetensors",
+    "read_sidecar",
+    "read_state_dict",
+    "rename_prefix",
+    "sidecar_path",
+    "strip_prefix",
+    "strip_prefixes",
+    "to_plain",
+    "torch_load",
+    "unsafe_globals",
+]
+
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".tar")
+_SAFETENSORS_HEADER_MAX = 100_000_000  # the safetensors spec's header cap
+
+
+class WeightsError(ValueError):
+    """A weights file that cannot be read, is refused, or does not fit the network."""
+
+
+class ACMILStruct:
+    """Inert stand-in for ACMIL's ``utils.utils.Struct`` configuration object.
+
+    ACMIL saves its training configuration as an instance of ``utils.utils.Struct``
+    (``class Struct: __init__(self, **entries): self.__dict__.update(entries)``).
+    ``torch.load(weights_only=True)`` refuses that global. Registering this class with the
+    tuple form ``(ACMILStruct, "utils.utils.Struct")`` of
+    :class:`torch.serialization.safe_globals` makes the restricted unpickler resolve the
+    *name* ``utils.utils.Struct`` to this class: it matches globals by the string
+    ``"{module}.{name}"`` and never imports the module, so no ACMIL code runs. The unpickler
+    creates the instance with ``__new__`` and hands the saved ``__dict__`` to
+    :meth:`__setstate__`, which accepts only a dict with string keys.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
+            state = state[0]
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise pickle.UnpicklingError(
+                "utils.utils.Struct: expected a dict of attributes, got "
+                f"{type(state).__name__}"
+            )
+        self.__dict__.update(state)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the attributes as a plain dict."""
+        return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"ACMILStruct({inner})"
+
+
+#: the allowlist handed to :class:`torch.serialization.safe_globals`
+SAFE_GLOBALS: list[Any] = [argparse.Namespace, (ACMILStruct, "utils.utils.Struct")]
+
+
+# ----------------------------------------------------------------------------------------
+# static scan of pickle globals (for the refusal message; never executes anything)
+# ----------------------------------------------------------------------------------------
+
+_STRING_OPS = {
+    "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE",
+    "SHORT_BINSTRING", "BINSTRING", "STRING",
+}
+
+
+def _fix_name(module: str, name: str = "") -> str:
+    """Python-2 pickle names (``__builtin__.getattr``) as Python 3 sees them."""
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{name}" if name else module
+
+
+def _globals_in_pickle_stream(data: bytes, max_pickles: int = 8) -> list[str]:
+    """Return ``module.name`` of every global a pickle stream would import.
+
+    Parameters
+    ----------
+    data : bytes
+        One or more concatenated pickles, possibly followed by raw data (the legacy
+        ``torch.save`` format); the scan stops at the first byte that does not parse.
+    max_pickles : int
+        Upper bound on the number of consecutive pickles scanned.
+
+    Returns
+    -------
+    list of str
+        Globals in order of first appearance (``GLOBAL``, ``INST`` and ``STACK_GLOBAL``
+        with the two strings it pops, followed through the memo).
+    """
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    for _ in range(max_pickles):
+        start = stream.tell()
+        if start >= len(data):
+            break
+        memo: dict[int, Any] = {}
+        recent: list[Any] = []
+        try:
+            for op, arg, _pos in pickletools.genops(stream):
+                name = op.name
+                if name in ("GLOBAL", "INST"):
+                    found.append(_fix_name(*str(arg).split(" ", 1)))
+                    recent.append(None)
+                elif name == "STACK_GLOBAL":
+                    if len(recent) >= 2 and all(isinstance(s, str) for s in recent[-2:]):
+                        found.append(_fix_name(recent[-2], recent[-1]))
+                    else:
+                        found.append("<STACK_GLOBAL with computed name>")
+                    recent.append(None)
+                elif name in _STRING_OPS:
+                    recent.append(arg if isinstance(arg, str) else None)
+                elif name == "MEMOIZE":
+                    memo[len(memo)] = recent[-1] if recent else None
+                elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[int(arg)] = recent[-1] if recent else None
+                elif name in ("GET", "BINGET", "LONG_BINGET"):
+                    recent.append(memo.get(int(arg)))
+                else:
+                    recent.append(None)
+                del recent[:-4]
+        except (ValueError, EOFError, UnicodeDecodeError, KeyError, IndexError):
+            break
+        if stream.tell() == start:
+            break
+    return list(dict.fromkeys(found))
+
+
+def _allowed_global_names() -> set[str]:
+    """Names the restricted unpickler accepts with :data:`SAFE_GLOBALS` in force."""
+    names: set[str] = set()
+    for g in SAFE_GLOBALS:
+        if isinstance(g, tuple):
+            names.add(g[1])
+        else:
+            names.add(f"{g.__module__}.{g.__qualname__}")
+    try:  # private, but the only complete list; fall back to a conservative subset
+        from torch import _weights_only_unpickler as wou
+
+        names.update(wou._get_allowed_globals().keys())
+    except (ImportError, AttributeError):  # pragma: no cover - torch internals moved
+        names.update({"collections.OrderedDict", "torch._utils._rebuild_tensor_v2",
+                      "torch._utils._rebuild_parameter"})
+    return names
+
+
+def unsafe_globals(path: str | os.PathLike) -> list[str]:
+    """List the globals in a pickle-based weights file that the allowlist refuses.
+
+    The file is disassembled statically (:mod:`pickletools`); nothing is imported or
+    called. Works for zip ``torch.save`` files (their ``data.pkl``), the legacy (pre-1.6)
+    format and plain pickles.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file.
+
+    Returns
+    -------
+    list of str
+        ``module.name`` strings, e.g. ``["posix.system"]``; empty when the file holds no
+        refused global (or cannot be parsed as a pickle at all).
+    """
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                pkls = [n for n in zf.namelist() if n.endswith(".pkl")]
+                data = b"".join(zf.read(n) for n in pkls[:4])
+        else:
+            with open(path, "rb") as fh:
+                data = fh.read(64 * 2**20)
+    except (OSError, zipfile.BadZipFile, RuntimeError, ValueError):
+        return []
+    allowed = _allowed_global_names()
+    return [g for g in _globals_in_pickle_stream(data) if g not in allowed]
+
+
+# ----------------------------------------------------------------------------------------
+# reading files
+# ----------------------------------------------------------------------------------------
+
+
+def _sniff(path: Path) -> str:
+    """Return ``"safetensors"``, ``"torch"`` or ``"unknown"`` from the first bytes."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) == 9:
+        n = int.from_bytes(head[:8], "little")
+        if 2 <= n <= _SAFETENSORS_HEADER_MAX and head[8:9] == b"{":
+            return "safetensors"
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    return "unknown"
+
+
+def _short(exc: BaseException) -> str:
+    """First useful line of a torch.load error, without torch's 'weights_only=False' advice."""
+    msg = str(exc)
+    if "WeightsUnpickler error:" in msg:
+        msg = msg.split("WeightsUnpickler error:", 1)[1]
+    msg = msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
+    for cut in (" Please use `torch.serialization", " Check the documentation", ". "):
+        msg = msg.split(cut, 1)[0]
+    return msg[:200].strip() or type(exc).__name__
+
+
+_TORCH_LOAD_ERRORS = (
+    pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, IndexError,
+    TypeError, AttributeError, OverflowError, UnicodeDecodeError, zipfile.BadZipFile,
+    ImportError, NotImplementedError, AssertionError, MemoryError,
+)
+
+
+def torch_load(path: str | os.PathLike) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with :data:`SAFE_GLOBALS`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A zip or legacy ``torch.save`` file, or a plain pickle.
+
+    Returns
+    -------
+    object
+        What the file holds: tensors on the CPU, containers, allowlisted config objects.
+
+    Raises
+    ------
+    WeightsError
+        Refused (the message names the globals it would import: ``"refused: loading it
+        would run code from posix.system; no unsafe fallback ..."``) or unreadable. There is
+        no retry with ``weights_only=False``.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            with torch.serialization.safe_globals(SAFE_GLOBALS):
+                return torch.load(path, map_location="cpu", weights_only=True)
+    except _TORCH_LOAD_ERRORS as exc:
+        bad = unsafe_globals(path)
+        if bad:
+            raise WeightsError(
+                f"{path}: refused: loading it would run code from {', '.join(bad)}; "
+                "no unsafe fallback. If you trust this file, convert it once in the "
+                "environment that wrote it (save its state_dict with safetensors) and "
+                "load that instead."
+            ) from None
+        raise WeightsError(
+            f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {_short(exc)})"
+        ) from None
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a ``.safetensors`` file and its header metadata.
+
+    Returns
+    -------
+    state_dict : dict of str to Tensor
+        On the CPU.
+    metadata : dict
+        ``format = "safetensors"``; ``safetensors_metadata`` (the raw header strings, when
+        any); ``card`` and ``config`` (the JSON objects stored under ``milview`` and
+        ``config``, when present).
+
+    Raises
+    ------
+    WeightsError
+        Unreadable, no tensors, or a ``milview`` / ``config`` entry that is not a JSON object.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw_meta = dict(fh.metadata() or {})
+        sd = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+    meta: dict[str, Any] = {"format": "safetensors"}
+    if raw_meta:
+        meta["safetensors_metadata"] = raw_meta
+    for key, target in (("milview", "card"), ("config", "config")):
+        if key in raw_meta:
+            try:
+                val = json.loads(raw_meta[key])
+            except json.JSONDecodeError as exc:
+                raise WeightsError(f"{path}: metadata '{key}' is not valid JSON ({exc})") from None
+            if not isinstance(val, dict):
+                raise WeightsError(f"{path}: metadata '{key}' is not a JSON object")
+            meta[target] = val
+    if not sd:
+        raise WeightsError(f"{path}: holds no tensors")
+    return sd, meta
+
+
+def to_plain(obj: Any, depth: int = 0) -> Any:
+    """Turn a loaded config object into JSON-friendly Python values.
+
+    Allowlisted containers (:class:`ACMILStruct`, ``argparse.Namespace``) and mappings become
+    dicts, sequences lists, one-element tensors numbers, other tensors a
+    ``"<tensor (shape) dtype>"`` string, anything else its ``repr``.
+    """
+    import torch
+
+    if depth > 8:
+        return repr(obj)
+    if isinstance(obj, (ACMILStruct, argparse.Namespace)):
+        obj = dict(vars(obj))
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_plain(v, depth + 1) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        if obj.numel() == 1:
+            return obj.item()
+        return f"<tensor {tuple(obj.shape)} {obj.dtype}>"
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)
+
+
+def _check_state_dict(sd: Mapping, name: str, where: str) -> dict[str, Tensor]:
+    """Ensure ``sd`` maps str -> Tensor; name the leftovers otherwise."""
+    import torch
+
+    bad = [f"{k!s} ({type(v).__name__})" for k, v in sd.items()
+           if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        more = f" (+{len(bad) - 10} more)" if len(bad) > 10 else ""
+        raise WeightsError(
+            f"{name}: {where} is not a state_dict of tensors; non-tensor entries: "
+            f"{', '.join(bad[:10])}{more}"
+        )
+    if not sd:
+        raise WeightsError(f"{name}: {where} is empty")
+    return dict(sd)
+
+
+# (key, format name) in order of preference
+_CONTAINERS = (
+    ("state_dict", "lightning"),
+    ("model_state_dict", "model_state_dict"),
+    ("model", "model"),
+    ("net", "net"),
+)
+_CONFIG_KEYS = ("config", "hyper_parameters", "hparams", "args", "cfg")
+
+
+def _unwrap(obj: Any, name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Find the state_dict (and any training config) inside a loaded container."""
+    import torch
+
+    if isinstance(obj, torch.nn.Module):  # cannot happen with weights_only, be explicit
+        raise WeightsError(f"{name}: holds a pickled module, not a state_dict")
+    if not isinstance(obj, Mapping):
+        raise WeightsError(
+            f"{name}: holds a {type(obj).__name__}, not a state_dict or a dict containing one"
+        )
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _check_state_dict(obj, name, "the file"), {"format": "state_dict"}
+    meta: dict[str, Any] = {}
+    for key, fmt in _CONTAINERS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping):
+            if key == "model" and "config" in obj:
+                fmt = "acmil"
+            sd = _check_state_dict(inner, name, f"its '{key}' entry")
+            meta["format"] = fmt
+            meta["state_dict_key"] = key
+            break
+    else:
+        # a bare state_dict with non-tensor leftovers, or an unknown container
+        _check_state_dict(obj, name, "the file")
+        raise AssertionError("unreachable")  # pragma: no cover
+    meta.update(_container_extras(obj))
+    used = {meta["state_dict_key"], meta.get("config_key"), "epoch"}
+    meta["ignored_keys"] = sorted(str(k) for k in obj if k not in used)
+    return sd, meta
+
+
+def _container_extras(obj: Mapping) -> dict[str, Any]:
+    """The training config (as plain values, with the key it was under) and the epoch."""
+    out: dict[str, Any] = {}
+    for ck in _CONFIG_KEYS:
+        if obj.get(ck) is not None:
+            cfg = to_plain(obj[ck])
+            if isinstance(cfg, dict):
+                out["config"] = cfg
+                out["config_key"] = ck
+                break
+    if isinstance(obj.get("epoch"), int):
+        out["epoch"] = obj["epoch"]
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read the tensors and whatever metadata a weights container holds.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        ``.safetensors``, or ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin`` / ``.tar`` (read with
+        :func:`torch_load` only). Other suffixes are recognised from their first bytes.
+
+    Returns
+    -------
+    state_dict : dict of str to Tensor
+        The raw state_dict (keys as stored, prefixes not stripped), on the CPU.
+    metadata : dict
+        ``format`` (``"safetensors"``, ``"state_dict"``, ``"acmil"``, ``"lightning"``,
+        ``"model_state_dict"``, ``"model"`` or ``"net"``); optionally ``card`` (our own
+        model card), ``config`` (ACMIL config / Lightning ``hyper_parameters`` / ``args``
+        as plain values, with ``config_key``), ``state_dict_key``, ``epoch``,
+        ``ignored_keys`` (e.g. ``optimizer``) and ``safetensors_metadata``.
+
+    Raises
+    ------
+    FileNotFoundError
+        The file does not exist.
+    WeightsError
+        Empty, unreadable, refused (it would import code), or no state_dict of tensors found.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"{path}: is empty")
+    suffix = path.suffix.lower()
+    kind = "safetensors" if suffix == ".safetensors" else (
+        "torch" if suffix in TORCH_SUFFIXES else _sniff(path))
+    if kind == "safetensors":
+        return read_safetensors(path)
+    if kind != "torch":
+        raise WeightsError(
+            f"{path}: unknown checkpoint type (expected .safetensors or one of "
+            f"{', '.join(TORCH_SUFFIXES)})"
+        )
+    return _unwrap(torch_load(path), str(path))
+
+
+# ----------------------------------------------------------------------------------------
+# keys
+# ----------------------------------------------------------------------------------------
+
+#: prefixes that wrappers put in front of every key, and the note saying one was stripped
+_SHARED_PREFIXES = (
+    ("model.", "stripped the PyTorch Lightning 'model.' prefix"),
+    ("module.", "stripped the DataParallel 'module.' prefix"),
+    ("_orig_mod.", "stripped the torch.compile '_orig_mod.' prefix"),
+)
+
+
+def strip_prefix(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Remove ``prefix`` from every key, when **every** key (longer than it) carries it.
+
+    Parameters
+    ----------
+    sd : mapping of str to Tensor
+    prefix : str
+        E.g. ``"module."``.
+
+    Returns
+    -------
+    dict of str to Tensor
+        A new dict (tensors are not copied); ``sd``'s items unchanged when one key lacks the
+        prefix, so a model with a real sub-module named like the prefix is left alone.
+    """
+    if sd and all(k.startswith(prefix) and len(k) > len(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return dict(sd)
+
+
+def strip_prefixes(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Strip the wrapper prefixes ``model.``, ``module.``, ``_orig_mod.`` shared by all keys.
+
+    Repeated while one applies (``model.module.x`` -> ``x``).
+
+    Returns
+    -------
+    state_dict : dict of str to Tensor
+        Renamed (tensors are not copied).
+    notes : list of str
+        One line per prefix stripped (e.g. ``"stripped the DataParallel 'module.' prefix"``).
+    """
+    out = dict(sd)
+    notes: list[str] = []
+    changed = True
+    while changed and out:
+        changed = False
+        for prefix, note in _SHARED_PREFIXES:
+            stripped = strip_prefix(out, prefix)
+            if stripped.keys() != out.keys():
+                out = stripped
+                notes.append(note)
+                changed = True
+    return out, notes
+
+
+def rename_prefix(sd: Mapping[str, Tensor], old: str, new: str) -> dict[str, Tensor]:
+    """Rename the key prefix ``old`` to ``new`` (other keys unchanged).
+
+    Raises
+    ------
+    WeightsError
+        Two keys would collide (``"renaming 'a.' -> 'b.' collides on key 'b.x'"``).
+    """
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        nk = new + k[len(old):] if k.startswith(old) else k
+        if nk in out:
+            raise WeightsError(f"renaming {old!r} -> {new!r} collides on key {nk!r}")
+        out[nk] = v
+    return out
+
+
+def key_report(expected: Mapping[str, Tensor], sd: Mapping[str, Tensor], limit: int = 10) -> str:
+    """What stops ``load_state_dict(sd, strict=True)`` into a network with ``expected``.
+
+    Parameters
+    ----------
+    expected : mapping of str to Tensor
+        The network's own ``state_dict()``.
+    sd : mapping of str to Tensor
+        The weights read from a file.
+    limit : int
+        How many keys of each kind are named.
+
+    Returns
+    -------
+    str
+        ``"3 missing: a, b, c; 1 unexpected: d; 1 shape mismatches: e: file (2, 3) vs model
+        (3, 3)"``, the kinds that occur joined by ``"; "``; empty when the weights fit.
+    """
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected),
+                         ("shape mismatches", shapes)):
+        if items:
+            more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
+            parts.append(f"{len(items)} {label}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------
+# JSON sidecars
+# ----------------------------------------------------------------------------------------
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON sidecar of a weights file: ``<stem>.json`` next to it."""
+    path = Path(path)
+    return path.with_name(path.stem + ".json")
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a JSON sidecar that must hold an object.
+
+    Raises
+    ------
+    WeightsError
+        ``"{path}: not a readable JSON sidecar (...)"`` or ``"{path}: a sidecar must be a
+        JSON object"``.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{path}: not a readable JSON sidecar ({exc})") from None
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: a sidecar must be a JSON object")
+    return data
+
+
+def read_sidecar(sidecar: str | os.PathLike | Mapping[str, Any] | None,
+                 weights: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
+    """The sidecar of a weights file: given as a mapping, a path, or ``<stem>.json``.
+
+    Parameters
+    ----------
+    sidecar : path, mapping or None
+        A mapping is used as it is; a path must exist; ``None`` looks for
+        :func:`sidecar_path` of ``weights`` and returns ``({}, None)`` when there is none.
+    weights : str or os.PathLike
+        The weights file the sidecar belongs to.
+
+    Returns
+    -------
+    data : dict
+    source : str or None
+        ``"sidecar argument"``, the sidecar's path, or None when there is no sidecar.
+
+    Raises
+    ------
+    FileNotFoundError
+        A sidecar path that was named explicitly does not exist.
+    WeightsError
+        The sidecar is not a readable JSON object.
+    """
+    if isinstance(sidecar, Mapping):
+        return dict(sidecar), "sidecar argument"
+    if sidecar is None:
+        cand = sidecar_path(weights)
+        if not cand.is_file():
+            return {}, None
+        sidecar = cand
+    sidecar = Path(sidecar)
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"sidecar not found: {sidecar}")
+    return read_json_object(sidecar), str(sidecar)
