@@ -3,7 +3,8 @@
 Every architecture module (``abmil``, ``clam``, ``acmil``, ``transmil``) defines
 :class:`MILModel` subclasses whose ``state_dict`` key names are the official ones, so an
 official checkpoint loads with ``load_state_dict(strict=True)`` once any container prefix
-(``model.``, ``module.``) has been removed.
+(``model.``, ``module.``) has been removed and the architecture's own legacy layouts have been
+renamed (:meth:`MILModel.remap_keys`, overridden in the architecture's module).
 
 Conventions
 -----------
@@ -48,6 +49,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from .._weights import strip_prefixes
 
 __all__ = [
     "ALIASES",
@@ -247,23 +250,37 @@ class MILModel(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def remap_state_dict(cls, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Normalise model-specific legacy layouts to the current official key names.
+    def remap_keys(cls, sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """Map this architecture's legacy / official key layouts onto the class's names.
 
-        The base version strips a ``module.`` prefix carried by every key (DataParallel).
-        Subclasses extend it (CLAM: ``.module`` infixes, ``instance_loss_fn``, the legacy
-        ``attention_net.2`` index; TransMIL: the Lightning ``model.`` prefix).
+        The base version strips the wrapper prefixes every key carries (Lightning
+        ``model.``, DataParallel ``module.``, ``torch.compile``'s ``_orig_mod.``; see
+        :func:`napari_milview._weights.strip_prefixes`). An architecture with layouts of its
+        own overrides it in its module and strips the same prefixes (CLAM:
+        :func:`napari_milview.mil.clam.remap_clam_keys`: ``instance_loss_fn`` buffers, the
+        ``attention_net.module`` infix, the legacy ``attention_net.2`` index).
+
+        Parameters
+        ----------
+        sd : mapping of str to Tensor
+            A state_dict as read from a file (tensors of any shape; they are not copied).
+
+        Returns
+        -------
+        state_dict : dict of str to Tensor
+            The renamed state_dict.
+        notes : list of str
+            One human-readable line per change (empty when nothing changed).
         """
-        return _strip_common_prefix(dict(sd), "module.")
+        return strip_prefixes(sd)
+
+    @classmethod
+    def remap_state_dict(cls, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """:meth:`remap_keys` without the notes."""
+        return cls.remap_keys(sd)[0]
 
     def extra_repr(self) -> str:  # pragma: no cover - cosmetic
         return ", ".join(f"{k}={v!r}" for k, v in getattr(self, "hparams", {}).items())
-
-
-def _strip_common_prefix(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    if sd and all(k.startswith(prefix) for k in sd):
-        return {k[len(prefix):]: v for k, v in sd.items()}
-    return sd
 
 
 def _shape(sd: Mapping[str, Tensor], key: str, arch: str) -> tuple[int, ...]:

@@ -15,21 +15,105 @@ converted to rank percentiles, so raw sources are exposed next to the softmax on
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .base import MILModel, MILOutput, _count_indexed, _shape, _strip_common_prefix, register_model
+from .._weights import rename_prefix, strip_prefixes
+from .base import MILModel, MILOutput, _count_indexed, _shape, register_model
 
-__all__ = ["CLAM_MB", "CLAM_SB", "CLAM_SIZES"]
+__all__ = ["CLAM_MB", "CLAM_SB", "CLAM_SIZES", "remap_clam_keys"]
 
 #: ``size_arg`` -> (hidden, attention) sizes of the official code
 CLAM_SIZES: dict[str, tuple[int, int]] = {"small": (512, 256), "big": (512, 384)}
 
 _GATED = "attention_net.3"
+
+
+def remap_clam_keys(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+    """Map CLAM's official and legacy key layouts onto the names of :class:`CLAM_SB` / ``MB``.
+
+    The one CLAM remap (``reference/algorithms.md`` section 2.2), each step noted:
+
+    1. drop CLAM's ``instance_loss_fn.*`` buffers (``SmoothTop1SVM.labels`` [2]);
+    2. strip a wrapper prefix shared by all keys (``module.`` of a DataParallel-wrapped
+       model, Lightning ``model.``, ``_orig_mod.``);
+    3. the multi-GPU infix of old CLAM runs, whose ``relocate()`` wrapped only the attention
+       net in DataParallel: ``attention_net.module.*`` -> ``attention_net.*``. Only that
+       infix: CLAM's own loader does a blanket ``key.replace('.module', '')``, which would
+       also rename the real sub-module ``module`` of CLAM's non-gated ``Attn_Net``
+       (``attention_net.3.module.0.weight``) and break that checkpoint's strict load;
+    4. CLAM before April 2024 trained without ``--drop_out`` had no Dropout layer, so its
+       gated attention net sat at ``attention_net.2.*``: moved to ``attention_net.3.*``
+       (only when there is no ``attention_net.3.*``);
+    5. ACMIL's copy of CLAM is recognised from the shapes (attention hidden size
+       ``attention_a.0.weight`` [D, L] with D not 256/384 or L not 512, or a CLAM-SB with
+       ``attention_c.weight`` [K, D], K > 1, i.e. ``n_token > 1``) and noted: its keys are
+       CLAM's, but its CLAM_MB normalises attention with ``softmax_one``
+       (``exp / (1 + sum exp)``), which the shapes cannot show.
+
+    Parameters
+    ----------
+    sd : mapping of str to Tensor
+        A state_dict as read from a file.
+
+    Returns
+    -------
+    state_dict : dict of str to Tensor
+        Renamed (tensors are not copied).
+    notes : list of str
+        One line per change (empty when nothing changed).
+
+    Raises
+    ------
+    napari_milview._weights.WeightsError
+        A rename would make two keys collide.
+    """
+    out = dict(sd)
+    notes: list[str] = []
+    dropped = [k for k in out if "instance_loss_fn" in k.split(".")]
+    if dropped:
+        for k in dropped:
+            del out[k]
+        notes.append(f"dropped {len(dropped)} CLAM training-loss buffer(s) "
+                     f"({', '.join(dropped[:3])})")
+    out, stripped = strip_prefixes(out)
+    notes += stripped
+    if any(k.startswith("attention_net.module.") for k in out):
+        out = rename_prefix(out, "attention_net.module.", "attention_net.")
+        notes.append("CLAM multi-GPU layout: 'attention_net.module.*' -> 'attention_net.*'")
+    if (any(k.startswith("attention_net.2.") for k in out)
+            and not any(k.startswith(f"{_GATED}.") for k in out)):
+        out = rename_prefix(out, "attention_net.2.", f"{_GATED}.")
+        notes.append("legacy CLAM layout (no dropout layer): 'attention_net.2.*' -> "
+                     "'attention_net.3.*'")
+    note = _acmil_copy_note(out)
+    if note:
+        notes.append(note)
+    return out, notes
+
+
+def _acmil_copy_note(sd: Mapping[str, Tensor]) -> str | None:
+    """A note when a CLAM layout has ACMIL's CLAM-copy shapes (see :func:`remap_clam_keys`)."""
+    a_w = sd.get(f"{_GATED}.attention_a.0.weight")  # [D, L]
+    c_w = sd.get(f"{_GATED}.attention_c.weight")  # [K, D]
+    if a_w is None or a_w.ndim != 2:
+        return None
+    d_attn, l_dim = int(a_w.shape[0]), int(a_w.shape[1])
+    sb_multi = "classifiers.weight" in sd and c_w is not None and c_w.shape[0] > 1
+    why = []
+    if d_attn not in (256, 384):
+        why.append(f"attention hidden size {d_attn} (official CLAM: 256/384)")
+    if l_dim != 512:
+        why.append(f"embedding size {l_dim} (official CLAM: 512)")
+    if sb_multi:
+        why.append(f"CLAM-SB with {int(c_w.shape[0])} attention rows (n_token > 1)")
+    if not why:
+        return None
+    return ("looks like ACMIL's copy of CLAM (" + "; ".join(why) + "); same keys as CLAM, but "
+            "ACMIL's CLAM_MB uses softmax_one instead of softmax, which the shapes cannot show")
 
 
 class _GatedAttentionNet(nn.Module):
@@ -88,25 +172,9 @@ class _ClamBase(MILModel):
 
     # -- state dict -------------------------------------------------------------------------
     @classmethod
-    def remap_state_dict(cls, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """CLAM's loader normalisation plus the legacy index.
-
-        * keys containing ``instance_loss_fn`` are dropped (SmoothTop1SVM buffer);
-        * ``.module`` is removed (old multi-GPU runs: ``attention_net.module.0.weight``);
-        * legacy CLAM (< April 2024, trained without dropout) stored the gated net at
-          ``attention_net.2``: renamed to ``attention_net.3``.
-        """
-        sd = _strip_common_prefix(dict(sd), "module.")
-        out = {}
-        for k, v in sd.items():
-            if "instance_loss_fn" in k:
-                continue
-            out[k.replace(".module", "")] = v
-        if ("attention_net.2.attention_c.weight" in out
-                and "attention_net.3.attention_c.weight" not in out):
-            out = {re.sub(r"^attention_net\.2\.", "attention_net.3.", k): v
-                   for k, v in out.items()}
-        return out
+    def remap_keys(cls, sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
+        """CLAM's layouts onto the current names (:func:`remap_clam_keys`)."""
+        return remap_clam_keys(sd)
 
     @classmethod
     def _common_hparams(cls, sd: Mapping[str, Tensor]) -> dict[str, Any]:

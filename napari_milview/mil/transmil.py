@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import MILModel, MILOutput, _shape, _strip_common_prefix, register_model
+from .base import MILModel, MILOutput, _shape, register_model
 from .nystrom import NystromAttention, NystromFactors, nystrom_padding
 
 __all__ = ["PPEG", "TransLayer", "TransMIL", "fold_duplicates", "square_side"]
@@ -160,6 +160,9 @@ class TransMIL(MILModel):
     ``layer{1,2}.attn.to_out.0.weight`` [512, 512] / ``.bias`` [512];
     ``layer{1,2}.attn.res_conv.weight`` [8, 1, 33, 1];
     ``norm.weight`` / ``.bias`` [512]; ``_fc2.weight`` [C, 512] / ``.bias`` [C].
+    The official checkpoints are PyTorch Lightning ``.ckpt`` files whose keys carry
+    ``model.``: a wrapper prefix, stripped by the inherited :meth:`MILModel.remap_keys`;
+    TransMIL has no layout of its own to remap.
 
     Attention sources: see the module docstring (``"layer{l}/head/{h}"``,
     ``"layer{l}/mean"``, ``"rollout"``; default ``"layer2/mean"``).
@@ -254,12 +257,6 @@ class TransMIL(MILModel):
         return MILOutput(logits=logits, sources=sources, default_source="layer2/mean")
 
     # -- state dict ----------------------------------------------------------------------------
-    @classmethod
-    def remap_state_dict(cls, sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Strip the PyTorch-Lightning ``model.`` prefix (and ``module.``) when every key has
-        it."""
-        return _strip_common_prefix(_strip_common_prefix(dict(sd), "model."), "module.")
-
     @classmethod
     def matches_state_dict(cls, sd: Mapping[str, Tensor]) -> bool:
         return ("cls_token" in sd and "pos_layer.proj.weight" in sd

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from napari_milview.mil import CLAM_MB, CLAM_SB, build_from_state_dict, build_model, detect_arch
+from napari_milview.mil.clam import remap_clam_keys
 
 
 def _sb_table(embed=1024, hid=512, att=256, n_classes=2):
@@ -99,6 +100,42 @@ def test_legacy_index_2_is_remapped():
     legacy = {k.replace("attention_net.3.", "attention_net.2."): v for k, v in sd.items()}
     assert CLAM_MB.remap_state_dict(legacy).keys() == sd.keys()
     assert isinstance(build_from_state_dict(legacy), CLAM_MB)
+
+
+def test_one_remap_rule_with_notes():
+    """The class remap and ``remap_clam_keys`` are one rule: a DataParallel-wrapped model,
+    the multi-GPU ``attention_net.module`` infix, the legacy index and the loss buffer."""
+    sd = _random_sd(_sb_table())
+    legacy = {f"module.{k.replace('attention_net.3.', 'attention_net.module.2.')}": v
+              for k, v in sd.items()}
+    legacy["module.instance_loss_fn.labels"] = torch.arange(2)
+    out, notes = remap_clam_keys(legacy)
+    assert out.keys() == sd.keys() == CLAM_SB.remap_state_dict(legacy).keys()
+    assert CLAM_SB.remap_keys(legacy)[1] == notes
+    text = " | ".join(notes)
+    for part in ("loss buffer", "DataParallel 'module.' prefix", "attention_net.module",
+                 "attention_net.2"):
+        assert part in text
+    assert remap_clam_keys(sd) == (sd, [])
+
+
+def test_only_the_multi_gpu_infix_is_removed():
+    """``attention_net.module.`` is old CLAM's DataParallel infix; the ``module`` of CLAM's
+    non-gated ``Attn_Net`` (``attention_net.3.module.*``) is a real name and is kept (CLAM's
+    own loader's blanket ``replace('.module', '')`` would break it)."""
+    nongated = {"attention_net.0.weight": torch.zeros(4, 8),
+                "attention_net.3.module.0.weight": torch.zeros(2, 4),
+                "attention_net.3.module.2.weight": torch.zeros(1, 2)}
+    assert CLAM_SB.remap_state_dict(nongated).keys() == nongated.keys()
+    wrapped = {k.replace("attention_net.", "attention_net.module.", 1): v
+               for k, v in nongated.items()}
+    assert CLAM_SB.remap_state_dict(wrapped).keys() == nongated.keys()
+
+
+def test_acmil_copy_is_noted():
+    sd = _random_sd(_mb_table(embed=32, hid=16, att=128, n_classes=2))
+    _, notes = CLAM_MB.remap_keys(sd)
+    assert len(notes) == 1 and "ACMIL's copy of CLAM" in notes[0] and "softmax_one" in notes[0]
 
 
 def test_sb_pooling_and_sources():
