@@ -276,6 +276,16 @@ def test_clam_non_gated_module_name_is_kept():
     assert set(out) == set(sd)
 
 
+def test_normalise_keys_for_a_given_arch():
+    model = _model("clam_mb")
+    sd = {f"module.{k}": v for k, v in _clam_legacy_index2(_clone_sd(model)).items()}
+    out, notes = normalise_keys(sd, arch="clam_mb")
+    assert set(out) == set(model.state_dict())
+    assert any("DataParallel" in n for n in notes) and any("attention_net.2" in n for n in notes)
+    with pytest.raises(CheckpointError, match="unknown MIL architecture 'nope'"):
+        normalise_keys(sd, arch="nope")
+
+
 def test_acmil_clam_copy_is_recognised(tmp_path):
     """ACMIL's CLAM copy: size small = [D_feat, D_inner, 128]; keys are CLAM's."""
     model = _model("clam_mb", hidden_dim=16, attn_dim=128)
