@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 #: side by side: gap between the slide and its preview, as a fraction of the slide's width
 GAP = 0.05
 #: preview placements: key -> label
-PLACEMENTS = {"overlay": "On top (toggle with 'Visible')", "side": "Side by side"}
+PLACEMENTS = {"overlay": "On top", "side": "Side by side"}
 #: conditions whose main parameter the widget can change: condition -> (param, label)
 PARAMS = {"low-intensity": "ratio", "high-intensity": "ratio", "low-similarity": "angle",
           "high-similarity": "angle", "hed-light": "sigma", "hed-strong": "sigma"}
@@ -341,6 +341,7 @@ class StainWidget(JobDock):
         self.placement_combo = QComboBox()
         for key, label in PLACEMENTS.items():
             self.placement_combo.addItem(label, key)
+        self.placement_combo.setToolTip("On top: toggle 'Visible' to compare with the slide")
         self.placement_combo.currentIndexChanged.connect(self._place_preview)
         self.visible_check = QCheckBox("Visible")
         self.visible_check.setChecked(True)
@@ -369,7 +370,9 @@ class StainWidget(JobDock):
             if name == "reference":  # always run: everything is compared with it
                 item.setFlags(item.flags() & ~Qt.ItemFlag.ItemIsUserCheckable)
             self.conditions_list.addItem(item)
-        v.addWidget(QLabel("Conditions (the parameters set above are used)"))
+        head = QLabel("Conditions (the parameters set above are used)")
+        head.setWordWrap(True)
+        v.addWidget(head)
         v.addWidget(self.conditions_list)
         form = QFormLayout()
         row = QHBoxLayout()
@@ -409,12 +412,9 @@ class StainWidget(JobDock):
         form.addRow("Encoder", self.encoder_combo)
         form.addRow("Weights", self.weights_edit)
         form.addRow("Patch", self.patch_um)
-        runrow = QHBoxLayout()
-        for label, w in (("Device", self.device_combo), ("Batch", self.batch_spin),
-                         ("Top-K", self.k_spin)):
-            runrow.addWidget(QLabel(label))
-            runrow.addWidget(w)
-        form.addRow(runrow)
+        form.addRow("Device", self.device_combo)  # one per row: a dock's width is scarce
+        form.addRow("Batch", self.batch_spin)
+        form.addRow("Top-K", self.k_spin)
         form.addRow(self._pause_control())
         v.addLayout(form)
         brow = QHBoxLayout()
@@ -432,6 +432,8 @@ class StainWidget(JobDock):
         self.table = QTableWidget(0, 0)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setTextElideMode(Qt.TextElideMode.ElideRight)
+        self.table.horizontalHeader().setMinimumSectionSize(24)
         self.table.setMinimumHeight(150)
         v.addWidget(self.table)
         self.range_label = QLabel("")
@@ -833,9 +835,26 @@ class StainWidget(JobDock):
         self.table.setRowCount(len(cfg.conditions))
         for r, name in enumerate(cfg.conditions):
             self.table.setItem(r, 0, QTableWidgetItem(name))
-        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode
-                                                           .ResizeToContents)
+        self._fit_columns()
         self.range_label.setText("")
+
+    def _fit_columns(self, filled: bool = False) -> None:
+        """Fit the table to the dock: the condition column takes what is left, the others
+        the width of their values (of a probability until ``filled``); long headers are
+        elided and shown in full as tooltips."""
+        t = self.table
+        head = t.horizontalHeader()
+        head.setStretchLastSection(False)
+        head.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
+        head.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        least = t.fontMetrics().horizontalAdvance("0.0000") + 12
+        for c in range(t.columnCount()):
+            item = t.horizontalHeaderItem(c)
+            if item is not None:
+                item.setToolTip(item.text())
+            if c:
+                hint = t.sizeHintForColumn(c)
+                t.setColumnWidth(c, hint if filled else max(least, hint))
 
     def _set_row(self, r: int, values: list[str]) -> None:
         if r >= self.table.rowCount():
@@ -869,6 +888,7 @@ class StainWidget(JobDock):
                               f"{row['jaccard']:.3f}"])
         self._set_row(len(rows), ["min-max range", "", *(f"{v:.4f}" for v in
                                                          report.prob_range), ""])
+        self._fit_columns(filled=True)
         summ = report.summary()
         rng = ", ".join(f"{c} {v:.4f}" for c, v in summ["range"].items())
         flip = ("<b>the predicted class changes</b>" if summ["predicted_changes"] else

@@ -253,3 +253,60 @@ def test_cancel_and_teardown_leave_no_threads(make_napari_viewer, qtbot, svs):
     viewer.window.remove_dock_widget(w2)
     assert job2.done.is_set() and job2.gen.gi_frame is None and not w2.busy
     _no_threads_left(qtbot, before)
+
+
+@pytest.mark.parametrize("width", [1280, 1600])
+def test_dock_fits_the_window_without_horizontal_scrolling(make_napari_viewer, qtbot, svs,
+                                                            width):
+    """Issue 11: in a 1280 x 900 window (and at 1600 px) the Jaccard column, Visible, Cancel
+    and Export JSON hid behind a horizontal scroll bar."""
+    from qtpy.QtCore import QPoint, QRect
+    from qtpy.QtWidgets import QScrollArea
+
+    from napari_milview._qt.stain_widget import StainWidget
+    from napari_milview.stain.robustness import clear_cache
+
+    clear_cache()
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(width, 900)
+    viewer.open(str(svs.path), plugin="napari-milview")
+    w = StainWidget(viewer)
+    viewer.window.add_dock_widget(w, area="right", name="Staining")
+    w.device_combo.setCurrentText("cpu")
+    qtbot.waitUntil(lambda: w.model_info.text().startswith("<b>"), timeout=60_000)
+    w.set_conditions(["low-intensity"])
+    with qtbot.waitSignal(w.run_finished, timeout=60_000) as blocker:
+        w.run()
+    assert blocker.args == ["done"], w.status.text()
+    qtbot.wait(100)  # layout settles
+    assert viewer.window._qt_window.width() == width and w.isVisible()
+
+    scroll = w.findChild(QScrollArea)
+    bar = scroll.horizontalScrollBar()
+    assert not bar.isVisible() or bar.maximum() == 0
+    port = scroll.viewport()
+
+    def inside(widget, rect=None) -> bool:
+        rect = widget.rect() if rect is None else rect
+        scroll.ensureWidgetVisible(widget, 0, 0)  # vertically; there is no horizontal scroll
+        return port.rect().contains(QRect(widget.mapTo(port, rect.topLeft()), rect.size()))
+
+    for widget in (w.visible_check, w.cancel_button, w.json_button, w.csv_button,
+                   w.run_button, w.preview_button, w.table):
+        assert inside(widget), widget
+    # the table: every column inside its own viewport (no scrolling there either), values
+    # not cut, the Jaccard column (last) inside the dock's viewport
+    t = w.table
+    heads = [t.horizontalHeaderItem(c).text() for c in range(t.columnCount())]
+    assert heads[-1] == "Jaccard top-20" and t.rowCount() == 3
+    assert t.item(1, t.columnCount() - 1).text() not in ("", "\u2026")  # a result is shown
+    assert t.horizontalScrollBar().maximum() == 0
+    for c in range(t.columnCount()):
+        assert t.columnViewportPosition(c) >= 0
+        assert t.columnViewportPosition(c) + t.columnWidth(c) <= t.viewport().width()
+        assert t.columnWidth(c) >= t.sizeHintForColumn(c), heads[c]
+    last = t.columnCount() - 1
+    cell = QRect(QPoint(t.columnViewportPosition(last), 0), t.visualItemRect(t.item(0, last))
+                 .size())
+    assert inside(t.viewport(), cell)
+    assert t.horizontalHeaderItem(last).toolTip() == "Jaccard top-20"  # full text when elided
