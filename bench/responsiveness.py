@@ -178,7 +178,7 @@ def measure(args: argparse.Namespace) -> dict:
     import torch
     from qtpy.QtCore import Qt
 
-    from napari_milview._sample_data import sample_slide_path
+    from napari_milview.synthetic import sample_slide_path
 
     slide = Path(args.slide) if args.slide else sample_slide_path(lesion=True)
     viewer = napari.Viewer(title="responsiveness", show=True)

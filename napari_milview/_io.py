@@ -1,13 +1,23 @@
-"""Atomic file writes: every file the package writes appears complete or not at all."""
+"""Small file helpers the whole package shares (a package-level module: any subpackage may
+import it; it imports nothing of ours).
+
+* :func:`atomic_write` - every file the package writes appears complete or not at all;
+* :func:`fingerprint` - a cheap identity of a slide or weights file (cohort markers, the
+  robustness run's cache keys);
+* :func:`decode_attr` - an HDF5 attribute as plain Python (bag and result readers).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+_MIB = 1 << 20
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
@@ -34,3 +44,64 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
             tmp.unlink()
         raise
     return dest
+
+
+def fingerprint(path: str | os.PathLike) -> dict:
+    """A cheap identity of a slide (or weights) file: size, mtime and a hash of its ends.
+
+    ``sha256`` covers the size, the first MiB and the last MiB: at most 2 MiB are read, so a
+    2 GB slide costs what a 2 MB one does. Any change of size or modification time, or of the
+    bytes at either end (where TIFF headers, the first tiles and the last directories live),
+    changes the fingerprint; an edit confined to the middle of a file that also keeps its size
+    and mtime is not seen. A folder (OME-Zarr) hashes the relative path, size and mtime of
+    every file below it.
+
+    Returns
+    -------
+    dict
+        ``{"size": int, "mtime_ns": int, "sha256": str}`` (size and mtime of a folder: total
+        and newest).
+
+    Raises
+    ------
+    FileNotFoundError
+        The path does not exist (the message names it).
+    """
+    p = Path(path)
+    if p.is_dir():
+        h = hashlib.sha256()
+        size = mtime = 0
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            st = f.stat()
+            size += st.st_size
+            mtime = max(mtime, st.st_mtime_ns)
+            h.update(f"{f.relative_to(p).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return {"size": size, "mtime_ns": mtime, "sha256": h.hexdigest()}
+    try:
+        st = p.stat()
+        with open(p, "rb") as fh:
+            h = hashlib.sha256(str(st.st_size).encode())
+            h.update(fh.read(_MIB))
+            if st.st_size > _MIB:
+                fh.seek(max(_MIB, st.st_size - _MIB))
+                h.update(fh.read(_MIB))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: no such file") from None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+
+
+def decode_attr(value: Any) -> Any:
+    """An HDF5 attribute as plain Python: str for bytes, int/float for numpy scalars."""
+    import numpy as np  # here, so that importing this module stays light
+
+    if isinstance(value, bytes | np.bytes_):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, np.ndarray):
+        if value.ndim == 0:
+            return decode_attr(value[()])
+        if value.dtype.kind in "SO":
+            return [decode_attr(v) for v in value.tolist()]
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

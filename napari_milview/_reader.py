@@ -15,7 +15,15 @@ import re
 from fnmatch import fnmatch
 from typing import Any
 
+from .overlay.slide_layer import is_slide_layer, layer_data
 from .slide.sniff import sniff
+
+# napari layer data of a slide live in the core (``overlay.slide_layer``): the sidecar reader
+# and the docks share them; these names stay here for callers of the reader
+__all__ = ["SIDECAR_PATTERN", "SLIDE_FILE_PATTERNS", "SLIDE_PATTERNS", "content_kind",
+           "has_slide_extension", "is_heatmap_tiff", "is_sidecar", "is_slide_layer",
+           "layer_data", "napari_get_reader", "read_heatmap_tiff_layer", "read_plain_tiff",
+           "read_sidecar_layers", "read_slide"]
 
 #: How much of a ``.json`` file is read to recognise a sidecar (its ``format`` comes first).
 SIDECAR_SNIFF_BYTES = 4096
@@ -177,51 +185,6 @@ def _colour_bar_when_added(where: str) -> None:
             layer.colorbar.visible = True
 
     viewer.layers.events.inserted.connect(on_inserted)
-
-
-def is_slide_layer(layer) -> bool:
-    """True for a layer made by :func:`layer_data`: its ``metadata["slide"]`` is the live
-    :class:`~napari_milview.slide.Slide`."""
-    from .slide.core import Slide
-
-    return isinstance(getattr(layer, "metadata", {}).get("slide"), Slide)
-
-
-def layer_data(slide) -> tuple[list, dict, str]:
-    """The (data, kwargs, 'image') tuple napari adds for an opened :class:`Slide`."""
-    info = slide.info
-    data = slide.to_dask()
-    w, h = info.dimensions
-    metadata = {
-        "path": info.path,
-        "vendor": info.vendor,
-        "level_dimensions": [(lv.shape[1], lv.shape[0]) for lv in info.levels],
-        "level_downsamples": [lv.downsample for lv in info.levels],
-        "level_tiles": [(lv.tile[1], lv.tile[0]) for lv in info.levels],
-        "derived_levels": [i for i, lv in enumerate(info.levels) if lv.derived],
-        "objective_power": info.objective_power,
-        "mpp": info.mpp,
-        "mpp_source": info.mpp_source,
-        "units": info.units,
-        "associated_images": list(info.associated),
-        "notes": list(info.notes),
-        # the live object: slide.associated_image('label'), slide.bad_tiles, slide.read_region
-        "slide": slide,
-    }
-    kwargs = {
-        "name": os.path.basename(os.path.normpath(info.path)),
-        "rgb": True,
-        "multiscale": True,
-        "scale": info.scale(0),
-        "units": (info.units, info.units) if info.mpp else None,
-        "contrast_limits": (0, 255),
-        # our bounded TileCache already holds decoded tiles: no second (napari) dask cache
-        "cache": False,
-        "metadata": metadata,
-    }
-    if kwargs["units"] is None:
-        del kwargs["units"]
-    return (data, kwargs, "image")
 
 
 def _one(path: Any) -> str:

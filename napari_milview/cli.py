@@ -372,7 +372,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such slide")
     else:
-        from ._sample_data import sample_slide_path
+        from .synthetic import sample_slide_path
 
         path = sample_slide_path(lesion=True)
 

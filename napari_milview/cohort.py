@@ -61,6 +61,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ._io import atomic_write, fingerprint
+
 __all__ = ["ALLOWED_FAILURES", "OUTPUTS", "SUMMARY_COLUMNS", "CohortConfig", "Job", "Report",
            "Row", "expand_inputs", "fingerprint", "outputs", "plan", "process_slide",
            "run_cohort"]
@@ -77,56 +79,11 @@ SUMMARY = "summary.csv"
 STAGES = ("open", "tissue", "extract", "attend", "export", "total")
 SUMMARY_COLUMNS = ("slide", "slide_id", "status", "message", "predicted", "probabilities",
                    "n_patches", *(f"seconds_{s}" for s in STAGES), "worker", "skipped")
-_MIB = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
-# configuration and fingerprints
+# configuration (``fingerprint`` lives in ``_io``: the robustness run keys its cache on it)
 # --------------------------------------------------------------------------------------------
-def fingerprint(path: str | os.PathLike) -> dict:
-    """A cheap identity of a slide (or weights) file: size, mtime and a hash of its ends.
-
-    ``sha256`` covers the size, the first MiB and the last MiB: at most 2 MiB are read, so a
-    2 GB slide costs what a 2 MB one does. Any change of size or modification time, or of the
-    bytes at either end (where TIFF headers, the first tiles and the last directories live),
-    changes the fingerprint; an edit confined to the middle of a file that also keeps its size
-    and mtime is not seen. A folder (OME-Zarr) hashes the relative path, size and mtime of
-    every file below it.
-
-    Returns
-    -------
-    dict
-        ``{"size": int, "mtime_ns": int, "sha256": str}`` (size and mtime of a folder: total
-        and newest).
-
-    Raises
-    ------
-    FileNotFoundError
-        The path does not exist (the message names it).
-    """
-    p = Path(path)
-    if p.is_dir():
-        h = hashlib.sha256()
-        size = mtime = 0
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
-            st = f.stat()
-            size += st.st_size
-            mtime = max(mtime, st.st_mtime_ns)
-            h.update(f"{f.relative_to(p).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return {"size": size, "mtime_ns": mtime, "sha256": h.hexdigest()}
-    try:
-        st = p.stat()
-        with open(p, "rb") as fh:
-            h = hashlib.sha256(str(st.st_size).encode())
-            h.update(fh.read(_MIB))
-            if st.st_size > _MIB:
-                fh.seek(max(_MIB, st.st_size - _MIB))
-                h.update(fh.read(_MIB))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{p}: no such file") from None
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
-
-
 def _content_id(path: str | os.PathLike | None) -> dict | None:
     """Size + hash of a weights file (and its ``<stem>.json`` card), not its mtime."""
     if path is None:
@@ -679,8 +636,6 @@ def _process(job: Job, row: Row, seconds: dict[str, float]) -> Row:
 
 def _write_marker(job: Job, row: Row) -> None:
     """The ``.done.json`` marker: fingerprint, config hash, output sizes, the row."""
-    from .overlay.export import atomic_write
-
     files = outputs(job.out, job.slide_id)
     fp = fingerprint(job.slide)
     doc = {"format": "napari-milview-cohort-done", "version": COHORT_FORMAT,
@@ -705,8 +660,6 @@ def _previous_rows(path: Path, planned: set[str]) -> list[dict[str, str]]:
 
 
 def _write_summary(path: Path, rows: list[dict[str, str]]) -> None:
-    from .overlay.export import atomic_write
-
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(SUMMARY_COLUMNS), extrasaction="ignore")
     w.writeheader()

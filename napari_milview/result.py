@@ -221,7 +221,7 @@ def load_result(path: str | os.PathLike) -> Result:
     """Read a file written by :func:`save_result`; every field comes back exactly."""
     import h5py
 
-    from .features._h5 import decode
+    from ._io import decode_attr as decode
 
     p = Path(path)
     if not p.is_file():

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .._io import decode_attr as decode
 from .bag import BagError
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -112,21 +113,6 @@ def read(group: Any, name: str, where: str) -> np.ndarray:
         return ds[()]
     except _CORRUPT as e:
         raise BagError(where, f"cannot read dataset {name!r} ({e}): corrupt file?") from None
-
-
-def decode(value: Any) -> Any:
-    """An HDF5 attribute as plain Python: str for bytes, int/float for numpy scalars."""
-    if isinstance(value, bytes | np.bytes_):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, np.ndarray):
-        if value.ndim == 0:
-            return decode(value[()])
-        if value.dtype.kind in "SO":
-            return [decode(v) for v in value.tolist()]
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def attrs(obj: Any) -> dict[str, Any]:

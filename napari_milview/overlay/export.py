@@ -31,7 +31,7 @@ import numpy as np
 
 from .._io import atomic_write
 from .heatmap import heatmap_grid, heatmap_layer
-from .normalise import _method, normalise
+from .normalise import method_name, normalise
 from .topk import select, topk_layer
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def write_heatmap_tiff(result: Result, path: str | os.PathLike, source: str | No
     """
     import tifffile
 
-    m = _method(method)
+    m = method_name(method)
     values = normalise(result.attention(source), m, vmin=vmin, vmax=vmax, zoom=zoom)
     grid, (x0, y0), cell = heatmap_grid(result.coords, result.patch_size_level0, None,
                                         values, origin_level0=(0, 0))
@@ -316,7 +316,7 @@ def write_sidecar(path: str | os.PathLike, result: Result, *, source: str | None
     dest = Path(path)
     src = result.default_source if source is None else source
     result.attention(src)  # unknown source -> KeyError before anything is written
-    m = _method(method)
+    m = method_name(method)
     if result_path is None:
         stem = dest.name[: -len(SIDECAR_SUFFIX)] if dest.name.endswith(SIDECAR_SUFFIX) \
             else dest.stem
@@ -385,8 +385,8 @@ def layers_from_sidecar(path: str | os.PathLike) -> list[tuple]:
     mpp = doc.get("mpp", result.mpp)
     slide = doc.get("slide") or result.slide
     if slide and Path(slide).exists():
-        from .._reader import layer_data
         from ..slide import open_slide
+        from .slide_layer import layer_data
 
         s = open_slide(slide)
         layers.append(layer_data(s))

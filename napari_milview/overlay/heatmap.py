@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .normalise import _method, contrast_limits, normalise
+from .normalise import contrast_limits, method_name, normalise
 
 if TYPE_CHECKING:
     from ..result import Result
@@ -182,7 +182,7 @@ def heatmap_layer(result: Result, source: str | None = None, method: str = "raw"
         ``"image"``.
     """
     src = result.default_source if source is None else source
-    m = _method(method)
+    m = method_name(method)
     raw = result.attention(src)
     shown = normalise(raw, m, vmin=vmin, vmax=vmax, zoom=zoom)
     grid, (x0, y0), cell = heatmap_grid(result.coords, result.patch_size_level0,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["METHODS", "contrast_limits", "normalise"]
+__all__ = ["METHODS", "contrast_limits", "method_name", "normalise"]
 
 #: method -> label for pickers
 METHODS: dict[str, str] = {
@@ -34,12 +34,23 @@ _ALIASES = {"min-max": "minmax", "min_max": "minmax", "percentile": "rank",
             "attention x n": "attention_x_n", "none": "raw"}
 
 
-def _method(method: str) -> str:
+def method_name(method: str) -> str:
+    """The :data:`METHODS` key of ``method`` (case and aliases such as ``"min-max"`` resolved).
+
+    Raises
+    ------
+    ValueError
+        An unknown method (the message lists the known ones).
+    """
     m = str(method).strip().lower()
     m = _ALIASES.get(m, m)
     if m not in METHODS:
         raise ValueError(f"unknown normalisation {method!r}; choose one of {list(METHODS)}")
     return m
+
+
+#: the old private name, kept while ``_qt.mil_widget`` still imports it
+_method = method_name
 
 
 def _fixed_range(vmin, vmax) -> tuple[float, float]:
@@ -72,7 +83,7 @@ def normalise(scores: np.ndarray, method: str = "raw", *, vmin: float | None = N
     np.ndarray
         [N] float32, NaN where ``scores`` is NaN (or infinite).
     """
-    m = _method(method)
+    m = method_name(method)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     ok = np.isfinite(s)
     out = np.full(s.shape, np.nan)
@@ -106,7 +117,7 @@ def contrast_limits(method: str, values: np.ndarray | None = None, *, vmin: floa
     ``raw`` uses the data range, ``softmax`` (0, max); every other method has fixed limits,
     so the colour bar means the same thing on every slide.
     """
-    m = _method(method)
+    m = method_name(method)
     if m == "fixed":
         return _fixed_range(vmin, vmax)
     if m in ("raw", "softmax"):

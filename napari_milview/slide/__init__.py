@@ -6,7 +6,7 @@
 """
 
 from .cache import TileCache, shared_cache
-from .core import BadTileWarning, Slide, open_slide, placeholder_tile
+from .core import BadTileWarning, Slide, decode_in_this_thread, open_slide, placeholder_tile
 from .pyramid import Level, SlideError, SlideInfo
 from .sniff import sniff
 
@@ -17,6 +17,7 @@ __all__ = [
     "SlideError",
     "SlideInfo",
     "TileCache",
+    "decode_in_this_thread",
     "open_slide",
     "placeholder_tile",
     "shared_cache",

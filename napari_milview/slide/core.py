@@ -230,7 +230,7 @@ class Slide:
         def get(k):
             return self.tile(level, *k, cache=keep is None or bool(keep(*k)))
 
-        if len(missing) > 1 and not getattr(_pool_local, "inside", False):
+        if len(missing) > 1 and not decodes_in_this_thread():
             for k, t in zip(missing, _tile_pool().map(get, missing)):
                 tiles[k] = t
         else:
@@ -324,12 +324,11 @@ class _LevelProxy:
             out = t[: y1 - y0, : x1 - x0]
         else:  # a coarse chunk: decode its tiles in this (dask worker) thread, since
             # dask already runs one task per thread; nesting the tile pool would oversubscribe
-            inside = getattr(_pool_local, "inside", False)
-            _pool_local.inside = True
+            before = decode_in_this_thread()
             try:
                 out = self.slide.read(self.level, y0, x0, y1 - y0, x1 - x0)
             finally:
-                _pool_local.inside = inside
+                decode_in_this_thread(before)
         return out[:, :, cs]
 
 
@@ -435,6 +434,30 @@ _pool = None
 _pool_lock = threading.Lock()
 
 
+def decode_in_this_thread(on: bool = True) -> bool:
+    """Make :meth:`Slide.read` in the calling thread decode its tiles itself (``on``) instead
+    of handing them to the shared decode threads (``on=False``, the default of every thread).
+
+    For threads that are themselves the parallelism -- dask workers, the pipeline's reader
+    threads, the decode threads -- where nesting the shared pool would only oversubscribe the
+    cores and add hand-offs. The setting is per thread and lasts until changed.
+
+    Returns
+    -------
+    bool
+        The thread's previous setting (to restore it).
+    """
+    before = decodes_in_this_thread()
+    _pool_local.inside = bool(on)
+    return before
+
+
+def decodes_in_this_thread() -> bool:
+    """True when :meth:`Slide.read` decodes in the calling thread (see
+    :func:`decode_in_this_thread`)."""
+    return bool(getattr(_pool_local, "inside", False))
+
+
 def _tile_pool():
     """Shared decode threads (one per core, at least 2), created on first use."""
     global _pool
@@ -442,11 +465,9 @@ def _tile_pool():
         if _pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            def mark():
-                _pool_local.inside = True
-
             _pool = ThreadPoolExecutor(max(2, os.cpu_count() or 2),
-                                       thread_name_prefix="milview-tiles", initializer=mark)
+                                       thread_name_prefix="milview-tiles",
+                                       initializer=decode_in_this_thread)
         return _pool
 
 

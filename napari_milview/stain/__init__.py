@@ -7,7 +7,7 @@
 >>> preview = lazy_preview(slide.to_dask(), low)                      # doctest: +SKIP
 """
 
-from ._common import StainEstimateError, concentrations, rgb_to_od
+from ._common import StainEstimateError, angle_deg, concentrations, rgb_to_od
 from .conditions import (
                          CONDITIONS,
                          DEFAULT_REFERENCE,
@@ -34,6 +34,7 @@ __all__ = [
     "SlideStain",
     "StainEstimateError",
     "StainPerturbation",
+    "angle_deg",
     "concentrations",
     "estimate_slide",
     "estimate_tiles",

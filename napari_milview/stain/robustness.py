@@ -16,7 +16,7 @@ resize to the encoder's patch size, before its normalisation: ``pipeline.extract
 
 Features are cached per condition: in memory (bounded, :data:`MEMORY_CACHE_BYTES`) and, with
 ``cache_dir``, as our bag h5 (``features.milview_h5``) named by a key over the slide's
-fingerprint (``cohort.fingerprint``), the patch grid, the condition's token (its name and
+fingerprint (``_io.fingerprint``), the patch grid, the condition's token (its name and
 every parameter, including the slide's stain estimate) and the encoder (spec and weights), so
 a second run re-uses them and only re-runs the (fast) MIL model.
 
@@ -179,7 +179,7 @@ def _grid_id(grid) -> str:
 
 
 def _slide_id(slide) -> str:
-    from ..cohort import fingerprint
+    from .._io import fingerprint
 
     try:
         fp = fingerprint(slide.path)
