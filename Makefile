@@ -34,7 +34,8 @@ $(REAL_SLIDE): tests/data/fetch_real_data.py
 
 test-data: $(REAL_SLIDE)  ## the real Aperio CMU-1-Small-Region slide, hash-checked
 
-test: system-deps install test-data  ## the whole test suite, headless (Xvfb)
+test: system-deps install test-data  ## lint, then the whole test suite, headless (Xvfb)
+	$(VENV)/bin/ruff check napari_milview tests bench sample_data
 	$(VENV)/bin/npe2 validate napari-milview --imports
 	$(XVFB) $(PY) -m pytest
 	QT_API=pyqt6 PYTEST_QT_API=pyqt6 $(XVFB) $(PY) -m pytest -q tests/test_qt_bindings.py
