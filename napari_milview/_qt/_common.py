@@ -15,11 +15,10 @@ import time
 from collections import Counter
 from collections.abc import Generator
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QEvent, Qt
+from qtpy.QtCore import QEvent, Qt, Signal
 from qtpy.QtWidgets import QDoubleSpinBox, QWidget
 
 from .._reader import is_slide_layer
@@ -231,28 +230,79 @@ def stop_jobs(jobs: list, wait: bool = True) -> None:
 
 
 class JobDock(QWidget):
-    """What the dock widgets that run jobs share: following the viewer's slide layers, starting
-    a :class:`Job` in a napari worker with a progress bar, cancel, and teardown when the widget
-    is closed, taken out of its dock or the application quits.
+    """What the dock widgets that run jobs share: following the viewer's slide layers, the
+    model picker, encoder box and run box (``parts``), starting a :class:`Job` in a napari
+    worker with a progress bar, cancel, and teardown when the widget is closed, taken out of
+    its dock or the application quits.
 
-    A subclass sets, in its ``__init__``: ``viewer``, ``slide_combo`` (QComboBox),
-    ``_slide_layers`` (list), ``_jobs`` (list), ``job``, ``worker``, ``pbar`` (None),
-    ``jobs_started`` (0), ``status`` (QLabel), ``cancel_button``, the model choice controls
-    (``demo_radio``, ``file_radio``, ``model_edit``); it calls :meth:`_connect_viewer` once
-    built (and :meth:`_pause_control` while building, to let its runs wait while the view
-    moves: :meth:`pause_source` for the run's config, ``Job._paused`` between its batches),
-    and implements ``_on_layers_changed``, ``_on_model_choice``,
-    ``_on_update(job, update)``, ``_show_done(job)``, ``_update_enabled()``, optionally
-    ``_run_ended(job)``, and
-    ``stop_all(wait)``; it has a ``run_finished`` signal (str: the outcome).
+    The constructor makes the shared parts (``slide_combo``, ``models``, ``encoders``,
+    ``run_box`` with its pause check box) and the run state (``job``, ``worker``, ``pbar``,
+    ``jobs_started``); a subclass lays the parts out, then calls :meth:`_start` once built.
+    It implements the hooks :meth:`run`, :meth:`_on_layers_changed`, :meth:`_on_update`,
+    :meth:`_show_done`, :meth:`_update_enabled` and :meth:`stop_all`, optionally
+    :meth:`_on_model` and :meth:`_run_ended`, and has a ``run_finished`` signal (str: the
+    outcome). Its runs wait while the view moves through :meth:`pause_source` (their config)
+    and ``Job._paused`` (between batches).
     """
 
-    def _connect_viewer(self) -> None:
-        """Follow the viewer's layers, and stop the jobs however the widget goes (closed,
-        deleted with the viewer, application quit)."""
+    #: emitted once torch is imported and the chosen model loaded (``ready``)
+    became_ready = Signal()
+
+    def __init__(self, napari_viewer, run_label: str, parent: QWidget | None = None):
+        from qtpy.QtWidgets import QComboBox
+
+        from .parts import EncoderBox, ModelPicker, RunBox
+
+        super().__init__(parent)
+        self.viewer = real_viewer(napari_viewer)
+        self.job: Job | None = None
+        self.worker = None
+        self.pbar = None
+        self.jobs_started = 0
+        self._jobs: list = []  # (job, worker) pairs not yet finished
+        self._slide_layers: list = []
+        self._docked = False
+        self._placed: list = []  # (overlay layer, its slide layer): see _on_slide
+        self.ready = False  # torch imported, the chosen model loaded (became_ready)
+        self.slide_combo = QComboBox()
+        self.slide_combo.setToolTip("The slide layer the model runs on")
+        self.models = ModelPicker()
+        self.encoders = EncoderBox()
+        self.run_box = RunBox(run_label, self._pause_control())
+        # the parts' controls, by the names the docks and their tests use
+        self.demo_radio, self.file_radio = self.models.demo_radio, self.models.file_radio
+        self.model_edit, self.model_info = self.models.model_edit, self.models.info
+        self.encoder_combo, self.weights_edit = (self.encoders.encoder_combo,
+                                                 self.encoders.weights_edit)
+        self.patch_um = self.encoders.patch_um
+        rb = self.run_box
+        self.device_combo, self.batch_spin, self.status = rb.device_combo, rb.batch_spin, \
+            rb.status
+        self.run_button, self.cancel_button = rb.run_button, rb.cancel_button
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.models.changed.connect(self._model_changed)
+
+    @property
+    def model(self):
+        """``(model, card, name)`` of the loaded model, None without one."""
+        return self.models.model
+
+    def _model_changed(self, model) -> None:
+        if model is not None:
+            self.encoders.follow(model[1])
+        self._on_model(model)
+        self._update_enabled()
+
+    def _on_model(self, model) -> None:
+        """Hook: the model was (re)loaded (None: none loaded)."""
+
+    def _start(self) -> None:
+        """Once built: follow the viewer's layers, stop the jobs however the widget goes
+        (closed, deleted with the viewer, application quit), and load the model once torch
+        is imported."""
         from qtpy.QtWidgets import QApplication
 
-        self._placed: list = []  # (overlay layer, its slide layer): see _on_slide
         self.viewer.layers.events.inserted.connect(self._on_layers_changed)
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
         self.destroyed.connect(partial(stop_jobs, self._jobs))
@@ -260,6 +310,33 @@ class JobDock(QWidget):
         if app is not None:
             app.aboutToQuit.connect(self.stop_all)
         self._on_layers_changed()
+        self._after_torch(self._torch_ready)
+
+    def _torch_ready(self) -> None:
+        """torch is imported: the CUDA devices, and the chosen model loaded."""
+        self.run_box.fill_devices()
+        self.models.start()
+        self.ready = True
+        self.became_ready.emit()
+
+    # -- hooks a dock implements
+    def run(self, *_):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _on_layers_changed(self, event=None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _on_update(self, job: Job, update: Any) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _show_done(self, job: Job) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _update_enabled(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def stop_all(self, wait: bool = True) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def _after_torch(self, then) -> None:
         """Call ``then()`` (GUI thread) once torch is imported: at once when it is, else when
@@ -331,34 +408,6 @@ class JobDock(QWidget):
     def pause_source(self) -> Interaction | None:
         """What a run started now pauses on: the camera's moves, None when unchecked."""
         return self.interaction if self.pause_check.isChecked() else None
-
-    def _pick_model(self) -> None:
-        """A file dialog for a MIL checkpoint (``model_edit``, ``file_radio``)."""
-        from qtpy.QtWidgets import QFileDialog
-
-        path, _ = QFileDialog.getOpenFileName(self, "MIL checkpoint", "",
-                                              "Checkpoints (*.safetensors *.pt *.pth *.ckpt "
-                                              "*.bin);;All files (*)")
-        if path:
-            self.model_edit.setText(path)
-            self.file_radio.setChecked(True)
-            self._on_model_choice()
-
-    def _chosen_model(self):
-        """(path, name) of the model the radio buttons pick (``demo_radio``, ``model_edit``),
-        or a one-line reason when there is none."""
-        if self.demo_radio.isChecked():
-            from ..assets import demo_model_path
-
-            path = demo_model_path()
-            if not path.is_file():
-                return f"demo model not installed ({path.name} missing)"
-            return path, "demo"
-        text = self.model_edit.text().strip()
-        if not text:
-            return "choose a checkpoint file"
-        path = Path(text).expanduser()
-        return path, str(path)
 
     @property
     def slide_layer(self):

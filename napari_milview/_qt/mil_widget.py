@@ -64,12 +64,13 @@ from qtpy.QtWidgets import (
 )
 
 from ..overlay.heatmap import PENDING
-from ._common import PAUSED, JobDock, real_viewer, slide_mpp
+from ._common import PAUSED, JobDock, slide_mpp
 from ._common import Job as _BaseJob
 from ._common import one_line as _one_line
 from ._common import spin as _spin
 from ._common import stop_jobs as _stop_jobs
 from .overlays import SlideOverlays
+from .parts import path_field, pick_file
 
 log = logging.getLogger(__name__)
 
@@ -445,39 +446,16 @@ class MILWidget(JobDock):
     result_ready = Signal(object)
     #: emitted when a run ends, whatever the outcome ("done", "cancelled", "failed")
     run_finished = Signal(str)
-    #: emitted once torch is imported and the chosen model loaded (see ``ready``)
-    became_ready = Signal()
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.viewer = real_viewer(napari_viewer)
+        super().__init__(napari_viewer, "Run", parent)
         self._overlays: list[SlideOverlays] = []  # one per slide layer that has results
         self._loose: SlideOverlays | None = None  # a result opened without a slide layer
         self.gallery = None
-        self.job: Job | None = None
-        self.worker = None
-        self.pbar = None
-        self.jobs_started = 0
         self.stream_s = 1.0
-        self._jobs: list = []  # (job, worker) pairs not yet finished
-        self._slide_layers: list = []
-        self._model = None  # (model, card, name)
         self._fixed_set = False
-        self.ready = False  # torch imported, the chosen model loaded (became_ready)
-        self._docked = False
         self._build()
-
-        self._connect_viewer()
-        self.device_combo.addItems(["auto", "cpu"])
-        self.model_info.setText("Loading torch\u2026")
-        self._after_torch(self._torch_ready)
-
-    def _torch_ready(self) -> None:
-        """torch is imported: the CUDA devices, and the chosen model loaded."""
-        self._fill_devices()
-        self._on_model_choice()
-        self.ready = True
-        self.became_ready.emit()
+        self._start()
 
     # ------------------------------------------------------------------ per slide
     def overlays_for(self, slide_layer=None, create: bool = True) -> SlideOverlays | None:
@@ -534,8 +512,6 @@ class MILWidget(JobDock):
         # Slide
         box = QGroupBox("Slide")
         form = QFormLayout(box)
-        self.slide_combo = QComboBox()
-        self.slide_combo.setToolTip("The slide layer the model runs on")
         self.slide_combo.currentIndexChanged.connect(self._on_slide_choice)
         self.slide_info = QLabel("")
         self.slide_info.setWordWrap(True)
@@ -543,7 +519,7 @@ class MILWidget(JobDock):
         form.addRow(self.slide_info)
         layout.addWidget(box)
 
-        # Features
+        # Features: extracted now with an encoder, or read from a bag file
         box = QGroupBox("Features")
         v = QVBoxLayout(box)
         self.extract_radio = QRadioButton("Extract with an encoder")
@@ -553,107 +529,25 @@ class MILWidget(JobDock):
         self._feature_group.addButton(self.bag_radio)
         self.extract_radio.setChecked(True)
         self.extract_radio.toggled.connect(self._on_feature_choice)
-        v.addWidget(self.extract_radio)
-        self.extract_box = QWidget()
-        form = QFormLayout(self.extract_box)
-        form.setContentsMargins(16, 0, 0, 0)
-        from ..features.encoders import available_encoders
-
-        self.encoder_combo = QComboBox()
-        self.encoder_combo.addItems(available_encoders())
-        self.encoder_combo.setToolTip("Patch encoder (its weights come from a local file; "
-                                      "the demo's ship with the package)")
-        self.encoder_combo.currentTextChanged.connect(self._on_encoder_choice)
-        self.weights_edit = QLineEdit()
-        self.weights_edit.setPlaceholderText("weights file (the demo's are built in)")
-        wbtn = QPushButton("\u2026")
-        wbtn.setMaximumWidth(28)
-        wbtn.clicked.connect(self._pick_weights)
-        row = QHBoxLayout()
-        row.addWidget(self.weights_edit, 1)
-        row.addWidget(wbtn)
-        self.patch_um = _spin(1.0, 4096.0, 64.0, decimals=1, step=8.0, suffix=" \u00b5m")
-        self.patch_um.setToolTip("Patch side in microns (the encoder's by default)")
-        self.patch_um.valueChanged.connect(self._update_patch_label)
-        self.patch_label = QLabel("")
-        form.addRow("Encoder", self.encoder_combo)
-        form.addRow("Weights", row)
-        form.addRow("Patch", self.patch_um)
-        form.addRow(self.patch_label)
-        v.addWidget(self.extract_box)
-        v.addWidget(self.bag_radio)
-        self.bag_box = QWidget()
-        row = QHBoxLayout(self.bag_box)
-        row.setContentsMargins(16, 0, 0, 0)
+        self.encoders.form.setContentsMargins(16, 0, 0, 0)
         self.bag_edit = QLineEdit()
         self.bag_edit.setPlaceholderText("CLAM / TRIDENT / ACMIL h5, .pt bag")
-        bbtn = QPushButton("\u2026")
-        bbtn.setMaximumWidth(28)
-        bbtn.clicked.connect(self._pick_bag)
-        row.addWidget(self.bag_edit, 1)
-        row.addWidget(bbtn)
-        v.addWidget(self.bag_box)
+        self.bag_box = path_field(self.bag_edit, self._pick_bag)
+        self.bag_box.setContentsMargins(16, 0, 0, 0)
         self.foreign_check = QCheckBox("Run a bag that does not fit the slide")
         self.foreign_check.setToolTip("A bag whose patches lie outside this slide, or that "
                                       "names another slide file, is refused; tick to run it "
                                       "anyway (the result carries a warning)")
-        v.addWidget(self.foreign_check)
+        for w in (self.extract_radio, self.encoders, self.bag_radio, self.bag_box,
+                  self.foreign_check):
+            v.addWidget(w)
         layout.addWidget(box)
 
-        # Model
         box = QGroupBox("Model")
-        v = QVBoxLayout(box)
-        row = QHBoxLayout()
-        self.demo_radio = QRadioButton("Demo")
-        self.demo_radio.setToolTip("The tiny ACMIL shipped with the package (for the demo "
-                                   "encoder and synthetic slides)")
-        self.file_radio = QRadioButton("File")
-        self._model_group = QButtonGroup(self)
-        self._model_group.addButton(self.demo_radio)
-        self._model_group.addButton(self.file_radio)
-        self.demo_radio.setChecked(True)
-        self.model_edit = QLineEdit()
-        self.model_edit.setPlaceholderText(".safetensors / .pt checkpoint")
-        self.model_edit.editingFinished.connect(self._on_model_choice)
-        mbtn = QPushButton("\u2026")
-        mbtn.setMaximumWidth(28)
-        mbtn.clicked.connect(self._pick_model)
-        row.addWidget(self.demo_radio)
-        row.addWidget(self.file_radio)
-        row.addWidget(self.model_edit, 1)
-        row.addWidget(mbtn)
-        self.demo_radio.toggled.connect(self._on_model_choice)
-        self.model_info = QLabel("")
-        self.model_info.setWordWrap(True)
-        self.model_info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        v.addLayout(row)
-        v.addWidget(self.model_info)
+        QVBoxLayout(box).addWidget(self.models)
         layout.addWidget(box)
-
-        # Run
         box = QGroupBox("Run")
-        g = QGridLayout(box)
-        self.device_combo = QComboBox()
-        self.device_combo.setToolTip("auto: CUDA when available, else the CPU")
-        self.batch_spin = QSpinBox()
-        self.batch_spin.setRange(1, 4096)
-        self.batch_spin.setValue(32)
-        self.batch_spin.setToolTip("Patches encoded per batch (Cancel acts between batches)")
-        self.run_button = QPushButton("Run")
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        self.status = QLabel("Idle.")
-        self.status.setWordWrap(True)
-        g.addWidget(QLabel("Device"), 0, 0)
-        g.addWidget(self.device_combo, 0, 1)
-        g.addWidget(QLabel("Batch"), 0, 2)
-        g.addWidget(self.batch_spin, 0, 3)
-        g.addWidget(self._pause_control(), 1, 0, 1, 4)
-        g.addWidget(self.run_button, 2, 0, 1, 2)
-        g.addWidget(self.cancel_button, 2, 2, 1, 2)
-        g.addWidget(self.status, 3, 0, 1, 4)
+        QVBoxLayout(box).addWidget(self.run_box)
         layout.addWidget(box)
 
         # Prediction
@@ -769,18 +663,9 @@ class MILWidget(JobDock):
         self.setMinimumWidth(320)
 
         self._on_feature_choice()
-        self._on_encoder_choice(self.encoder_combo.currentText())
-        if "demo" in [self.encoder_combo.itemText(i) for i in range(self.encoder_combo.count())]:
-            self.encoder_combo.setCurrentText("demo")
         self._set_display_enabled(False)
         self._on_method()
         self._on_topk_mode_visible()
-
-    def _fill_devices(self) -> None:
-        import torch
-
-        if torch.cuda.is_available():
-            self.device_combo.addItems([f"cuda:{i}" for i in range(torch.cuda.device_count())])
 
     # ------------------------------------------------------------------ slide
     def _on_layers_changed(self, event=None) -> None:
@@ -854,93 +739,20 @@ class MILWidget(JobDock):
     # ------------------------------------------------------------------ features
     def _on_feature_choice(self, checked: bool = True) -> None:
         extract = self.extract_radio.isChecked()
-        self.extract_box.setEnabled(extract)
+        self.encoders.setEnabled(extract)
         self.bag_box.setEnabled(not extract)
         self.foreign_check.setEnabled(not extract)
 
-    def _on_encoder_choice(self, name: str) -> None:
-        from ..features.encoders import EncoderError, encoder_spec
-
-        try:
-            spec = encoder_spec(name) if name != "torchscript" else None
-        except EncoderError:
-            spec = None
-        self._encoder_spec = spec
-        if spec is not None and spec.patch_um() is not None:
-            self.patch_um.setValue(spec.patch_um())
-        self._update_patch_label()
-
-    def _update_patch_label(self, *_) -> None:
-        spec = self._encoder_spec
-        if spec is None:
-            self.patch_label.setText("input size and mpp from the file's sidecar")
-            return
-        um = self.patch_um.value()
-        per_px = um / spec.patch_px
-        self.patch_label.setText(f"{spec.dim}-d \u00b7 {spec.patch_px} px at {per_px:.3g} "
-                                 f"\u00b5m/px ({10 / per_px:.3g}x)")
-
-    def _pick_weights(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Encoder weights", "",
-                                              "Weights (*.safetensors *.pt *.pth *.bin "
-                                              "*.jit *.torchscript);;All files (*)")
-        if path:
-            self.weights_edit.setText(path)
-
     def _pick_bag(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Feature bag", "",
-                                              "Bags (*.h5 *.hdf5 *.pt);;All files (*)")
+        path = pick_file(self, "Feature bag", "Bags (*.h5 *.hdf5 *.pt);;All files (*)")
         if path:
             self.bag_edit.setText(path)
             self.bag_radio.setChecked(True)
 
-    # ------------------------------------------------------------------ model
-    def _on_model_choice(self, *_) -> None:
-        """Load the chosen model now, so what was inferred is shown before running."""
-        chosen = self._chosen_model()
-        if isinstance(chosen, str):
-            self._set_model(None, chosen)
-            return
-        self.load_model(*chosen)
-
-    def load_model(self, path, name: str | None = None) -> bool:
-        """Load a checkpoint (safely) and show its card; False (and a message) on failure."""
-        from napari.utils.notifications import show_error
-
-        from ..mil.checkpoint import load_model
-
-        try:
-            model, card = load_model(path, device="cpu")
-        except Exception as e:  # noqa: BLE001 - shown as one line
-            self._set_model(None, f"not loaded: {_one_line(e)}")
-            show_error(f"Model: {_one_line(e)}")
-            return False
-        self._model = (model, card, name or str(path))
-        classes = ", ".join(card.classes) if card.classes else "?"
-        parts = [f"<b>{card.arch}</b>", f"classes: {classes}",
-                 f"{card.feature_dim}-d features" if card.feature_dim else "feature dim ?"]
-        if card.patch_size_um:
-            parts.append(f"patch {card.patch_size_um:g} \u00b5m")
-        if card.encoder:
-            parts.append(f"encoder {card.encoder}")
-        self.model_info.setText(" \u00b7 ".join(parts))
-        # follow what the model was trained with
-        if card.encoder and self.encoder_combo.findText(card.encoder) >= 0:
-            self.encoder_combo.setCurrentText(card.encoder)
-        if card.patch_size_um:
-            self.patch_um.setValue(float(card.patch_size_um))
-        self._update_enabled()
-        return True
-
-    def _set_model(self, model, text: str) -> None:
-        self._model = model
-        self.model_info.setText(text)
-        self._update_enabled()
-
     # ------------------------------------------------------------------ running
     def _update_enabled(self) -> None:
         busy = self.job is not None
-        ready = self.slide_layer is not None and self._model is not None
+        ready = self.slide_layer is not None and self.model is not None
         self.run_button.setEnabled(ready and not busy)
         self.run_button.setToolTip("" if ready else
                                    "needs a slide layer and a loaded model")
@@ -956,9 +768,9 @@ class MILWidget(JobDock):
         layer = self.slide_layer
         if layer is None:
             raise ValueError("no slide layer: open a slide first")
-        if self._model is None:
+        if self.model is None:
             raise ValueError("no model loaded")
-        model, card, name = self._model
+        model, card, name = self.model
         cfg = RunConfig(slide=layer.metadata["slide"], model=model, card=card, model_name=name,
                         device=self.device_combo.currentText() or "auto",
                         batch_size=self.batch_spin.value(), stream_s=self.stream_s,

@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
-    QButtonGroup,
     QCheckBox,
     QComboBox,
     QFileDialog,
@@ -53,7 +52,6 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QProgressBar,
     QPushButton,
-    QRadioButton,
     QScrollArea,
     QSpinBox,
     QTableWidget,
@@ -62,8 +60,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import PAUSED, Job, JobDock, real_viewer, relay, slide_mpp, spin, stop_jobs
+from ._common import PAUSED, Job, JobDock, relay, slide_mpp, spin, stop_jobs
 from ._common import one_line as _one_line
+from .parts import path_field
 
 log = logging.getLogger(__name__)
 
@@ -244,32 +243,20 @@ class StainWidget(JobDock):
     run_finished = Signal(str)
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
-        super().__init__(parent)
-        self.viewer = real_viewer(napari_viewer)
+        super().__init__(napari_viewer, "Run robustness", parent)
         self.preview_layer = None
         self.stability_layer = None
         self.report = None
         self.inputs: Inputs | None = None
-        self.job: RobustnessJob | None = None
-        self.worker = None
         self.prep: PrepareJob | None = None
-        self.pbar = None
-        self.jobs_started = 0
-        self._jobs: list = []  # (job, worker) pairs not yet finished
-        self._slide_layers: list = []
         self._params: dict[str, dict] = {}  # condition -> overridden parameters
         self._want_preview = False
-        self._model = None  # (model, card, name)
-        self._docked = False
         self._build()
-
-        self._connect_viewer()
+        self._start()
         self._on_condition()
-        self._after_torch(self._on_model_choice)
 
     # ------------------------------------------------------------------ building
     def _build(self) -> None:
-        from ..features.encoders import available_encoders
         from ..stain import CONDITIONS
         from ..stain.robustness import DEFAULT_CONDITIONS
 
@@ -279,7 +266,6 @@ class StainWidget(JobDock):
 
         box = QGroupBox("Slide")
         form = QFormLayout(box)
-        self.slide_combo = QComboBox()
         self.slide_combo.currentIndexChanged.connect(self._on_slide_choice)
         self.stain_info = QLabel("")
         self.stain_info.setWordWrap(True)
@@ -332,8 +318,8 @@ class StainWidget(JobDock):
         form.addRow(self.description)
         form.addRow(self.param_label, prow)
         form.addRow("HED seed", self.seed_spin)
-        form.addRow("Reference", self._with_button(self.reference_edit, self._pick_reference))
-        form.addRow("PLISM folder", self._with_button(self.folder_edit, self._pick_folder))
+        form.addRow("Reference", path_field(self.reference_edit, self._pick_reference))
+        form.addRow("PLISM folder", path_field(self.folder_edit, self._pick_folder))
         layout.addWidget(box)
 
         box = QGroupBox("Preview")
@@ -374,61 +360,14 @@ class StainWidget(JobDock):
         head.setWordWrap(True)
         v.addWidget(head)
         v.addWidget(self.conditions_list)
-        form = QFormLayout()
-        row = QHBoxLayout()
-        self.demo_radio = QRadioButton("Demo")
-        self.file_radio = QRadioButton("File")
-        self._model_group = QButtonGroup(self)
-        self._model_group.addButton(self.demo_radio)
-        self._model_group.addButton(self.file_radio)
-        self.demo_radio.setChecked(True)
-        self.demo_radio.toggled.connect(self._on_model_choice)
-        self.model_edit = QLineEdit()
-        self.model_edit.setPlaceholderText(".safetensors / .pt checkpoint")
-        self.model_edit.editingFinished.connect(self._on_model_choice)
-        row.addWidget(self.demo_radio)
-        row.addWidget(self.file_radio)
-        row.addWidget(self._with_button(self.model_edit, self._pick_model), 1)
-        self.model_info = QLabel("")
-        self.model_info.setWordWrap(True)
-        self.encoder_combo = QComboBox()
-        self.encoder_combo.addItems(available_encoders())
-        if self.encoder_combo.findText("demo") >= 0:
-            self.encoder_combo.setCurrentText("demo")
-        self.weights_edit = QLineEdit()
-        self.weights_edit.setPlaceholderText("encoder weights (the demo's are built in)")
-        self.patch_um = spin(1.0, 4096.0, 64.0, decimals=1, step=8.0, suffix=" \u00b5m")
-        self.device_combo = QComboBox()
-        self.device_combo.addItems(["auto", "cpu"])
-        self.batch_spin = QSpinBox()
-        self.batch_spin.setRange(1, 4096)
-        self.batch_spin.setValue(32)
         self.k_spin = QSpinBox()
         self.k_spin.setRange(1, 10000)
         self.k_spin.setValue(20)
         self.k_spin.setToolTip("K of the top-K overlap (Jaccard) with the reference")
-        form.addRow("Model", row)
-        form.addRow(self.model_info)
-        form.addRow("Encoder", self.encoder_combo)
-        form.addRow("Weights", self.weights_edit)
-        form.addRow("Patch", self.patch_um)
-        form.addRow("Device", self.device_combo)  # one per row: a dock's width is scarce
-        form.addRow("Batch", self.batch_spin)
-        form.addRow("Top-K", self.k_spin)
-        form.addRow(self._pause_control())
-        v.addLayout(form)
-        brow = QHBoxLayout()
-        self.run_button = QPushButton("Run robustness")
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        brow.addWidget(self.run_button)
-        brow.addWidget(self.cancel_button)
-        v.addLayout(brow)
-        self.status = QLabel("Idle.")
-        self.status.setWordWrap(True)
-        v.addWidget(self.status)
+        v.addWidget(self.models)
+        v.addWidget(self.encoders)
+        self.run_box.form.insertRow(2, "Top-K", self.k_spin)
+        v.addWidget(self.run_box)
         self.table = QTableWidget(0, 0)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
@@ -458,20 +397,8 @@ class StainWidget(JobDock):
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
-        self.setMinimumWidth(320)
+        self.setMinimumWidth(380)  # the results table's columns in full (tested)
         self._set_export_enabled(False)
-
-    @staticmethod
-    def _with_button(edit: QLineEdit, pick) -> QWidget:
-        w = QWidget()
-        row = QHBoxLayout(w)
-        row.setContentsMargins(0, 0, 0, 0)
-        b = QPushButton("\u2026")
-        b.setMaximumWidth(28)
-        b.clicked.connect(pick)
-        row.addWidget(edit, 1)
-        row.addWidget(b)
-        return w
 
     # ------------------------------------------------------------------ slide
     @property
@@ -711,33 +638,6 @@ class StainWidget(JobDock):
         if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
             self.preview_layer.visible = checked
 
-    # ------------------------------------------------------------------ model
-    def _on_model_choice(self, *_) -> None:
-        from ..mil.checkpoint import load_model
-
-        chosen = self._chosen_model()
-        if isinstance(chosen, str):
-            self._model = None
-            self.model_info.setText(chosen)
-            self._update_enabled()
-            return
-        path, name = chosen
-        try:
-            model, card = load_model(path, device="cpu")
-        except Exception as e:  # noqa: BLE001 - shown as one line
-            self._model = None
-            self.model_info.setText(f"not loaded: {_one_line(e)}")
-            self._update_enabled()
-            return
-        self._model = (model, card, name)
-        classes = ", ".join(card.classes) if card.classes else "?"
-        self.model_info.setText(f"<b>{card.arch}</b> \u00b7 classes: {classes}")
-        if card.encoder and self.encoder_combo.findText(card.encoder) >= 0:
-            self.encoder_combo.setCurrentText(card.encoder)
-        if card.patch_size_um:
-            self.patch_um.setValue(float(card.patch_size_um))
-        self._update_enabled()
-
     # ------------------------------------------------------------------ robustness run
     def checked_conditions(self) -> list[str]:
         """The conditions ticked for a robustness run (``reference`` first, always)."""
@@ -763,7 +663,7 @@ class StainWidget(JobDock):
         return self.job is not None
 
     def _update_enabled(self) -> None:
-        ready = self.slide_layer is not None and self._model is not None
+        ready = self.slide_layer is not None and self.model is not None
         self.run_button.setEnabled(ready and not self.busy)
         self.cancel_button.setEnabled(self.busy)
         self.preview_button.setEnabled(self.slide_layer is not None)
@@ -772,9 +672,9 @@ class StainWidget(JobDock):
         """The run the controls describe now (ValueError when incomplete)."""
         if self.slide_layer is None:
             raise ValueError("no slide layer: open a slide first")
-        if self._model is None:
+        if self.model is None:
             raise ValueError("no model loaded")
-        model, card, name = self._model
+        model, card, name = self.model
         return RunConfig(slide=self.slide, model=model, card=card, model_name=name,
                          encoder=self.encoder_combo.currentText(),
                          conditions=self.checked_conditions(),

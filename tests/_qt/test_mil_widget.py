@@ -42,12 +42,12 @@ def _setup(make_napari_viewer, qtbot, svs, assets, *, patch_um=PATCH_UM, batch=1
     [slide_layer] = viewer.open(str(svs.path), plugin="napari-milview")
     w = MILWidget(viewer)
     viewer.window.add_dock_widget(w, name="MIL attention")
-    assert w.demo_radio.isChecked() and w._model is not None, w.model_info.text()
+    assert w.demo_radio.isChecked() and w.model is not None, w.model_info.text()
     if model_file:
         w.file_radio.setChecked(True)
         w.model_edit.setText(str(assets["model"]))
-        w._on_model_choice()
-        assert w._model is not None and w._model[2] == str(assets["model"])
+        w.models.choose()
+        assert w.model is not None and w.model[2] == str(assets["model"])
     assert w.encoder_combo.currentText() == assets["encoder"]
     assert w.patch_um.value() == PATCH_UM
     w.patch_um.setValue(patch_um)
