@@ -65,13 +65,8 @@ def _check_result(path, feats, coords, model) -> None:
 
 
 # ------------------------------------------------------------------ extract -> attend
-def _demo_or_skip():
-    from napari_milview.features.encoders import build_encoder
-
-    try:
-        build_encoder("demo")
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"the demo encoder is not available: {e}")
+# The demo encoder and demo model ship with the package (napari_milview/assets, package data):
+# nothing here skips when they fail to load; a missing or broken asset is a failure.
 
 
 class _TinyCNN(torch.nn.Module):
@@ -100,7 +95,6 @@ def ts_encoder_args(tmp_path_factory):
 def encoder_args(request, ts_encoder_args):
     """The shipped demo encoder and a user's TorchScript file."""
     if request.param == "demo":
-        _demo_or_skip()
         return ["--encoder", "demo"]
     return ts_encoder_args
 
@@ -162,14 +156,9 @@ def test_extract_then_attend_round_trip(svs, tmp_path, capsys, encoder_args):
 
 
 def test_attend_demo_model(svs, tmp_path, capsys):
-    _demo_or_skip()
-    try:
-        from napari_milview.assets import demo_model_path
+    from napari_milview.assets import demo_encoder_path, demo_model_path
 
-        if not demo_model_path().is_file():
-            raise FileNotFoundError(demo_model_path())
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"the demo model is not shipped yet: {e}")
+    assert demo_encoder_path().is_file() and demo_model_path().is_file()
     bag_path = tmp_path / "bag.h5"
     assert main(["extract", str(svs.path), "--encoder", "demo", "--out", str(bag_path),
                  "--device", "cpu"]) == 0

@@ -186,19 +186,43 @@ def test_value_at_and_world_conversions():
     assert world_to_level0((20.0, 10.0), None) == (10.5, 20.5)
 
 
-def test_recolour_is_fast_enough_to_be_interactive():
-    """Not a benchmark (bench/overlay.py is): catches an accidental O(N^2) or per-patch loop."""
-    import time
+def _steps_to_recolour(n_x: int, n_y: int, method: str) -> int:
+    """Python lines run and C functions called by ``heatmap_layer`` for an n_x x n_y lattice."""
+    import sys
 
     rng = np.random.default_rng(0)
-    coords = _lattice(0, 0, PS, 400, 250)
-    r = _result(coords, rng.random(len(coords)))
-    heatmap_layer(r, None, "rank")
-    t = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        heatmap_layer(r, "raw/attention", "minmax")
-    assert time.perf_counter() - t < 2.0
+    r = _result(_lattice(0, 0, PS, n_x, n_y), rng.random(n_x * n_y))
+    heatmap_layer(r, None, "rank")  # first use (imports, caches) outside the count
+    steps = [0]
+
+    def line(frame, event, arg):
+        steps[0] += event == "line"
+        return line
+
+    def call(frame, event, arg):
+        steps[0] += event == "c_call"
+
+    tracer, profiler = sys.gettrace(), sys.getprofile()
+    sys.settrace(line)
+    sys.setprofile(call)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            heatmap_layer(r, "raw/attention", method)
+    finally:
+        sys.setprofile(profiler)
+        sys.settrace(tracer)
+    return steps[0]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["raw", "minmax", "rank", "softmax", "attention_x_n"])
+def test_recolour_is_vectorised(method):
+    """Not a benchmark (bench/overlay.py is): a per-patch Python loop shows as lines and calls
+    that grow with the patches (100 -> 100,000 here); an O(N^2) array would not fit in memory
+    (N = 100,000), and the timeout stops anything that hangs."""
+    small, large = _steps_to_recolour(10, 10, method), _steps_to_recolour(400, 250, method)
+    assert small > 0 and large == small, (method, small, large)
 
 
 # ---------------------------------------------------------------- a real napari viewer

@@ -19,13 +19,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 import tifffile
 
 SEED = 20260422
 N_RANDOM, N_MUTANTS, N_ZARR = 300, 160, 60
+#: The worker's time limit: past it, it hangs (its last progress line is reported); it takes
+#: ~10 s here. A hang guard, not a speed test.
+WORKER_SECONDS = 120
 
 WORKER = r'''
 import copy, json, os, shutil, sys, warnings
@@ -175,14 +177,12 @@ def test_fuzz_smoke(svs, tmp_path):
     args = [sys.executable, "-c", WORKER, str(svs.path), str(svs.zarr_path), str(tmp_path),
             str(SEED), str(N_RANDOM), str(N_MUTANTS), str(N_ZARR),
             json.dumps(_regions(svs.path))]
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    try:  # a hang is a failure that names where the worker was
+        proc = subprocess.run(args, capture_output=True, text=True, timeout=WORKER_SECONDS)
     except subprocess.TimeoutExpired as e:
         err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
         progress = [ln for ln in (err or "").splitlines() if ln.startswith("FUZZ ")]
         pytest.fail(f"fuzz worker hung at {progress[-1:]} (seed {SEED})")
-    elapsed = time.perf_counter() - t0
     progress = [ln for ln in proc.stderr.splitlines() if ln.startswith("FUZZ ")]
     assert proc.returncode == 0, (
         f"fuzz worker died with code {proc.returncode} at {progress[-1:]} (seed {SEED}):\n"
@@ -193,4 +193,3 @@ def test_fuzz_smoke(svs, tmp_path):
     assert (stats["random"], stats["mutant"], stats["zarr"]) == (N_RANDOM, N_MUTANTS, N_ZARR)
     # the inputs reached both outcomes and the backends, not just the sniffer
     assert stats["opened"] >= 10 and stats["refused"] >= 100 and stats["claimed"] >= 50, stats
-    assert elapsed < 60, f"fuzz smoke took {elapsed:.1f} s"
