@@ -235,11 +235,14 @@ class JobDock(QWidget):
     worker with a progress bar, cancel, and teardown when the widget is closed, taken out of
     its dock or the application quits.
 
-    The constructor makes the shared parts (``slide_combo``, ``models``, ``encoders``,
-    ``run_box`` with its pause check box) and the run state (``job``, ``worker``, ``pbar``,
-    ``jobs_started``); a subclass lays the parts out, then calls :meth:`_start` once built.
-    It implements the hooks :meth:`run`, :meth:`_on_layers_changed`, :meth:`_on_update`,
-    :meth:`_show_done`, :meth:`_update_enabled` and :meth:`stop_all`, optionally
+    ``napari_viewer`` is the viewer (npe2 passes it by this name; its proxy is unwrapped), and
+    ``run_label`` the Run button's text. The constructor makes the shared parts
+    (``slide_combo``, ``models``, ``encoders``, ``run_box`` with its pause check box) and the
+    run state (``job``, ``worker``, ``pbar``, ``jobs_started``); a subclass lays the parts
+    out, then calls :meth:`_start` once built.
+    It implements the hooks :meth:`_on_layers_changed`, :meth:`_on_update`,
+    :meth:`_show_done`, :meth:`_update_enabled` and :meth:`stop_all`, :meth:`run_config` and
+    :meth:`_make_job` (``TITLE`` names its runs), optionally
     :meth:`_on_model` and :meth:`_run_ended`, and has a ``run_finished`` signal (str: the
     outcome). Its runs wait while the view moves through :meth:`pause_source` (their config)
     and ``Job._paused`` (between batches).
@@ -283,6 +286,21 @@ class JobDock(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.models.changed.connect(self._model_changed)
 
+    def _content(self):
+        """(content widget, its vertical layout, the form of its "Slide" box): the dock's
+        controls start with the slide layer picker; ``scrolled`` wraps the content."""
+        from qtpy.QtWidgets import QFormLayout, QGroupBox, QVBoxLayout
+
+        content = QWidget()
+        layout = QVBoxLayout(content)
+        layout.setContentsMargins(4, 4, 4, 4)
+        box = QGroupBox("Slide")
+        form = QFormLayout(box)
+        self.slide_combo.currentIndexChanged.connect(self._on_slide_choice)
+        form.addRow("Layer", self.slide_combo)
+        layout.addWidget(box)
+        return content, layout, form
+
     @property
     def model(self):
         """``(model, card, name)`` of the loaded model, None without one."""
@@ -319,8 +337,34 @@ class JobDock(QWidget):
         self.ready = True
         self.became_ready.emit()
 
+    def run(self, *_) -> Job | None:
+        """Start a run of what the controls describe in a worker thread; the job, or None
+        when nothing could start (the reason in a notification)."""
+        from napari.utils.notifications import show_error
+
+        if self.job is not None:
+            return None
+        try:
+            cfg = self.run_config()
+        except ValueError as e:
+            show_error(f"{self.TITLE}: {e}")
+            return None
+        job = self._make_job(cfg)
+        worker = self._start_job(job, self.TITLE)
+        self._update_enabled()
+        worker.start()
+        return job
+
     # -- hooks a dock implements
-    def run(self, *_):  # pragma: no cover - abstract
+    #: How notifications and the activity dock name this dock's runs.
+    TITLE = "run"
+
+    def run_config(self) -> Any:  # pragma: no cover - abstract
+        """What a run started now needs (ValueError, shown as one line, when incomplete)."""
+        raise NotImplementedError
+
+    def _make_job(self, config: Any) -> Job:  # pragma: no cover - abstract
+        """The job for ``config`` (and what the dock prepares for it)."""
         raise NotImplementedError
 
     def _on_layers_changed(self, event=None) -> None:  # pragma: no cover - abstract

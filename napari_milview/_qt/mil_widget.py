@@ -56,7 +56,6 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QRadioButton,
-    QScrollArea,
     QSlider,
     QSpinBox,
     QVBoxLayout,
@@ -70,7 +69,7 @@ from ._common import one_line as _one_line
 from ._common import spin as _spin
 from ._common import stop_jobs as _stop_jobs
 from .overlays import SlideOverlays
-from .parts import path_field, pick_file
+from .parts import combo_data, export_and_say, path_field, pick_data, pick_file, scrolled
 
 log = logging.getLogger(__name__)
 
@@ -425,12 +424,8 @@ class PredictionPanel(QWidget):
 # the widget
 # --------------------------------------------------------------------------------------------
 class MILWidget(JobDock):
-    """Dock widget "MIL attention".
-
-    Parameters
-    ----------
-    napari_viewer : napari.Viewer
-        The viewer (npe2 passes it by this name).
+    """Dock widget "MIL attention" (a :class:`._common.JobDock`: ``napari_viewer`` is the viewer,
+    as npe2 passes it).
 
     Attributes
     ----------
@@ -446,6 +441,7 @@ class MILWidget(JobDock):
     result_ready = Signal(object)
     #: emitted when a run ends, whatever the outcome ("done", "cancelled", "failed")
     run_finished = Signal(str)
+    TITLE = "MIL attention"
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(napari_viewer, "Run", parent)
@@ -505,19 +501,10 @@ class MILWidget(JobDock):
 
     # ------------------------------------------------------------------ building
     def _build(self) -> None:
-        content = QWidget()
-        layout = QVBoxLayout(content)
-        layout.setContentsMargins(4, 4, 4, 4)
-
-        # Slide
-        box = QGroupBox("Slide")
-        form = QFormLayout(box)
-        self.slide_combo.currentIndexChanged.connect(self._on_slide_choice)
+        content, layout, form = self._content()
         self.slide_info = QLabel("")
         self.slide_info.setWordWrap(True)
-        form.addRow("Layer", self.slide_combo)
         form.addRow(self.slide_info)
-        layout.addWidget(box)
 
         # Features: extracted now with an encoder, or read from a bag file
         box = QGroupBox("Features")
@@ -653,14 +640,7 @@ class MILWidget(JobDock):
         layout.addWidget(box)
         layout.addStretch(1)
 
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(content)
-        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
-        self.setMinimumWidth(320)
+        scrolled(self, content, 320)
 
         self._on_feature_choice()
         self._set_display_enabled(False)
@@ -787,25 +767,12 @@ class MILWidget(JobDock):
             cfg.patch_um = self.patch_um.value()
         return cfg
 
-    def run(self, *_) -> Job | None:
-        """Start a run in a worker thread; returns the job (None when nothing could start)."""
-        from napari.utils.notifications import show_error
-
-        if self.job is not None:
-            return None
-        try:
-            cfg = self.run_config()
-        except ValueError as e:
-            show_error(f"MIL attention: {e}")
-            return None
+    def _make_job(self, cfg: RunConfig) -> Job:
         job = Job(cfg)
         ov = job.overlays = self.current  # the run's layers belong to this slide
         ov.ended = ""
-        self._prepare_heatmap_layer(ov)
-        worker = self._start_job(job, "MIL attention")
         ov.bag_source = cfg.bag_path if cfg.bag_path else f"extracted with {cfg.encoder}"
-        self._update_enabled()
-        worker.start()
+        self._prepare_heatmap_layer(ov)
         return job
 
     def _on_update(self, job: Job, u: Update) -> None:
@@ -917,22 +884,13 @@ class MILWidget(JobDock):
         self.source_combo.setCurrentIndex(self.source_combo.findData(pick))
         self.source_combo.blockSignals(False)
 
-    @property
-    def source(self) -> str | None:
-        """The attention source shown (None before a result)."""
-        return self.source_combo.currentData()
-
-    @property
-    def method(self) -> str:
-        """The normalisation shown (a key of ``overlay.normalise.METHODS``)."""
-        return self.method_combo.currentData()
+    source = combo_data("source_combo", "The attention source shown (None before a result).")
+    method = combo_data("method_combo", "The normalisation shown (a key of "
+                                        "``overlay.normalise.METHODS``).")
 
     def set_source(self, name: str) -> None:
         """Show another attention source (no re-run)."""
-        i = self.source_combo.findData(name)
-        if i < 0:
-            raise KeyError(f"no attention source {name!r}")
-        self.source_combo.setCurrentIndex(i)
+        pick_data(self.source_combo, name, "attention source")
 
     def set_method(self, method: str) -> None:
         """Show another normalisation (no re-run)."""
@@ -1228,18 +1186,9 @@ class MILWidget(JobDock):
         return path
 
     def _export_dialog(self, kind: str, *_) -> None:
-        from napari.utils.notifications import show_error, show_info
-
         path = self._ask_path(kind)
-        if not path:
-            return
-        try:
-            out = self.export(kind, path)
-        except Exception as e:  # noqa: BLE001 - shown as one line
-            show_error(f"Export {EXPORTS[kind]}: {_one_line(e)}")
-            return
-        n = f"{len(out)} files in " if isinstance(out, list) else ""
-        show_info(f"Exported {EXPORTS[kind]}: {n}{path}")
+        if path:
+            export_and_say(EXPORTS[kind], partial(self.export, kind, path), path)
 
     # ------------------------------------------------------------------ open a result
     def open_result(self, path) -> Any:

@@ -270,3 +270,51 @@ class RunBox(QWidget):
     @property
     def device(self) -> str:
         return self.device_combo.currentText() or "auto"
+
+
+def scrolled(dock: QWidget, content: QWidget, min_width: int) -> None:
+    """Make ``content`` the dock's only child, inside a frameless scroll area (a dock may be
+    shorter than its controls), and give the dock ``min_width`` pixels at least."""
+    from qtpy.QtWidgets import QScrollArea, QVBoxLayout
+
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setWidget(content)
+    scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+    outer = QVBoxLayout(dock)
+    outer.setContentsMargins(0, 0, 0, 0)
+    outer.addWidget(scroll)
+    dock.setMinimumWidth(min_width)
+
+
+def pick_data(combo: QComboBox, value, what: str) -> None:
+    """Select the item of ``combo`` whose data is ``value``; KeyError naming ``what``."""
+    i = combo.findData(value)
+    if i < 0:
+        raise KeyError(f"no {what} {value!r}")
+    combo.setCurrentIndex(i)
+
+
+def export_and_say(label: str, write: Callable[[], object], path) -> None:
+    """Run ``write()``; say in a notification that ``label`` went to ``path``, or why not."""
+    from napari.utils.notifications import show_error, show_info
+
+    try:
+        out = write()
+    except Exception as e:  # noqa: BLE001 - shown as one line
+        show_error(f"Export {label}: {one_line(e)}")
+        return
+    n = f"{len(out)} files in " if isinstance(out, list) else ""
+    show_info(f"Exported {label}: {n}{path}")
+
+
+class combo_data:  # noqa: N801 - used like ``property``
+    """A read-only property: the data of the current item of the combo box stored in the
+    attribute ``combo`` (``source = combo_data("source_combo", "The source shown.")``)."""
+
+    def __init__(self, combo: str, doc: str):
+        self.combo = combo
+        self.__doc__ = doc
+
+    def __get__(self, obj, cls=None):
+        return self if obj is None else getattr(obj, self.combo).currentData()

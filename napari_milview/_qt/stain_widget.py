@@ -52,7 +52,6 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QProgressBar,
     QPushButton,
-    QScrollArea,
     QSpinBox,
     QTableWidget,
     QTableWidgetItem,
@@ -62,7 +61,7 @@ from qtpy.QtWidgets import (
 
 from ._common import PAUSED, Job, JobDock, relay, slide_mpp, spin, stop_jobs
 from ._common import one_line as _one_line
-from .parts import path_field
+from .parts import combo_data, export_and_say, path_field, pick_data, scrolled
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +218,8 @@ class RobustnessJob(Job):
 # the widget
 # --------------------------------------------------------------------------------------------
 class StainWidget(JobDock):
-    """Dock widget "Staining preview and robustness".
-
-    Parameters
-    ----------
-    napari_viewer : napari.Viewer
-        The viewer (npe2 passes it by this name).
+    """Dock widget "Staining preview and robustness" (a :class:`._common.JobDock`:
+    ``napari_viewer`` is the viewer, as npe2 passes it).
 
     Attributes
     ----------
@@ -241,6 +236,7 @@ class StainWidget(JobDock):
     prepared = Signal(str)
     #: emitted when a robustness run ends ("done", "cancelled", "failed")
     run_finished = Signal(str)
+    TITLE = "Robustness"
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(napari_viewer, "Run robustness", parent)
@@ -260,13 +256,7 @@ class StainWidget(JobDock):
         from ..stain import CONDITIONS
         from ..stain.robustness import DEFAULT_CONDITIONS
 
-        content = QWidget()
-        layout = QVBoxLayout(content)
-        layout.setContentsMargins(4, 4, 4, 4)
-
-        box = QGroupBox("Slide")
-        form = QFormLayout(box)
-        self.slide_combo.currentIndexChanged.connect(self._on_slide_choice)
+        content, layout, form = self._content()
         self.stain_info = QLabel("")
         self.stain_info.setWordWrap(True)
         self.stain_busy = QProgressBar()
@@ -274,10 +264,8 @@ class StainWidget(JobDock):
         self.stain_busy.setMaximumHeight(8)
         self.stain_busy.setTextVisible(False)
         self.stain_busy.hide()
-        form.addRow("Layer", self.slide_combo)
         form.addRow(self.stain_info)
         form.addRow(self.stain_busy)
-        layout.addWidget(box)
 
         box = QGroupBox("Condition")
         form = QFormLayout(box)
@@ -390,14 +378,7 @@ class StainWidget(JobDock):
         layout.addWidget(box)
         layout.addStretch(1)
 
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(content)
-        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
-        self.setMinimumWidth(380)  # the results table's columns in full (tested)
+        scrolled(self, content, 380)  # the results table's columns in full (tested)
         self._set_export_enabled(False)
 
     # ------------------------------------------------------------------ slide
@@ -428,17 +409,11 @@ class StainWidget(JobDock):
             self.show_preview()
 
     # ------------------------------------------------------------------ condition
-    @property
-    def condition(self) -> str:
-        """The condition chosen now."""
-        return self.condition_combo.currentData()
+    condition = combo_data("condition_combo", "The condition chosen now.")
 
     def set_condition(self, name: str) -> None:
         """Choose a condition (updates the preview when there is one)."""
-        i = self.condition_combo.findData(name)
-        if i < 0:
-            raise KeyError(f"no condition {name!r}")
-        self.condition_combo.setCurrentIndex(i)
+        pick_data(self.condition_combo, name, "condition")
 
     def set_param(self, value: float) -> None:
         """Set the chosen condition's main parameter (ratio, angle factor or sigma)."""
@@ -687,23 +662,9 @@ class StainWidget(JobDock):
                          device=self.device_combo.currentText() or "auto",
                          pause=self.pause_source())
 
-    def run(self, *_) -> RobustnessJob | None:
-        """Start a robustness run in a worker thread (None when nothing could start)."""
-        from napari.utils.notifications import show_error
-
-        if self.job is not None:
-            return None
-        try:
-            cfg = self.run_config()
-        except ValueError as e:
-            show_error(f"Robustness: {e}")
-            return None
-        job = RobustnessJob(cfg)
-        worker = self._start_job(job, "Robustness")
+    def _make_job(self, cfg: RunConfig) -> RobustnessJob:
         self._start_table(cfg)
-        self._update_enabled()
-        worker.start()
-        return job
+        return RobustnessJob(cfg)
 
     def _on_update(self, job: RobustnessJob, u: Update) -> None:
         if job.orphaned or job is not self.job:
@@ -842,20 +803,13 @@ class StainWidget(JobDock):
         raise ValueError(f"unknown export {kind!r}; choose csv or json")
 
     def _export_dialog(self, kind: str, *_) -> None:
-        from napari.utils.notifications import show_error, show_info
 
         stem = (self.report.reference.slide_id or "slide") if self.report else "slide"
         path, _ = QFileDialog.getSaveFileName(self, f"Export {kind.upper()}",
                                               f"{stem}.robustness.{kind}",
                                               f"{kind.upper()} (*.{kind})")
-        if not path:
-            return
-        try:
-            self.export(kind, path)
-        except Exception as e:  # noqa: BLE001 - shown as one line
-            show_error(f"Export {kind.upper()}: {_one_line(e)}")
-            return
-        show_info(f"Exported {kind.upper()}: {path}")
+        if path:
+            export_and_say(kind.upper(), partial(self.export, kind, path), path)
 
     # ------------------------------------------------------------------ teardown
     def stop_all(self, wait: bool = True) -> None:
