@@ -3,8 +3,8 @@
 :func:`extract_bag` turns the patches of a :class:`~napari_milview.tissue.PatchGrid` into a
 :class:`~napari_milview.features.bag.Bag`. It is a generator: one :class:`Progress` per batch
 (with that batch's features), the bag as its return value (``StopIteration.value``; use
-:func:`collect`). Between batches it checks a ``threading.Event`` and raises
-:class:`Cancelled` when it is set.
+:func:`collect`). It checks a ``threading.Event`` between batches and, inside a batch,
+between the encoder's forward calls, and raises :class:`Cancelled` when it is set.
 
 Throughput: batches follow the slide's tiles (``tissue.tile_order``), so each tile is
 decoded once and all its patches are cut out in one copy; a small pool of worker threads
@@ -12,11 +12,15 @@ reads and decodes them (libjpeg releases the GIL) into uint8 batches; the encode
 step (``features.encoders.normalise_batch``) runs on the device, and the encoder in
 ``channels_last`` on every device. On the CPU each worker also runs the forward on its own
 batch, torch's thread budget shared out among the workers (batch parallelism beats intra-op
-threads for small networks, and no reader stalls a forward's OpenMP threads). On CUDA the
-workers read ahead while the main thread feeds the GPU from pinned memory under bf16
-autocast, and a CUDA out-of-memory error halves the forward batch and retries (said once in
-a :class:`Progress` message). The pool is shut down whenever the generator ends: finished,
-failed, cancelled or closed.
+threads for small networks, and no reader stalls a forward's OpenMP threads), in forward
+calls sized to cost about :data:`SUB_FORWARD_S` each (:class:`_Pace`: a whole batch for a
+small network, a few rows for ResNet-50), so a cancel reaches the encoder within one such
+call rather than one batch. On CUDA the workers read ahead while the main thread feeds the
+GPU from pinned memory under bf16 autocast, one forward call per batch, and a CUDA
+out-of-memory error halves the forward batch and retries (said once in a :class:`Progress`
+message). The pool is shut down whenever the generator ends: finished, failed, cancelled or
+closed; the workers see that (and the cancel event) before reading a batch and before each
+forward call, so the shutdown waits for one forward call at most.
 
 :func:`attend` runs a MIL model on a bag and returns a :class:`~napari_milview.result.Result`.
 torch is imported inside the functions.
@@ -50,6 +54,12 @@ __all__ = ["Cancelled", "Progress", "attend", "collect", "extract_bag", "resolve
 
 #: Name prefix of the reader threads (tests check that none outlives a run).
 THREAD_PREFIX = "milview-extract"
+
+#: Seconds one CPU forward call should cost at most: a cancel (or the generator closing)
+#: waits for the call in flight, never for the rest of its batch.
+SUB_FORWARD_S = 0.2
+#: Rows of a run's first CPU forward call, before the encoder's cost is known.
+SUB_FORWARD_START = 4
 
 
 class Cancelled(Exception):
@@ -150,16 +160,48 @@ def collect(gen: Generator[Any, None, Any],
 # --------------------------------------------------------------------------------------------
 # extraction
 # --------------------------------------------------------------------------------------------
-def _forward(encoder: torch.nn.Module, x: torch.Tensor, chunk: int, device: torch.device
+class _Pace:
+    """Rows per CPU forward call, so that one call costs about ``target_s`` at most.
+
+    The first call takes ``start`` rows; each call's wall-clock cost per row (the contention
+    of the moment included) updates a running estimate (the mean of the old one and the
+    new), and later calls take ``floor(target_s / estimate)`` rows, between 1 and the batch.
+    One per run, shared by its worker threads (a race only mixes two estimates).
+    """
+
+    def __init__(self, target_s: float, start: int):
+        self.target_s = float(target_s)
+        self.rows = max(1, int(start))
+        self.per_row: float | None = None
+
+    def size(self, limit: int) -> int:
+        """Rows for the next call, at most ``limit`` (>= 1)."""
+        return max(1, min(self.rows, int(limit)))
+
+    def record(self, rows: int, seconds: float) -> None:
+        """A call of ``rows`` rows took ``seconds``."""
+        cost = max(0.0, seconds) / max(1, rows)
+        self.per_row = cost if self.per_row is None else 0.5 * (self.per_row + cost)
+        self.rows = max(1, int(min(self.target_s / max(self.per_row, 1e-9), 1 << 20)))
+
+
+def _forward(encoder: torch.nn.Module, x: torch.Tensor, chunk: int, device: torch.device,
+             *, stop: Callable[[], bool] | None = None, pace: _Pace | None = None
              ) -> tuple[np.ndarray, int, list[str]]:
-    """Encoder forward over ``x`` in chunks; on CUDA out-of-memory halve the chunk and retry.
+    """Encoder forward over ``x`` in calls of at most ``chunk`` rows; on CUDA out-of-memory
+    halve the rows of the failed call and retry.
 
     Parameters
     ----------
     x : Tensor
         [B, H, W, 3] uint8 patches (CPU, pinned on CUDA runs).
     chunk : int
-        Rows per forward call.
+        Rows per forward call at most.
+    stop : callable, optional
+        Asked before every call; when it returns True, :class:`Cancelled` is raised.
+    pace : _Pace, optional
+        CPU runs: the rows of each call (at most ``chunk``) come from it, and each call's
+        cost goes back to it.
 
     Returns
     -------
@@ -177,16 +219,21 @@ def _forward(encoder: torch.nn.Module, x: torch.Tensor, chunk: int, device: torc
     messages: list[str] = []
     i = 0
     while i < len(x):
-        n = min(chunk, len(x) - i)
+        if stop is not None and stop():
+            raise Cancelled("extraction cancelled")
+        n = min(chunk, len(x) - i) if pace is None else pace.size(min(chunk, len(x) - i))
         try:
+            t = time.perf_counter()
             outs.append(_run(encoder, x[i:i + n], device))
+            if pace is not None:
+                pace.record(n, time.perf_counter() - t)
             i += n
             continue
         except torch.cuda.OutOfMemoryError:
-            if chunk <= 1:
+            if n <= 1:
                 raise
         # outside the except block: its traceback no longer pins the failed activations
-        chunk = max(1, chunk // 2)
+        chunk = max(1, n // 2)
         if cuda:
             torch.cuda.empty_cache()
         messages.append(f"CUDA out of memory: retrying with batch size {chunk}")
@@ -270,7 +317,10 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
         the run (restored afterwards), so the caller's thread budget is never exceeded. On a
         many-core GPU machine use more (the CLI defaults to ``min(8, cores)``).
     cancel : threading.Event, optional
-        Checked between batches; when set the run stops with :class:`Cancelled`.
+        Checked between batches, by the workers before reading a batch, and between forward
+        calls (on the CPU each costs about :data:`SUB_FORWARD_S`; on CUDA one call per
+        ``batch_size`` rows); when set the run stops with :class:`Cancelled`, pending
+        batches are dropped and the workers end after the call in flight.
     slide_id : str, optional
         Stored in the bag (default: the slide file's stem).
     transform : callable, optional
@@ -290,7 +340,9 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
     -------
     Bag
         features [N, D] float32 in grid order, coords [N, 2] = ``grid.coords``, the grid's
-        extent and mpp, ``meta`` with ``slide``, ``bad_tiles``, ``device``, ``timings``.
+        extent and mpp, ``meta`` with ``slide``, ``bad_tiles``, ``device``, ``timings``,
+        ``forward_batch`` (rows per call after any out-of-memory retry) and ``sub_batch``
+        (the CPU's paced rows per call at the end; None on CUDA).
 
     Raises
     ------
@@ -330,11 +382,20 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
         n_workers = min(n_workers, threads_before)
 
     chunk = batch_size  # forward rows per call; halved for good on an out-of-memory error
+    # CPU: rows per forward call paced to ~SUB_FORWARD_S, so a cancel waits for one call
+    pace = None if cuda else _Pace(SUB_FORWARD_S, SUB_FORWARD_START)
+    ended = threading.Event()  # set when the generator ends, however it ends
+
+    def stopped() -> bool:
+        """The run is over for the workers: cancelled, or the generator has ended."""
+        return ended.is_set() or (cancel is not None and cancel.is_set())
 
     def load(idx: np.ndarray) -> Any:
         # one batch per worker thread: whole tiles (tile order), their patches cut out; a
         # tile that no other read needs stays out of the tile cache (the viewer's tiles stay
         # in it, and each decoded tile's memory is reused at once)
+        if stopped():
+            raise Cancelled("extraction cancelled")
         patches = read_patches(slide, grid, idx, uses=uses)
         if transform is not None:
             out = transform(patches)
@@ -348,7 +409,8 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
         if cuda:
             return x.pin_memory()
         nonlocal chunk
-        got = _forward(encoder, x, chunk, dev)  # (features [b, D], chunk, messages)
+        # (features [b, D], chunk, messages); Cancelled between calls once stopped()
+        got = _forward(encoder, x, chunk, dev, stop=stopped, pace=pace)
         chunk = min(chunk, got[1])  # the next batches start at the size that worked
         return got
 
@@ -386,14 +448,18 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
             while pending:
                 check_cancel()
                 idx, fut = pending.popleft()
-                t = time.perf_counter()
-                got = fut.result()
-                t_wait += time.perf_counter() - t
-                submit()
-                if cuda:
+                try:
                     t = time.perf_counter()
-                    got = _forward(encoder, got, chunk, dev)
-                    t_fwd += time.perf_counter() - t
+                    got = fut.result()  # a worker stopped by the cancel raises Cancelled
+                    t_wait += time.perf_counter() - t
+                    check_cancel()
+                    submit()
+                    if cuda:
+                        t = time.perf_counter()
+                        got = _forward(encoder, got, chunk, dev, stop=stopped)
+                        t_fwd += time.perf_counter() - t
+                except Cancelled:
+                    raise Cancelled(f"{path}: extraction cancelled") from None
                 y, used, messages = got
                 chunk = min(chunk, used)
                 if y.ndim != 2 or y.shape[0] != len(idx) or y.shape[1] != spec.dim:
@@ -413,8 +479,12 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
                 yield Progress("extract", done, n, features=y, indices=idx,
                                message="; ".join(messages))
         finally:
+            # the workers stop before their next read or forward call; batches not started
+            # are dropped, so the shutdown waits for the calls in flight only
+            ended.set()
             for _, fut in pending:
                 fut.cancel()
+            pending.clear()
             pool.shutdown(wait=True, cancel_futures=True)
     total = time.perf_counter() - t0
     meta = {"slide": path, "bad_tiles": int(getattr(slide, "bad_tiles", 0)) - bad0,
@@ -422,7 +492,8 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
             "target_mpp": getattr(grid, "target_mpp", None),
             # forward: the main thread's (CUDA); wait: the main thread waiting for workers
             "timings": {"extract": total, "forward": t_fwd, "wait_read": t_wait},
-            "extent_source": "patch grid", "forward_batch": chunk}
+            "extent_source": "patch grid", "forward_batch": chunk,
+            "sub_batch": None if pace is None else pace.size(chunk)}
     return Bag(features=feats, coords=coords,
                patch_size_level0=int(grid.patch_size_level0), mpp=grid.mpp, encoder=spec.name,
                slide_id=slide_id or Path(path).stem, source=f"{path} (extracted)", meta=meta)

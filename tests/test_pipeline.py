@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_milview import pipeline
 from napari_milview.features.bag import BagError
 from napari_milview.features.encoders import EncoderSpec, build_encoder, preprocess
 from napari_milview.pipeline import (
@@ -22,6 +23,7 @@ from napari_milview.pipeline import (
     Cancelled,
     Progress,
     _forward,
+    _Pace,
     attend,
     collect,
     extract_bag,
@@ -225,7 +227,11 @@ def test_cancel_before_start(slide, grid, encoder):
     assert not _extract_threads()
 
 
-def test_oom_retry_halves_the_batch(slide, grid, encoder):
+def test_oom_retry_halves_the_batch(slide, grid, encoder, monkeypatch):
+    # no pacing of the CPU's forward calls (whole batches): the out-of-memory error alone
+    # decides their size here
+    monkeypatch.setattr(pipeline, "SUB_FORWARD_S", 1e9)
+    monkeypatch.setattr(pipeline, "SUB_FORWARD_START", 16)
     ref = TinyEncoder()
     _, want = run(extract_bag(slide, grid, ref, batch_size=16, device="cpu"))
     enc = OOMAbove(k=5)
@@ -235,7 +241,9 @@ def test_oom_retry_halves_the_batch(slide, grid, encoder):
     msgs = [p.message for p in seen if p.message]
     assert any("out of memory" in m and "batch size 8" in m for m in msgs)
     assert any("batch size 4" in m for m in msgs)
-    assert max(enc.sizes[enc.sizes.index(4):]) <= 4  # the smaller batch is kept
+    failed = [i for i, size in enumerate(enc.sizes) if size > 5]
+    assert len(failed) == 2  # 16 then 8, once each: the smaller batch is kept
+    assert enc.sizes[failed[-1] + 1:] and max(enc.sizes[failed[-1] + 1:]) <= 4
     assert bag.meta["forward_batch"] == 4
     # even one patch does not fit: the error comes out, not a silent empty bag
     with pytest.raises(torch.cuda.OutOfMemoryError):
@@ -253,6 +261,116 @@ def test_forward_chunks_directly():
     with torch.inference_mode():
         want = TinyEncoder()(preprocess(patches, enc.spec)).numpy()
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+
+
+class Counting(TinyEncoder):
+    """Records the rows of every forward call; with ``stop`` it sets that event during its
+    first call (a user pressing Cancel while the encoder runs)."""
+
+    def __init__(self, stop: threading.Event | None = None):
+        super().__init__()
+        self.stop = stop
+        self.rows: list[int] = []
+        self._lock = threading.Lock()
+
+    def forward(self, x):
+        with self._lock:
+            self.rows.append(len(x))
+        if self.stop is not None:
+            self.stop.set()
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cancel_reaches_the_encoder_within_a_sub_batch(slide, grid, workers, monkeypatch):
+    """Cancel set during the first sub-batch of a 32-patch batch: no worker starts another
+    forward call, so the run stops with at most the call each worker had in flight, long
+    before the batch is encoded; no reader thread is left."""
+    monkeypatch.setattr(pipeline, "SUB_FORWARD_S", 0.0)  # one row per call after the first
+    stop = threading.Event()
+    enc = Counting(stop)
+    before = torch.get_num_threads()
+    torch.set_num_threads(workers)  # one forward stream per worker
+    try:
+        seen: list[Progress] = []
+        with pytest.raises(Cancelled, match="cancelled"):
+            collect(extract_bag(slide, grid, enc, batch_size=32, device="cpu",
+                                workers=workers, cancel=stop), seen.append)
+    finally:
+        torch.set_num_threads(before)
+    assert enc.rows[0] == pipeline.SUB_FORWARD_START < 32
+    assert len(enc.rows) <= workers  # the first call, and one more only if it was running
+    assert sum(enc.rows) < 32  # not even one batch was encoded
+    assert [p.features for p in seen] == [None]  # no batch came out
+    assert not _extract_threads()
+
+
+def test_close_mid_forward_stops_the_workers(slide, grid, monkeypatch):
+    """Closing the generator (a widget going away) while a worker is inside a forward call:
+    the worker does at most one more sub-batch, and ``close`` returns with no reader left."""
+    monkeypatch.setattr(pipeline, "SUB_FORWARD_S", 0.0)
+    entered, release = threading.Event(), threading.Event()
+
+    class Blocking(Counting):
+        def forward(self, x):
+            if sum(self.rows) >= 32 and not entered.is_set():  # batch 2's first call
+                entered.set()
+                release.wait(30)
+            return super().forward(x)
+
+    enc = Blocking()
+    gen = extract_bag(slide, grid, enc, batch_size=32, device="cpu", workers=1)
+    assert next(gen).done == 0  # the start message
+    assert next(gen).done == 32  # batch 1; the worker goes on with batch 2
+    assert entered.wait(30)
+    closer = threading.Thread(target=gen.close)
+    closer.start()
+    release.set()
+    closer.join(30)
+    assert not closer.is_alive()
+    assert sum(enc.rows) - 32 <= 2  # batch 2: the call in flight and at most one more
+    assert not _extract_threads()
+
+
+def test_sub_batches_give_the_one_shot_features(slide, grid, monkeypatch):
+    """A run split into one-row forward calls gives the features of one forward over all
+    patches (within float tolerance)."""
+    monkeypatch.setattr(pipeline, "SUB_FORWARD_S", 0.0)
+    enc = Counting()
+    _, bag = run(extract_bag(slide, grid, enc, batch_size=16, device="cpu", workers=2))
+    assert max(enc.rows) <= pipeline.SUB_FORWARD_START < 16  # really split
+    assert sum(enc.rows) == len(grid.coords) and enc.rows.count(1) > len(enc.rows) // 2
+    np.testing.assert_allclose(bag.features, direct_features(slide, grid, TinyEncoder()),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_pace_sizes_calls_to_their_cost():
+    """Rows per CPU forward call: the start size, then as many as fit the target at the
+    measured cost per row (a running estimate), within 1 and the batch."""
+    pace = _Pace(target_s=0.2, start=4)
+    assert pace.size(32) == 4 and pace.size(3) == 3
+    pace.record(4, 0.4)  # 0.1 s a row
+    assert pace.size(32) == 2
+    pace.record(2, 0.02)  # 0.01 s a row: estimate (0.1 + 0.01) / 2
+    assert pace.size(32) == int(0.2 / 0.055)
+    for _ in range(10):
+        pace.record(3, 0.0)
+    assert pace.size(32) == 32  # a cheap encoder: whole batches
+    pace.record(1, 5.0)
+    assert pace.size(32) == 1  # never below one row
+
+
+def test_forward_checks_stop_between_chunks():
+    """The chunk loop (CUDA's path) stops before its next chunk once ``stop`` says so."""
+    enc = Counting()
+    patches = np.zeros((10, PATCH_PX, PATCH_PX, 3), np.uint8)
+    with pytest.raises(Cancelled):
+        _forward(enc, torch.from_numpy(patches), 3, torch.device("cpu"),
+                 stop=lambda: bool(enc.rows))
+    assert enc.rows == [3]
+    y, _, _ = _forward(enc, torch.from_numpy(patches), 3, torch.device("cpu"),
+                       stop=lambda: False)
+    assert y.shape == (10, 16) and enc.rows[1:] == [3, 3, 3, 1]
 
 
 def test_empty_grid_is_refused(slide, grid, encoder):
