@@ -107,25 +107,19 @@ def spin(seconds: float, until=None) -> None:
     poll.stop()
 
 
-def dock_model(w):
-    """The dock's loaded ``(model, card, name)``, None without one."""
-    return getattr(w, "model", None) if not hasattr(w, "_model") else w._model
-
-
 def add_dock(viewer, args, assets):
     """A MIL dock set up for ``args.encoder`` (CPU, ``args.batch``)."""
     from napari_milview._qt.mil_widget import MILWidget
 
     w = MILWidget(viewer)
     viewer.window.add_dock_widget(w, name="MIL attention")
-    spin(120, until=lambda: getattr(w, "ready", True))  # a dock that loads torch off the GUI
+    spin(120, until=lambda: w.ready)  # the dock loads torch off the GUI thread
     if args.encoder != "demo":
         w.file_radio.setChecked(True)
         w.model_edit.setText(assets["model"])
-        models = getattr(w, "models", None)  # the dock's model picker (older docks: a method)
-        models.choose() if hasattr(models, "choose") else w._on_model_choice()
+        w.models.choose()
         w.weights_edit.setText(assets["weights"])
-    if dock_model(w) is None or w.encoder_combo.currentText() != args.encoder:
+    if w.model is None or w.encoder_combo.currentText() != args.encoder:
         raise SystemExit(f"dock not set up for {args.encoder}: {w.model_info.text()}")
     w.batch_spin.setValue(args.batch)
     w.device_combo.setCurrentText("cpu")

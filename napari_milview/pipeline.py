@@ -283,9 +283,9 @@ def _reader_thread() -> None:
     """A reader thread decodes its batch's tiles itself: the readers are the parallelism, and
     handing each strip's tiles on to the slide's shared decode threads (which also serve the
     viewer's redraws) only adds hand-offs."""
-    from .slide.core import _pool_local
+    from .slide import decode_in_this_thread
 
-    _pool_local.inside = True
+    decode_in_this_thread()
 
 
 def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_size: int = 64,

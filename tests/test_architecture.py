@@ -80,13 +80,6 @@ EXCEPTIONS = {
 }
 #: Known violations in modules others are editing now: (importer, imported) -> the fix.
 PENDING = {
-    ("napari_milview.pipeline", "napari_milview.slide.core._pool_local"):
-        "call napari_milview.slide.decode_in_this_thread() instead of setting "
-        "_pool_local.inside",
-    ("napari_milview._qt.mil_widget", "napari_milview.overlay.normalise._method"):
-        "use napari_milview.overlay.normalise.method_name (then drop the _method alias)",
-    ("napari_milview._qt.stain_widget", "napari_milview.stain._common.angle_deg"):
-        "use napari_milview.stain.angle_deg",
 }
 
 

@@ -823,6 +823,6 @@ class StainWidget(JobDock):
 
 
 def _angle(matrix) -> float:
-    from ..stain._common import angle_deg
+    from ..stain import angle_deg
 
     return angle_deg(*np.asarray(matrix))
