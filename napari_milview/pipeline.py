@@ -49,8 +49,12 @@ if TYPE_CHECKING:  # pragma: no cover
     from .result import Result
     from .tissue import PatchGrid
 
-__all__ = ["Cancelled", "Progress", "attend", "collect", "extract_bag", "resolve_device",
-           "torch_threads"]
+__all__ = ["PAUSED", "Cancelled", "Progress", "RunSpec", "attend", "check_bag_fits", "collect",
+           "demo_note", "extract", "extract_bag", "prepare", "resolve_device", "resolve_patch",
+           "run", "torch_threads"]
+
+#: The message of a run that waits while the view moves (:attr:`RunSpec.pause`).
+PAUSED = "paused while the view moves"
 
 #: Name prefix of the reader threads (tests check that none outlives a run).
 THREAD_PREFIX = "milview-extract"
@@ -73,7 +77,7 @@ class Progress:
     Attributes
     ----------
     stage : str
-        ``"extract"`` or ``"attend"``.
+        ``"prepare"``, ``"load"``, ``"extract"`` or ``"attend"``.
     done, total : int
         Patches (extract) finished so far, out of ``total``.
     features : np.ndarray or None
@@ -81,15 +85,20 @@ class Progress:
     indices : np.ndarray or None
         [b] int64, their rows in grid (= bag) order.
     message : str
-        Something the user should read (device in use, an out-of-memory retry, bad tiles).
+        Something the user should read (device in use, an out-of-memory retry, bad tiles,
+        :data:`PAUSED`).
+    partial : Result or None
+        :func:`run` with ``stream_s``: the model on the patches encoded so far, over the
+        whole grid (NaN sources for the patches not yet encoded).
     """
 
     stage: str
-    done: int
-    total: int
+    done: int = 0
+    total: int = 0
     features: np.ndarray | None = None
     indices: np.ndarray | None = None
     message: str = ""
+    partial: Any = None
 
 
 def resolve_device(device: Any = "auto") -> torch.device:
@@ -657,3 +666,261 @@ def is_synthetic(slide: Any) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(doc, dict) and doc.get("generator") == "napari_milview.synthetic"
+
+
+# --------------------------------------------------------------------------------------------
+# the run path: slide or bag + encoder + model -> progress -> result
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RunSpec:
+    """How a run gets its features and runs, besides the slide and the model.
+
+    Attributes
+    ----------
+    bag : str, path or Bag, optional
+        Features from a bag file (CLAM / TRIDENT / ACMIL / our h5, ``.pt``) or a Bag; None:
+        extracted now with ``encoder``.
+    encoder : str or torch.nn.Module, optional
+        A registry name (built with ``weights``) or a built encoder (``.spec``).
+    weights : str, optional
+        Local weights of a named encoder.
+    grid : PatchGrid, optional
+        The patches to encode (default: cut by :func:`prepare`).
+    patch_um, mag : float, optional
+        What the user asked for (``patch_um`` wins); see :func:`resolve_patch`.
+    min_tissue : float
+        Keep patches with at least this tissue fraction.
+    batch_size, device, workers, transform
+        As in :func:`extract_bag`.
+    stream_s : float
+        Every ``stream_s`` seconds of extraction the model also runs on the patches encoded
+        so far (:attr:`Progress.partial`); < 0: never.
+    pause : object, optional
+        With ``active()`` and ``wait(cancel)`` (``_qt._common.Interaction``): extraction waits
+        between batches while it is active, saying :data:`PAUSED` once.
+    allow_foreign_bag : bool
+        Run a bag that does not fit the slide (:func:`check_bag_fits`) with a note.
+    model_name : str, optional
+        The checkpoint path, or ``"demo"`` (results, messages, :func:`demo_note`).
+    slide_id : str, optional
+        Stored in an extracted bag (default: the slide file's stem).
+    """
+
+    bag: Any = None
+    encoder: Any = None
+    weights: str | None = None
+    grid: Any = None
+    patch_um: float | None = None
+    mag: float | None = None
+    min_tissue: float = 0.25
+    batch_size: int = 64
+    device: Any = "auto"
+    workers: int = 2
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    stream_s: float = -1.0
+    pause: Any = None
+    allow_foreign_bag: bool = False
+    model_name: str | None = None
+    slide_id: str | None = None
+
+
+def resolve_patch(card: Any, spec: Any, *, patch_um: float | None = None,
+                  mag: float | None = None) -> tuple[float | None, float | None]:
+    """``(patch_um, mag)`` of a run, the one place that decides it: what the user asked for
+    (``patch_um`` wins over ``mag``), else the model card's patch size, else the encoder's own
+    (``spec.patch_px * spec.mpp``), else 20x."""
+    if patch_um is not None:
+        return float(patch_um), None
+    if mag is not None:
+        return None, float(mag)
+    if card is not None and getattr(card, "patch_size_um", None):
+        return float(card.patch_size_um), None
+    if spec is not None and spec.mpp is not None:
+        return float(spec.patch_px * spec.mpp), None
+    return None, 20.0
+
+
+def prepare(slide: Any, spec: RunSpec, card: Any = None) -> tuple[Any, Any]:
+    """``(encoder, grid)`` for extracting ``slide``: the encoder built (a name) and checked
+    against ``card``'s feature dimension before any patch is read, the patch grid cut at the
+    size :func:`resolve_patch` gives (unless ``spec.grid``)."""
+    from .tissue import patch_grid
+
+    encoder = spec.encoder
+    if encoder is None:
+        raise ValueError("no encoder: name one, or give a bag")
+    if isinstance(encoder, str):
+        encoder = build_encoder_for(card, encoder, spec.weights,
+                                    spec.model_name or "the model")
+    elif card is not None and card.feature_dim is not None and \
+            int(card.feature_dim) != encoder.spec.dim:
+        raise ValueError(f"encoder {encoder.spec.name!r} gives {encoder.spec.dim}-d features "
+                         f"but the model {spec.model_name or card.arch!r} expects "
+                         f"{int(card.feature_dim)}-d: pick the encoder the model was trained "
+                         "on")
+    grid = spec.grid
+    if grid is None:
+        es = encoder.spec
+        patch_um, mag = resolve_patch(card, es, patch_um=spec.patch_um, mag=spec.mag)
+        grid = patch_grid(slide, patch_px=es.patch_px, patch_um=patch_um, mag=mag,
+                          min_tissue=spec.min_tissue)
+    return encoder, grid
+
+
+def extract(slide: Any, spec: RunSpec, card: Any = None,
+            cancel: threading.Event | None = None) -> Generator[Progress, None, Bag]:
+    """:func:`prepare` then :func:`extract_bag`, waiting while ``spec.pause`` is active: a
+    generator of :class:`Progress` returning the bag (what ``milview extract`` writes)."""
+    if isinstance(spec.encoder, str) or spec.grid is None:
+        yield Progress("prepare", message=f"loading encoder {_name(spec.encoder)}, finding "
+                                          "tissue")
+    encoder, grid = prepare(slide, spec, card)
+    _check(cancel, slide)
+    gen = extract_bag(slide, grid, encoder, batch_size=spec.batch_size, device=spec.device,
+                      workers=spec.workers, cancel=cancel, slide_id=spec.slide_id,
+                      transform=spec.transform)
+    done = (0, len(grid))
+    try:
+        while True:
+            pause = spec.pause
+            if pause is not None and pause.active():
+                yield Progress("extract", *done, message=PAUSED)
+                pause.wait(cancel if cancel is not None else threading.Event())
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            done = (p.done, p.total)
+            yield p
+    finally:
+        gen.close()
+
+
+def run(slide: Any, model: Any, card: Any, spec: RunSpec,
+        cancel: threading.Event | None = None) -> Generator[Progress, None, tuple[Bag, Result]]:
+    """Slide or bag + encoder + model -> progress -> ``(bag, result)``: THE run path that the
+    MIL dock, ``milview run`` (each cohort task), ``milview extract`` + ``attend`` and the
+    robustness runs all drive.
+
+    Parameters
+    ----------
+    slide : Slide or None
+        The open slide (None: a bag alone; no fit check, no extraction).
+    model, card : MILModel, ModelCard
+        From ``mil.checkpoint.load_model``.
+    spec : RunSpec
+    cancel : threading.Event, optional
+        Checked between batches (and inside them, see :func:`extract_bag`) and before the
+        model runs: :class:`Cancelled`.
+
+    Yields
+    ------
+    Progress
+        ``prepare`` / ``load``, one ``extract`` per batch (with ``partial`` every
+        ``spec.stream_s`` seconds), ``attend``.
+
+    Returns
+    -------
+    (Bag, Result)
+        The bag (features [N, D], coords [N, 2]) and the model's result on it; the result's
+        ``meta["notes"]`` says what the user should know (a bag run on a slide it does not
+        fit, the demo model on a real slide).
+    """
+    notes: list[str] = []
+    if spec.bag is not None:
+        bag = spec.bag
+        if not isinstance(bag, Bag):
+            from .features.io import load_bag
+
+            yield Progress("load", message=f"reading {Path(str(bag)).name}")
+            bag = load_bag(bag)
+        if slide is not None:
+            notes += check_bag_fits(bag, slide, allow=spec.allow_foreign_bag)
+    else:
+        bag = yield from _streamed(slide, model, card, spec, cancel)
+    _check(cancel, slide)
+    yield Progress("attend", bag.n, bag.n, message=f"running {card.arch} on {bag.n} patches")
+    result = attend(bag, model, card, device=spec.device, model_name=spec.model_name)
+    notes += [n for n in [demo_note(spec.model_name, slide)] if n]
+    if notes:
+        result.meta["notes"] = [*result.meta.get("notes", []), *notes]
+    return bag, result
+
+
+def _streamed(slide, model, card, spec: RunSpec, cancel) -> Generator[Progress, None, Bag]:
+    """:func:`extract`, with the model run on the patches encoded so far every
+    ``spec.stream_s`` seconds (:attr:`Progress.partial`)."""
+    from dataclasses import replace
+
+    if isinstance(spec.encoder, str) or spec.grid is None:
+        yield Progress("prepare", message=f"loading encoder {_name(spec.encoder)}, finding "
+                                          "tissue")
+        encoder, grid = prepare(slide, spec, card)
+        spec = replace(spec, encoder=encoder, grid=grid)
+    gen = extract(slide, spec, card, cancel)
+    feats = have = None
+    last = time.perf_counter()
+    try:
+        while True:
+            try:
+                p = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if p.features is not None:
+                if feats is None:
+                    feats = np.zeros((p.total, p.features.shape[1]), np.float32)
+                    have = np.zeros(p.total, bool)
+                feats[p.indices] = p.features
+                have[p.indices] = True
+                now = time.perf_counter()
+                if 0 <= spec.stream_s <= now - last and p.done < p.total:
+                    p.partial = _partial(slide, model, card, spec, feats, have)
+                    last = time.perf_counter()
+            yield p
+    finally:
+        gen.close()
+
+
+def _partial(slide, model, card, spec: RunSpec, feats: np.ndarray, have: np.ndarray):
+    """The model on the patches encoded so far, spread back over the whole grid.
+
+    Parameters
+    ----------
+    feats : np.ndarray
+        [N, D] float32, rows of ``have`` filled.
+    have : np.ndarray
+        [N] bool.
+    """
+    import warnings
+
+    from .result import Result
+
+    grid = spec.grid
+    bag = Bag.from_arrays(feats[have], grid.coords[have],
+                          patch_size_level0=grid.patch_size_level0, mpp=grid.mpp,
+                          encoder=_name(spec.encoder), source="partial bag")
+    with warnings.catch_warnings():  # said once, by the final run
+        warnings.simplefilter("ignore")
+        r = attend(bag, model, card, device=spec.device, model_name=spec.model_name)
+    sources = {}
+    for k, v in r.sources.items():
+        full = np.full(len(have), np.nan, np.float32)
+        full[have] = v
+        sources[k] = full
+    return Result(coords=grid.coords, patch_size_level0=grid.patch_size_level0,
+                  sources=sources, default_source=r.default_source, classes=r.classes,
+                  logits=r.logits, probabilities=r.probabilities, arch=r.arch, mpp=r.mpp,
+                  slide=str(getattr(slide, "path", "")), encoder=bag.encoder, model=r.model,
+                  device=r.device, timings=r.timings,
+                  meta={"partial": True, "n_done": int(have.sum())})
+
+
+def _name(encoder: Any) -> str:
+    """An encoder's name, whether given by name or built."""
+    return encoder if isinstance(encoder, str) else getattr(getattr(encoder, "spec", None),
+                                                            "name", "encoder")
+
+
+def _check(cancel: threading.Event | None, slide: Any) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"{getattr(slide, 'path', 'run')}: cancelled")

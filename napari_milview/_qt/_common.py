@@ -66,8 +66,7 @@ def spin(lo: float, hi: float, value: float, decimals: int = 4, step: float = 0.
     return s
 
 
-#: the status line of a run that waits while the view moves
-PAUSED = "paused while the view moves"
+from ..pipeline import PAUSED  # noqa: E402 - the status line of a run that waits
 
 
 class Interaction:

@@ -8,20 +8,22 @@ interpolation, top-K) and Export.
 
 Threads
 -------
-A run is a :class:`Job`: a plain generator (no Qt in it) that builds the encoder and the
-tissue grid, drives :func:`napari_milview.pipeline.extract_bag` (or reads a bag file) and
-then :func:`napari_milview.pipeline.attend`. It yields one :class:`Update` per batch; the
-widget wraps it in napari's ``create_worker`` (a ``GeneratorWorker``: registered in the
-viewer's task list) and turns the updates into a ``napari.utils.progress`` bar in the
-activity dock. Every ``stream_s`` seconds of extraction the model is also run on the bag
-extracted so far, and the heatmap shows that partial attention (patches not yet encoded
-are transparent), so the map streams in while the run goes on.
+A run is a :class:`Job`: a plain generator (no Qt in it) driving the one run path,
+:func:`napari_milview.pipeline.run` (features from a bag file, or extracted now: encoder
+checked against the model, patch grid, ``extract_bag``; then the model). It yields one
+:class:`~napari_milview.pipeline.Progress` per batch; the widget wraps it in napari's
+``create_worker`` (a ``GeneratorWorker``: registered in the viewer's task list) and turns
+the updates into a ``napari.utils.progress`` bar in the activity dock. Every ``stream_s``
+seconds of extraction the model also runs on the patches encoded so far, and the heatmap
+shows that partial attention (patches not yet encoded are transparent).
 
-Cancel sets the job's ``threading.Event`` (checked by the pipeline between batches) and
-quits the worker (checked between yields): the run ends within one batch. Exceptions are
-caught inside the job and become one readable line in ``show_error``; the buttons come
-back in every case (``finished``). Closing the widget, deleting it, or quitting the app
-cancels every job and joins its thread; the extraction's reader threads end with it.
+Cancel sets the job's ``threading.Event``, which the pipeline checks between batches and
+between the encoder's sub-batches (each ~0.2 s), and quits the worker: the run ends within
+one sub-batch. Exceptions are caught inside the job and become one readable line in
+``show_error``; the buttons come back in every case (``finished``). Closing the widget,
+deleting it, or quitting the app cancels every job and joins its thread; the extraction's
+reader threads end with it. The run's layers belong to the slide layer it ran on
+(:class:`.overlays.SlideOverlays`).
 
 Display changes (source, normalisation, colormap, ...) recompute the small heatmap grid
 from the stored :class:`~napari_milview.result.Result` (O(N) numpy) and update the
@@ -62,8 +64,9 @@ from qtpy.QtWidgets import (
 )
 
 from ..overlay.heatmap import PENDING
-from ._common import PAUSED, JobDock, slide_mpp
+from ..pipeline import PAUSED, Progress
 from ._common import Job as _BaseJob
+from ._common import JobDock, slide_mpp
 from ._common import one_line as _one_line
 from ._common import spin as _spin
 from ._common import stop_jobs as _stop_jobs
@@ -108,91 +111,52 @@ def gui_readers(device: str) -> int:
 # the job (no Qt: runs in a worker thread)
 # --------------------------------------------------------------------------------------------
 @dataclass
-class Update:
-    """What a running job tells the widget.
-
-    Attributes
-    ----------
-    stage : str
-        ``"prepare"``, ``"load"``, ``"extract"`` or ``"attend"``.
-    done, total : int
-        Patches encoded so far (extract stage).
-    message : str
-        A line for the status label (a pipeline message: device, out-of-memory retry).
-    partial : Result or None
-        The model's output on the patches encoded so far, over the whole grid (sources are
-        NaN for the patches not yet encoded).
-    """
-
-    stage: str
-    done: int = 0
-    total: int = 0
-    message: str = ""
-    partial: Any = None
-
-
-@dataclass
 class RunConfig:
-    """Everything a run needs, gathered in the main thread.
-
-    ``patch_um`` None means the encoder's own patch size (``spec.patch_px`` x ``spec.mpp``).
-    ``stream_s`` < 0 turns off the partial heatmaps. With ``pause`` (an
-    :class:`._common.Interaction`) extraction waits between batches while the view moves.
-    ``allow_foreign_bag``: run a bag that does not fit the slide (``pipeline.check_bag_fits``)
-    with a note instead of refusing it.
-    """
+    """A run the controls describe, gathered in the main thread: the slide and model, and
+    how features are got (:class:`napari_milview.pipeline.RunSpec`)."""
 
     slide: Any
     model: Any
     card: Any
-    model_name: str
-    device: str = "auto"
-    bag_path: str | None = None
-    encoder: str | None = None
-    encoder_weights: str | None = None
-    patch_um: float | None = None
-    batch_size: int = 32
-    stream_s: float = 1.0
-    pause: Any = None
-    allow_foreign_bag: bool = False
+    spec: Any  # pipeline.RunSpec
+
+    @property
+    def pause(self):
+        """What extraction waits on while the view moves (None: no pause)."""
+        return self.spec.pause
 
 
 class Job(_BaseJob):
-    """One MIL run (:class:`._common.Job`): :meth:`steps` is the generator a worker drives.
+    """One MIL run (:class:`._common.Job`) driving :func:`napari_milview.pipeline.run`.
 
-    ``calls`` counts the pipeline steps that ran (``extract``, ``attend``, ``partial``).
+    ``calls`` counts what ran: ``batches`` (encoded), ``partial`` (partial heatmaps),
+    ``attend`` (the final model run).
     """
 
     config: RunConfig
 
-    # -- the work ------------------------------------------------------------------------
-    def _steps(self) -> Generator[Update, None, Any]:
+    def _steps(self) -> Generator[Progress, None, Any]:
         """The run with torch on all cores but one: napari draws and answers on the other."""
-        from ..pipeline import torch_threads
-
-        with torch_threads(gui_torch_threads()):
-            return (yield from self._run())
-
-    def _run(self) -> Generator[Update, None, Any]:
-        from ..features.io import load_bag
-        from ..pipeline import attend, check_bag_fits, demo_note
+        from ..pipeline import run, torch_threads
 
         cfg = self.config
-        yield Update("prepare", message="preparing")
-        notes = []
-        if cfg.bag_path:
-            yield Update("load", message=f"reading {Path(cfg.bag_path).name}")
-            bag = load_bag(cfg.bag_path)
-            notes += check_bag_fits(bag, cfg.slide, allow=cfg.allow_foreign_bag)
-        else:
-            bag = yield from self._extract()
-        self._check()
-        yield Update("attend", message=f"running {cfg.card.arch} on {bag.n} patches")
-        self.calls["attend"] += 1
-        result = attend(bag, cfg.model, cfg.card, device=cfg.device, model_name=cfg.model_name)
-        notes += [n for n in [demo_note(cfg.model_name, cfg.slide)] if n]
-        if notes:
-            result.meta["notes"] = [*result.meta.get("notes", []), *notes]
+        with torch_threads(gui_torch_threads()):
+            gen = run(cfg.slide, cfg.model, cfg.card, cfg.spec, self.cancel)
+            try:
+                while True:
+                    try:
+                        p = next(gen)
+                    except StopIteration as stop:
+                        _, result = stop.value
+                        break
+                    if p.stage == "extract":
+                        self.progress = (p.done, p.total)
+                        self.calls["batches"] += p.features is not None
+                    self.calls["partial"] += p.partial is not None
+                    self.calls["attend"] += p.stage == "attend"
+                    yield p
+            finally:
+                gen.close()
         # loaded here, off the GUI thread: 'rank' normalisation needs scipy.stats, and napari
         # builds the top-K layer's features table with pandas (~0.3 s to import the first
         # time, which would stall the viewer at the moment the result is shown)
@@ -201,83 +165,6 @@ class Job(_BaseJob):
 
         return result
 
-    def _extract(self) -> Generator[Update, None, Any]:
-        from ..pipeline import build_encoder_for, extract_bag
-        from ..tissue import patch_grid
-
-        cfg = self.config
-        yield Update("prepare", message=f"loading encoder {cfg.encoder}")
-        encoder = build_encoder_for(cfg.card, cfg.encoder, cfg.encoder_weights, cfg.model_name)
-        spec = encoder.spec
-        um = cfg.patch_um if cfg.patch_um else spec.patch_um()
-        self._check()
-        yield Update("prepare", message="finding tissue")
-        grid = patch_grid(cfg.slide, patch_px=spec.patch_px, patch_um=um, mag=None)
-        self._check()
-        self.calls["extract"] += 1
-        gen = extract_bag(cfg.slide, grid, encoder, batch_size=cfg.batch_size,
-                          device=cfg.device, workers=gui_readers(cfg.device),
-                          cancel=self.cancel)
-        feats = have = None
-        last = time.perf_counter()
-        try:
-            while True:
-                yield from self._paused(cfg.pause, Update("extract", *self.progress, PAUSED))
-                try:
-                    p = next(gen)
-                except StopIteration as stop:
-                    return stop.value
-                partial_result = None
-                if p.features is not None:
-                    if feats is None:
-                        feats = np.zeros((p.total, p.features.shape[1]), np.float32)
-                        have = np.zeros(p.total, bool)
-                    feats[p.indices] = p.features
-                    have[p.indices] = True
-                    now = time.perf_counter()
-                    if 0 <= cfg.stream_s <= now - last and p.done < p.total:
-                        partial_result = self._partial(grid, feats, have, spec.name)
-                        last = time.perf_counter()
-                self.progress = (p.done, p.total)
-                yield Update("extract", p.done, p.total, p.message, partial_result)
-        finally:
-            gen.close()
-
-    def _partial(self, grid, feats: np.ndarray, have: np.ndarray, encoder: str):
-        """The model on the patches encoded so far, spread back over the whole grid.
-
-        Parameters
-        ----------
-        feats : np.ndarray
-            [N, D] float32, rows of ``have`` filled.
-        have : np.ndarray
-            [N] bool.
-        """
-        import warnings
-
-        from ..features.bag import Bag
-        from ..pipeline import attend
-        from ..result import Result
-
-        cfg = self.config
-        bag = Bag.from_arrays(feats[have], grid.coords[have],
-                              patch_size_level0=grid.patch_size_level0, mpp=grid.mpp,
-                              encoder=encoder, source="partial bag")
-        with warnings.catch_warnings():  # said once, by the final run
-            warnings.simplefilter("ignore")
-            r = attend(bag, cfg.model, cfg.card, device=cfg.device, model_name=cfg.model_name)
-        self.calls["partial"] += 1
-        sources = {}
-        for k, v in r.sources.items():
-            full = np.full(len(have), np.nan, np.float32)
-            full[have] = v
-            sources[k] = full
-        return Result(coords=grid.coords, patch_size_level0=grid.patch_size_level0,
-                      sources=sources, default_source=r.default_source, classes=r.classes,
-                      logits=r.logits, probabilities=r.probabilities, arch=r.arch, mpp=r.mpp,
-                      slide=str(cfg.slide.path), encoder=encoder, model=r.model,
-                      device=r.device, timings=r.timings,
-                      meta={"partial": True, "n_done": int(have.sum())})
 
 
 # --------------------------------------------------------------------------------------------
@@ -605,37 +492,40 @@ class MILWidget(JobDock):
 
     def run_config(self) -> RunConfig:
         """The run the controls describe now (raises ValueError when incomplete)."""
+        from ..pipeline import RunSpec
+
         layer = self.slide_layer
         if layer is None:
             raise ValueError("no slide layer: open a slide first")
         if self.model is None:
             raise ValueError("no model loaded")
         model, card, name = self.model
-        cfg = RunConfig(slide=layer.metadata["slide"], model=model, card=card, model_name=name,
-                        device=self.device_combo.currentText() or "auto",
-                        batch_size=self.batch_spin.value(), stream_s=self.stream_s,
-                        pause=self.pause_source())
+        device = self.run_box.device
+        spec = RunSpec(model_name=name, device=device, batch_size=self.batch_spin.value(),
+                       workers=gui_readers(device), stream_s=self.stream_s,
+                       pause=self.pause_source())
         if self.bag_radio.isChecked():
             path = self.bag_edit.text().strip()
             if not path:
                 raise ValueError("choose a bag file")
-            cfg.bag_path = path
-            cfg.allow_foreign_bag = self.foreign_check.isChecked()
+            spec.bag = path
+            spec.allow_foreign_bag = self.foreign_check.isChecked()
         else:
-            cfg.encoder = self.encoder_combo.currentText()
-            cfg.encoder_weights = self.weights_edit.text().strip() or None
-            cfg.patch_um = self.patch_um.value()
-        return cfg
+            spec.encoder, spec.weights = self.encoders.encoder, self.encoders.weights
+            spec.patch_um = self.patch_um.value()
+        return RunConfig(slide=layer.metadata["slide"], model=model, card=card, spec=spec)
 
     def _make_job(self, cfg: RunConfig) -> Job:
         job = Job(cfg)
         ov = job.overlays = self.current  # the run's layers belong to this slide
         ov.ended = ""
-        ov.bag_source = cfg.bag_path if cfg.bag_path else f"extracted with {cfg.encoder}"
+        spec = cfg.spec
+        ov.bag_source = str(spec.bag) if spec.bag is not None else \
+            f"extracted with {spec.encoder}"
         self._prepare_heatmap_layer(ov)
         return job
 
-    def _on_update(self, job: Job, u: Update) -> None:
+    def _on_update(self, job: Job, u: Progress) -> None:
         # napari's progress bar widget calls processEvents(): later updates (and the end of
         # the run) can be handled inside the pbar calls, so they come last and every step
         # re-checks that this job is still the current one

@@ -137,7 +137,8 @@ def test_end_to_end_streams_then_topk_inside_lesion(make_napari_viewer, qtbot, s
     r = w.result
     n = r.n
     assert n > 100 and job.progress == (n, n)
-    assert job.calls["extract"] == 1 and job.calls["attend"] == 1 and job.calls["partial"] >= 3
+    assert job.calls["batches"] >= n // 16 and job.calls["attend"] == 1
+    assert job.calls["partial"] >= 3
     # the activity-dock progress bar counted patches, per batch
     counted = [b for b in bars if b is not None and b[0]]
     assert counted[-1] == (n, n) and len(counted) >= n // 8
