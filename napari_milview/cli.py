@@ -85,48 +85,26 @@ def _cmd_extract(args: argparse.Namespace) -> int:
     import time
 
     from .features.bag import BagError
-    from .features.encoders import build_encoder
     from .features.milview_h5 import save_bag
-    from .pipeline import collect, extract_bag
+    from .pipeline import RunSpec, extract
     from .slide import open_slide
-    from .tissue import patch_grid
 
     out = Path(args.out)
     if not out.parent.is_dir():
         raise BagError(out, f"folder {out.parent} does not exist")
     t0 = time.perf_counter()
+    card, name = None, None
+    if args.model is not None:
+        _, card, name = _load_mil(args.model, args.arch)
+    spec = RunSpec(encoder=args.encoder, weights=args.weights, patch_um=args.patch_um,
+                   mag=args.mag, min_tissue=args.min_tissue, batch_size=args.batch_size,
+                   device=args.device, workers=args.workers or default_readers(),
+                   model_name=name)
     with open_slide(args.slide, mpp=args.mpp, remember_mpp=False) as slide:
-        encoder = build_encoder(args.encoder, weights=args.weights)
-        spec = encoder.spec
-        mag, patch_um = args.mag, args.patch_um
-        if mag is None and patch_um is None:
-            if spec.mpp is not None:  # the encoder's own resolution
-                patch_um = spec.patch_px * spec.mpp
-            else:
-                mag = 20.0
-        grid = patch_grid(slide, patch_px=spec.patch_px, mag=mag, patch_um=patch_um,
-                          min_tissue=args.min_tissue)
-        bar = None
-
-        def show(p) -> None:
-            nonlocal bar
-            if bar is None:
-                bar = _progress_bar(p.total, f"extract {Path(args.slide).name}")
-            if p.message:
-                bar.write(f"milview extract: {p.message}", file=sys.stderr)
-            if p.features is not None:
-                bar.update(len(p.features))
-
-        try:
-            workers = args.workers or default_readers()
-            bag = collect(extract_bag(slide, grid, encoder, batch_size=args.batch_size,
-                                      device=args.device, workers=workers), show)
-        except KeyboardInterrupt:  # the generator has shut its readers down
-            print("milview extract: cancelled; nothing written", file=sys.stderr)
+        bag = _drive(extract(slide, spec, card), f"extract {Path(args.slide).name}",
+                     "milview extract")
+        if bag is None:
             return 130
-        finally:
-            if bar is not None:
-                bar.close()
     save_bag(bag, out, slide=Path(args.slide).resolve())
     print(json.dumps({
         "bag": str(out), "slide": str(args.slide), "n_instances": bag.n, "dim": bag.dim,
@@ -135,6 +113,35 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - t0, 2),
     }))
     return 0
+
+
+def _drive(gen, desc: str, who: str):
+    """Drive a pipeline generator with a progress bar on stderr; its return value, or None
+    after Ctrl-C (the generator has shut its readers down; nothing is written)."""
+    bar = None
+
+    def show(p) -> None:
+        nonlocal bar
+        if p.stage != "extract" or not p.total:
+            return
+        if bar is None:
+            bar = _progress_bar(p.total, desc)
+        if p.message:
+            bar.write(f"{who}: {p.message}", file=sys.stderr)
+        if p.features is not None:
+            bar.update(len(p.features))
+
+    from .pipeline import collect
+
+    try:
+        return collect(gen, show)
+    except KeyboardInterrupt:
+        gen.close()
+        print(f"{who}: cancelled; nothing written", file=sys.stderr)
+        return None
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _load_mil(model: str, arch: str | None):
@@ -150,7 +157,7 @@ def _load_mil(model: str, arch: str | None):
 
 def _cmd_attend(args: argparse.Namespace) -> int:
     from .features.io import load_bag
-    from .pipeline import attend
+    from .pipeline import RunSpec, collect, run
     from .result import save_result
 
     out = Path(args.out)
@@ -160,7 +167,8 @@ def _cmd_attend(args: argparse.Namespace) -> int:
     bag = load_bag(args.bag, patch_size_level0=args.patch_size_level0,
                    patches_h5=args.patches_h5, slide_id=args.slide_id, mpp=args.mpp)
     model, card, name = _load_mil(args.model, args.arch)
-    result = attend(bag, model, card, device=args.device, model_name=name)
+    _, result = collect(run(None, model, card, RunSpec(bag=bag, device=args.device,
+                                                      model_name=name)))
     if args.source is not None and args.source not in result.sources:
         raise ValueError(f"{args.model}: no attention source {args.source!r}; this model has "
                          f"{', '.join(result.sources)}")
@@ -263,11 +271,10 @@ def _cmd_stain(args: argparse.Namespace) -> int:
 def _cmd_robustness(args: argparse.Namespace) -> int:
     import threading
 
-    from .pipeline import build_encoder_for
+    from .pipeline import RunSpec, prepare
     from .slide import open_slide
     from .stain import CONDITIONS, load_reference, normalise_to
     from .stain.robustness import DEFAULT_CONDITIONS, robustness
-    from .tissue import patch_grid
 
     names = (list(DEFAULT_CONDITIONS) if args.conditions is None else
              list(CONDITIONS) if args.conditions.strip() == "all" else
@@ -282,16 +289,11 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     model, card, model_name = _load_mil(args.model, args.arch)
     library = load_reference(args.reference_folder) if args.reference_folder else None
     reference = normalise_to(args.reference) if args.reference else None
-    encoder = build_encoder_for(card, args.encoder, args.weights, model_name)
-    spec = encoder.spec
-    out.mkdir(exist_ok=True)
+    spec = RunSpec(encoder=args.encoder, weights=args.weights, patch_um=args.patch_um,
+                   mag=args.mag, min_tissue=args.min_tissue, model_name=model_name)
     with open_slide(args.slide, mpp=args.mpp, remember_mpp=False) as slide:
-        mag, patch_um = args.mag, args.patch_um
-        if mag is None and patch_um is None:  # the model's patch size, else the encoder's
-            patch_um = card.patch_size_um or (spec.patch_px * spec.mpp if spec.mpp else None)
-            mag = None if patch_um else 20.0
-        grid = patch_grid(slide, patch_px=spec.patch_px, mag=mag, patch_um=patch_um,
-                          min_tissue=args.min_tissue)
+        encoder, grid = prepare(slide, spec, card)  # as every run: pipeline.resolve_patch
+        out.mkdir(exist_ok=True)
         cache_dir = None if args.no_cache else (args.cache_dir or out / "cache")
         cancel = threading.Event()
         gen = robustness(slide, grid, encoder, model, card, names, reference=reference,
@@ -414,9 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local weights for the encoder (.safetensors/.pt/.pth or a folder)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--patch-um", type=float, default=None, metavar="UM",
-                   help="patch side in microns (default: the encoder's own, else 20x)")
+                   help="patch side in microns (default: the --model card's, else the "
+                        "encoder's own, else 20x)")
     g.add_argument("--mag", type=float, default=None, metavar="X",
                    help="magnification to cut patches at (20x = 0.5 um/px)")
+    s.add_argument("--model", default=None, metavar="CKPT|demo",
+                   help="the MIL checkpoint the bag is for: its card's patch size is used and "
+                        "the encoder is checked against it, as `milview run` does")
+    s.add_argument("--arch", default=None, help="MIL architecture of --model (default: "
+                                                "detected)")
     s.add_argument("--out", required=True, metavar="BAG.h5")
     s.add_argument("--mpp", type=float, default=None, help="override microns per pixel")
     s.add_argument("--min-tissue", type=float, default=0.25,

@@ -114,8 +114,8 @@ class CohortConfig:
     arch : str, optional
         MIL architecture (default: detected from the checkpoint).
     patch_um, mag : float, optional
-        Patch side in microns, or magnification (``patch_um`` wins); neither: the encoder's
-        own resolution (``spec.patch_px * spec.mpp``), else 20x.
+        Patch side in microns, or magnification (``patch_um`` wins); neither: the model
+        card's patch size, else the encoder's own (``pipeline.resolve_patch``).
     min_tissue : float
         Keep patches with at least this tissue fraction.
     mpp : float, optional
@@ -519,8 +519,9 @@ def _one_line(e: BaseException, slide: str) -> str:
 def process_slide(job: Job) -> Row:
     """Run one slide end to end and write its outputs; never raises.
 
-    Open the slide, cut the tissue patch grid, encode it (``pipeline.extract_bag``), run the
-    MIL model (``pipeline.attend``), then write bag, result, GeoJSON, heatmap OME-TIFF,
+    Open the slide, cut the tissue patch grid at the size the model card asks for
+    (``pipeline.prepare``), encode it and run the MIL model (``pipeline.run``, the one run
+    path), then write bag, result, GeoJSON, heatmap OME-TIFF,
     sidecar and - last - the ``.done.json`` marker, each atomically. The encoder and model are
     loaded once per process (cached by configuration hash).
 
@@ -561,10 +562,9 @@ def _process(job: Job, row: Row, seconds: dict[str, float]) -> Row:
     from .features.milview_h5 import save_bag
     from .overlay.export import write_heatmap_tiff, write_sidecar
     from .overlay.geojson import to_geojson
-    from .pipeline import attend, collect, demo_note, extract_bag
+    from .pipeline import DEMO_NOTE, RunSpec, collect, prepare, run
     from .result import save_result
     from .slide import open_slide
-    from .tissue import patch_grid
 
     cfg = job.config
     files = outputs(job.out, job.slide_id)
@@ -576,32 +576,20 @@ def _process(job: Job, row: Row, seconds: dict[str, float]) -> Row:
     tune_for_batches()  # a worker process runs batch after batch (see _malloc)
     t = time.perf_counter()
     encoder, model, card, model_name = _models(cfg, job.config_hash)
-    spec = encoder.spec
-    mag, patch_um = cfg.mag, cfg.patch_um
-    if mag is None and patch_um is None:
-        if spec.mpp is not None:
-            patch_um = spec.patch_px * spec.mpp
-        else:
-            mag = 20.0
+    spec = RunSpec(encoder=encoder, patch_um=cfg.patch_um, mag=cfg.mag,
+                   min_tissue=cfg.min_tissue, batch_size=cfg.batch_size, device=cfg.device,
+                   workers=cfg.readers, model_name=model_name, slide_id=job.slide_id)
     with open_slide(job.slide, mpp=cfg.mpp, remember_mpp=False) as slide:
         seconds["open"] = time.perf_counter() - t
         t = time.perf_counter()
-        grid = patch_grid(slide, patch_px=spec.patch_px, mag=mag, patch_um=patch_um,
-                          min_tissue=cfg.min_tissue)
+        # the encoder checked against the model, the patch size the card asks for
+        spec.encoder, spec.grid = prepare(slide, spec, card)
         seconds["tissue"] = time.perf_counter() - t
-        t = time.perf_counter()
-        bag = collect(extract_bag(slide, grid, encoder, batch_size=cfg.batch_size,
-                                  device=cfg.device, workers=cfg.readers,
-                                  slide_id=job.slide_id))
-        seconds["extract"] = time.perf_counter() - t
-        note = demo_note(model_name, slide)
-    t = time.perf_counter()
-    bag.meta["slide"] = job.slide
-    result = attend(bag, model, card, device=cfg.device, model_name=model_name)
-    if note:  # the row's message says it too (process_slide gathers warnings)
-        result.meta["notes"] = [*result.meta.get("notes", []), note]
-        warnings.warn(f"{job.slide}: {note}", UserWarning, stacklevel=2)
-    seconds["attend"] = time.perf_counter() - t
+        bag, result = collect(run(slide, model, card, spec))
+    seconds["extract"] = float(bag.meta["timings"]["extract"])
+    seconds["attend"] = float(result.timings["attend"])
+    if DEMO_NOTE in result.meta.get("notes", []):  # the row's message says it too
+        warnings.warn(f"{job.slide}: {DEMO_NOTE}", UserWarning, stacklevel=2)
     if cfg.source is not None and cfg.source not in result.sources:
         raise ValueError(f"{model_name}: no attention source {cfg.source!r}; this model has "
                          f"{', '.join(result.sources)}")

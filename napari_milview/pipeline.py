@@ -279,13 +279,19 @@ def build_encoder_for(card: Any, name: str, weights: str | None = None,
     from .features.encoders import build_encoder
 
     encoder = build_encoder(name, weights=weights or None)
+    check_encoder(card, encoder, model_name)
+    return encoder
+
+
+def check_encoder(card: Any, encoder: Any, model_name: str = "the model") -> None:
+    """ValueError naming both dimensions when ``encoder``'s features are not the size
+    ``card`` (None: no model) expects."""
     spec = encoder.spec
-    want = card.feature_dim
+    want = None if card is None else card.feature_dim
     if want is not None and int(want) != spec.dim:
         raise ValueError(f"encoder {spec.name!r} gives {spec.dim}-d features but the model "
                          f"{model_name!r} expects {int(want)}-d: pick the encoder the model was "
                          "trained on")
-    return encoder
 
 
 def _reader_thread() -> None:
@@ -750,14 +756,9 @@ def prepare(slide: Any, spec: RunSpec, card: Any = None) -> tuple[Any, Any]:
     if encoder is None:
         raise ValueError("no encoder: name one, or give a bag")
     if isinstance(encoder, str):
-        encoder = build_encoder_for(card, encoder, spec.weights,
-                                    spec.model_name or "the model")
-    elif card is not None and card.feature_dim is not None and \
-            int(card.feature_dim) != encoder.spec.dim:
-        raise ValueError(f"encoder {encoder.spec.name!r} gives {encoder.spec.dim}-d features "
-                         f"but the model {spec.model_name or card.arch!r} expects "
-                         f"{int(card.feature_dim)}-d: pick the encoder the model was trained "
-                         "on")
+        encoder = build_encoder_for(card, encoder, spec.weights, spec.model_name or "the model")
+    else:
+        check_encoder(card, encoder, spec.model_name or "the model")
     grid = spec.grid
     if grid is None:
         es = encoder.spec

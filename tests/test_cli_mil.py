@@ -297,3 +297,34 @@ def test_attend_unknown_source_and_missing_model(tmp_path, capsys):
     assert main(["attend", str(bag), "--model", str(tmp_path / "none.pt"), "--out",
                  str(tmp_path / "r.h5")]) == 2
     assert "none.pt" in _error_line(capsys)
+
+
+def test_run_equals_extract_then_attend(svs, tmp_path, capsys):
+    """`milview run` and `milview extract --model` + `milview attend` go through the one run
+    path: the same patches, cut at the model card's own patch size (96 um, not the demo
+    encoder's 64), and the same probabilities."""
+    import shutil
+
+    from napari_milview.assets import demo_model_path
+    from napari_milview.cohort import outputs
+    from napari_milview.result import load_result
+
+    src = demo_model_path()
+    ckpt = tmp_path / "card96.safetensors"
+    shutil.copy(src, ckpt)
+    card = json.loads(src.with_suffix(".json").read_text())
+    card["patch_size_um"] = 96.0
+    ckpt.with_suffix(".json").write_text(json.dumps(card))
+    bag, res, out = tmp_path / "bag.h5", tmp_path / "res.h5", tmp_path / "run"
+    out.mkdir()
+    common = ["--encoder", "demo", "--model", str(ckpt), "--device", "cpu"]
+    assert main(["extract", str(svs.path), *common, "--out", str(bag), "--workers", "1"]) == 0
+    assert main(["attend", str(bag), "--model", str(ckpt), "--out", str(res),
+                 "--device", "cpu"]) == 0
+    assert main(["run", str(svs.path), *common, "--out", str(out), "--workers", "1"]) == 0
+    capsys.readouterr()
+    a, b = load_result(res), load_result(outputs(out, "svs")["result"])
+    assert a.patch_size_level0 == b.patch_size_level0 == round(96.0 / svs.mpp)
+    np.testing.assert_array_equal(a.coords, b.coords)
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
+    np.testing.assert_allclose(a.attention(), b.attention(), rtol=1e-4, atol=1e-7)

@@ -179,21 +179,20 @@ class RobustnessJob(Job):
     config: RunConfig
 
     def _steps(self) -> Generator[Update, None, Any]:
-        from ..pipeline import build_encoder_for
+        from ..pipeline import RunSpec
+        from ..pipeline import prepare as prepare_run
         from ..stain.robustness import robustness
-        from ..tissue import patch_grid
 
         cfg = self.config
-        yield Update("prepare", message=f"loading encoder {cfg.encoder}")
-        encoder = build_encoder_for(cfg.card, cfg.encoder, cfg.encoder_weights, cfg.model_name)
-        spec = encoder.spec
+        yield Update("prepare", message=f"loading encoder {cfg.encoder}, finding tissue")
+        spec = RunSpec(encoder=cfg.encoder, weights=cfg.encoder_weights,
+                       patch_um=cfg.patch_um, model_name=cfg.model_name)
+        encoder, grid = prepare_run(cfg.slide, spec, cfg.card)  # as every run
         self._check()
-        yield Update("prepare", message="estimating the staining, finding tissue")
+        yield Update("prepare", message="estimating the staining")
         inputs = prepare(cfg.slide, cfg.reference, cfg.folder)
         perts = [make_perturbation(c, inputs, cfg.params.get(c, {}), cfg.seed)
                  for c in cfg.conditions]
-        grid = patch_grid(cfg.slide, patch_px=spec.patch_px,
-                          patch_um=cfg.patch_um or spec.patch_um(), mag=None)
         self._check()
         self.calls["robustness"] += 1
         gen = robustness(cfg.slide, grid, encoder, cfg.model, cfg.card, perts,

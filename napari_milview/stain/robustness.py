@@ -310,7 +310,7 @@ def robustness(slide: Any, grid: Any, encoder: Any, model: Any, card: Any,
     RobustnessReport
     """
     from ..features.milview_h5 import save_bag
-    from ..pipeline import attend, extract_bag
+    from ..pipeline import RunSpec, run
     from .estimate import estimate_slide
 
     items = _names(conditions)
@@ -345,35 +345,37 @@ def robustness(slide: Any, grid: Any, encoder: Any, model: Any, card: Any,
         path = None if folder is None else _cache_file(folder, slide, pert.name, key)
         bag, hit = _lookup(key, path, grid)
         step = {"condition": pert.name, "index": i, "n_conditions": k_cond}
+        # the one run path: the condition's patches encoded (or its cached bag), the model
+        spec = RunSpec(bag=bag, encoder=encoder, grid=grid, batch_size=batch_size,
+                       device=device, workers=workers, model_name=model_name,
+                       transform=None if pert.is_identity else pert)
         if bag is None:
             hit = "extracted"
-            gen = extract_bag(slide, grid, encoder, batch_size=batch_size, device=device,
-                              workers=workers, cancel=cancel,
-                              transform=None if pert.is_identity else pert)
-            try:
-                while True:
-                    try:
-                        p = next(gen)
-                    except StopIteration as stop:
-                        bag = stop.value
-                        break
+        else:
+            yield RobustnessProgress("extract", (i + 1) * n, total,
+                                     message=f"{pert.name} ({i + 1}/{k_cond}): features from "
+                                             f"the {hit} cache", cache=hit, **step)
+        gen = run(slide, model, card, spec, cancel)
+        try:
+            while True:
+                try:
+                    p = next(gen)
+                except StopIteration as stop:
+                    bag, r = stop.value
+                    break
+                if p.stage == "extract":
                     msg = f"{pert.name} ({i + 1}/{k_cond})" + (f": {p.message}"
                                                                 if p.message else "")
                     yield RobustnessProgress("extract", i * n + p.done, total, p.features,
                                              p.indices, msg, cache=hit, **step)
-            finally:
-                gen.close()
+        finally:
+            gen.close()
+        if hit == "extracted":
             bag.meta["condition"] = pert.name
             bag.meta["condition_params"] = pert.params
             _remember(key, bag)
             if path is not None:
                 save_bag(bag, path, slide=getattr(slide, "path", None))
-        else:
-            yield RobustnessProgress("extract", (i + 1) * n, total,
-                                     message=f"{pert.name} ({i + 1}/{k_cond}): features from "
-                                             f"the {hit} cache", cache=hit, **step)
-        check_cancel()
-        r = attend(bag, model, card, device=device, model_name=model_name)
         r.meta.update(condition=pert.name, features=hit)
         results[pert.name] = r
         where[pert.name] = hit
