@@ -42,23 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Qt, Signal
-from qtpy.QtGui import QStandardItemModel
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QButtonGroup,
     QCheckBox,
-    QComboBox,
-    QFileDialog,
-    QFormLayout,
-    QGridLayout,
     QGroupBox,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
-    QPushButton,
     QRadioButton,
-    QSlider,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -67,25 +58,18 @@ from ..overlay.heatmap import PENDING
 from ..pipeline import PAUSED, Progress
 from ._common import Job as _BaseJob
 from ._common import JobDock, slide_mpp
-from ._common import one_line as _one_line
-from ._common import spin as _spin
 from ._common import stop_jobs as _stop_jobs
+from .display import DisplayBox
+from .exports import ExportBox, write_view
 from .overlays import SlideOverlays
-from .parts import combo_data, export_and_say, path_field, pick_data, pick_file, scrolled
-from .prediction import PredictionPanel, fill_edge, source_groups
+from .parts import path_field, pick_file, scrolled
+from .prediction import PredictionPanel, fill_edge
 
 log = logging.getLogger(__name__)
 
 #: Seconds between two updates of the activity dock's progress bar during a run.
 PBAR_EVERY_S = 0.25
 
-#: Heatmap colormaps offered (napari names).
-COLORMAPS = ("inferno", "magma", "viridis", "plasma", "turbo")
-#: Interpolation choices: label -> napari ``interpolation2d``.
-INTERPOLATIONS = {"blocky": "nearest", "smooth": "linear"}
-#: Export kinds -> button label.
-EXPORTS = {"geojson": "GeoJSON (QuPath)", "csv": "CSV table", "clam": "CLAM h5",
-           "tiff": "Heatmap OME-TIFF", "crops": "Top-K PNGs", "sidecar": "Sidecar JSON"}
 def gui_torch_threads() -> int:
     """torch intra-op threads for a run inside napari: every core but one (at least one)."""
     import os
@@ -196,7 +180,6 @@ class MILWidget(JobDock):
         self._loose: SlideOverlays | None = None  # a result opened without a slide layer
         self.gallery = None
         self.stream_s = 1.0
-        self._fixed_set = False
         self._build()
         self._start()
 
@@ -291,108 +274,31 @@ class MILWidget(JobDock):
         v.addWidget(self.prediction)
         layout.addWidget(box)
 
-        # Display
-        box = QGroupBox("Display")
-        form = QFormLayout(box)
-        self.source_combo = QComboBox()
-        self.source_combo.setToolTip("Which attention the heatmap shows (class, branch, head, "
-                                     "layer, mean, pre-softmax logits)")
-        self.source_combo.currentIndexChanged.connect(self._on_source)
-        self.method_combo = QComboBox()
-        from ..overlay.normalise import METHODS
+        self.display = d = DisplayBox()
+        d.shown_scores = lambda: (self._shown.attention(d.source_of(self._shown))
+                                  if self._shown is not None else None)
+        d.heatmap_changed.connect(self.update_heatmap)
+        d.look_changed.connect(self._on_look)
+        d.topk_changed.connect(self.update_topk)
+        d.gallery_wanted.connect(self.show_gallery)
+        # its controls, by the names the tests and the rest of the dock use
+        for name in ("source_combo", "method_combo", "vmin", "vmax", "zoom", "cmap_combo",
+                     "opacity", "interp_combo", "topk_mode", "k_spin", "lo", "hi",
+                     "gallery_button", "set_source", "set_method"):
+            setattr(self, name, getattr(d, name))
+        layout.addWidget(d)
 
-        for key, label in METHODS.items():
-            self.method_combo.addItem(label, key)
-        self.method_combo.currentIndexChanged.connect(self._on_method)
-        self.vmin = _spin(-1e9, 1e9, 0.0, decimals=6, step=0.001)
-        self.vmax = _spin(-1e9, 1e9, 1.0, decimals=6, step=0.001)
-        for s in (self.vmin, self.vmax):
-            s.setToolTip("The range shared across slides (normalisation 'fixed')")
-            s.valueChanged.connect(self._on_fixed_range)
-        self.zoom = _spin(0.001, 1000.0, 1.0, decimals=3, step=0.1)
-        self.zoom.setToolTip("ACMIL's zoom factor for 'attention × N': uniform attention "
-                             "shows as this value (below 1 de-saturates)")
-        self.zoom.valueChanged.connect(self._on_zoom)
-        self.range_row = QWidget()
-        row = QHBoxLayout(self.range_row)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.vmin)
-        row.addWidget(QLabel("to"))
-        row.addWidget(self.vmax)
-        self.cmap_combo = QComboBox()
-        self.cmap_combo.addItems(COLORMAPS)
-        self.cmap_combo.currentTextChanged.connect(self._on_look)
-        self.opacity = QSlider(Qt.Orientation.Horizontal)
-        self.opacity.setRange(0, 100)
-        self.opacity.setValue(50)
-        self.opacity.valueChanged.connect(self._on_look)
-        self.interp_combo = QComboBox()
-        for label, key in INTERPOLATIONS.items():
-            self.interp_combo.addItem(label, key)
-        self.interp_combo.currentIndexChanged.connect(self._on_look)
-        self.topk_mode = QComboBox()
-        for label, key in (("top K", "top"), ("bottom K", "bottom"), ("score range", "range")):
-            self.topk_mode.addItem(label, key)
-        self.topk_mode.currentIndexChanged.connect(self._on_topk)
-        self.k_spin = QSpinBox()
-        self.k_spin.setRange(0, 10000)
-        self.k_spin.setValue(20)
-        self.k_spin.setKeyboardTracking(False)
-        self.k_spin.valueChanged.connect(self._on_topk)
-        self.lo = _spin(-1e9, 1e9, 0.9, decimals=4, step=0.05)
-        self.hi = _spin(-1e9, 1e9, 1.0, decimals=4, step=0.05)
-        for s in (self.lo, self.hi):
-            s.setToolTip("Score range in the normalised (colour-bar) units")
-            s.valueChanged.connect(self._on_topk)
-        self.topk_range = QWidget()
-        row = QHBoxLayout(self.topk_range)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.lo)
-        row.addWidget(QLabel("to"))
-        row.addWidget(self.hi)
-        krow = QHBoxLayout()
-        krow.addWidget(self.topk_mode)
-        krow.addWidget(QLabel("K"))
-        krow.addWidget(self.k_spin)
-        self.gallery_button = QPushButton("Gallery")
-        self.gallery_button.setToolTip("Thumbnails of the top-K patches; click one to go there")
-        self.gallery_button.clicked.connect(self.show_gallery)
-        krow.addWidget(self.gallery_button)
-        form.addRow("Source", self.source_combo)
-        form.addRow("Normalise", self.method_combo)
-        form.addRow("Fixed range", self.range_row)
-        form.addRow("× N zoom", self.zoom)
-        form.addRow("Colormap", self.cmap_combo)
-        form.addRow("Opacity", self.opacity)
-        form.addRow("Look", self.interp_combo)
-        form.addRow("Patches", krow)
-        form.addRow("Range", self.topk_range)
-        self._display_form = form
-        self.display_box = box
-        layout.addWidget(box)
-
-        # Export
-        box = QGroupBox("Export")
-        g = QGridLayout(box)
-        self.export_buttons: dict[str, QPushButton] = {}
-        for i, (kind, label) in enumerate(EXPORTS.items()):
-            b = QPushButton(label)
-            b.clicked.connect(partial(self._export_dialog, kind))
-            self.export_buttons[kind] = b
-            g.addWidget(b, i // 2, i % 2)
-        self.open_button = QPushButton("Open result\u2026")
-        self.open_button.setToolTip("Show a saved result (.h5) or sidecar (.milview.json)")
-        self.open_button.clicked.connect(self._open_dialog)
-        g.addWidget(self.open_button, len(EXPORTS) // 2 + 1, 0, 1, 2)
-        layout.addWidget(box)
+        self.exports = ExportBox(self.export, self.open_result,
+                                 lambda: (self.result.slide_id or "result")
+                                 if self.result is not None else "result")
+        self.export_buttons = self.exports.buttons
+        layout.addWidget(self.exports)
         layout.addStretch(1)
 
         scrolled(self, content, 320)
 
         self._on_feature_choice()
         self._set_display_enabled(False)
-        self._on_method()
-        self._on_topk_mode_visible()
 
     # ------------------------------------------------------------------ slide
     def _on_layers_changed(self, event=None) -> None:
@@ -424,7 +330,7 @@ class MILWidget(JobDock):
             _install_status(layer, self)
             layer.colorbar.visible = True
             if ov is self.current:
-                self._fill_sources(ov.result)
+                self.display.fill_sources(ov.result)
                 if md.get("source") in ov.result.sources:
                     self.source_combo.setCurrentIndex(self.source_combo.findData(md["source"]))
                 if self.cmap_combo.findText(layer.colormap.name) >= 0:
@@ -459,7 +365,7 @@ class MILWidget(JobDock):
             self.prediction.clear()
         else:
             if self.source_combo.count() == 0 or self.source not in shown.sources:
-                self._fill_sources(shown)
+                self.display.fill_sources(shown)
             self.prediction.set_result(shown, partial=shown is not ov.result, ended=ov.ended)
         self._set_display_enabled(ov.result is not None and shown is ov.result)
 
@@ -609,7 +515,7 @@ class MILWidget(JobDock):
             first = self.source_combo.count() == 0 or self.source not in result.sources
             self.prediction.set_result(result, partial=partial)
             if first:
-                self._fill_sources(result)
+                self.display.fill_sources(result)
             self._set_display_enabled(not partial)
         self.update_heatmap(ov)
         if not partial:
@@ -618,57 +524,20 @@ class MILWidget(JobDock):
             if self.gallery is None and ov is self.current:
                 self.show_gallery()
 
-    def _fill_sources(self, result) -> None:
-        current = self.source
-        self.source_combo.blockSignals(True)
-        self.source_combo.clear()
-        model: QStandardItemModel = self.source_combo.model()
-        groups = source_groups(list(result.sources), result.default_source)
-        for title, names in groups:
-            if len(groups) > 1:
-                self.source_combo.addItem(f"\u2014 {title} \u2014", None)
-                model.item(self.source_combo.count() - 1).setEnabled(False)
-            for n in names:
-                self.source_combo.addItem(n, n)
-        pick = current if current in result.sources else result.default_source
-        self.source_combo.setCurrentIndex(self.source_combo.findData(pick))
-        self.source_combo.blockSignals(False)
-
-    source = combo_data("source_combo", "The attention source shown (None before a result).")
-    method = combo_data("method_combo", "The normalisation shown (a key of "
-                                        "``overlay.normalise.METHODS``).")
-
-    def set_source(self, name: str) -> None:
-        """Show another attention source (no re-run)."""
-        pick_data(self.source_combo, name, "attention source")
-
-    def set_method(self, method: str) -> None:
-        """Show another normalisation (no re-run)."""
-        from ..overlay.normalise import method_name
-
-        self.method_combo.setCurrentIndex(self.method_combo.findData(method_name(method)))
+    source = property(lambda self: self.display.source,
+                      doc="The attention source shown (None before a result).")
+    method = property(lambda self: self.display.method,
+                      doc="The normalisation shown (a key of ``overlay.normalise.METHODS``).")
 
     def _set_display_enabled(self, enabled: bool) -> None:
         for b in self.export_buttons.values():
             b.setEnabled(enabled)
         self.gallery_button.setEnabled(enabled)
 
-    def _heatmap_kwargs(self) -> dict:
-        return {"colormap": self.cmap_combo.currentText(),
-                "opacity": self.opacity.value() / 100,
-                "interpolation": self.interp_combo.currentData(),
-                **self._norm_kw()}
-
     @property
     def mpp(self) -> float | None:
         """Microns per level-0 pixel the picked slide's layers are placed with."""
         return self._mpp_of(self.current)
-
-    def _source_of(self, result) -> str:
-        """The source picked in the dock, or ``result``'s default when it lacks that one (a
-        run on another slide with another model)."""
-        src = self.source
-        return src if src in result.sources else result.default_source
 
     def _mpp_of(self, ov: SlideOverlays) -> float | None:
         """Microns per level-0 pixel ``ov``'s layers are placed with: its slide layer's,
@@ -685,8 +554,8 @@ class MILWidget(JobDock):
         result = ov.shown
         if result is None or self.source is None:
             return
-        kw = self._heatmap_kwargs()
-        data, kwargs, _ = heatmap_layer(result, self._source_of(result), self.method,
+        kw = self.display.heatmap_kwargs()
+        data, kwargs, _ = heatmap_layer(result, self.display.source_of(result), self.method,
                                         mpp=self._mpp_of(ov), name="attention", **kw)
         if kwargs["interpolation2d"] == "linear":
             data = fill_edge(data)
@@ -704,7 +573,7 @@ class MILWidget(JobDock):
         (docs/BENCHMARKS.md, responsiveness)."""
         if ov.alive(ov.heatmap):
             return
-        kw = self._heatmap_kwargs()
+        kw = self.display.heatmap_kwargs()
         ov.add_heatmap(np.full((1, 1), np.nan, np.float32), {
             "colormap": kw["colormap"], "opacity": kw["opacity"], "blending": "translucent",
             "interpolation2d": kw["interpolation"], "contrast_limits": (0.0, 1.0),
@@ -713,26 +582,10 @@ class MILWidget(JobDock):
 
     def selection(self, ov: SlideOverlays | None = None) -> np.ndarray:
         """[K] bag indices the top-K settings pick from ``ov``'s result (best first)."""
-        from ..overlay.normalise import normalise
-        from ..overlay.topk import select
-
-        ov = ov if ov is not None else self.current
-        r = ov.result
-        if r is None:
-            return np.zeros(0, np.int64)
-        src = self._source_of(r)
-        mode = self.topk_mode.currentData()
-        k = self.k_spin.value()
-        if mode == "range":
-            shown = normalise(r.attention(src), self.method, **self._norm_kw())
-            lo, hi = sorted((self.lo.value(), self.hi.value()))
-            return select(shown, k, "range", lo, hi)
-        return select(r.attention(src), k, mode)
+        return self.display.selection((ov if ov is not None else self.current).result)
 
     def _norm_kw(self) -> dict:
-        """The normalisation's parameters: the fixed range and the attention x N zoom."""
-        return {"vmin": self.vmin.value(), "vmax": self.vmax.value(),
-                "zoom": self.zoom.value()}
+        return self.display.norm_kw()
 
     def update_topk(self, ov: SlideOverlays | None = None) -> None:
         """(Re)draw ``ov``'s top-K rectangles (default: the picked slide's), and the gallery
@@ -743,7 +596,7 @@ class MILWidget(JobDock):
         r = ov.result
         if r is None or self.source is None:
             return
-        src = self._source_of(r)
+        src = self.display.source_of(r)
         idx = self.selection(ov)
         ov.indices = idx
         data, kwargs, _ = topk_layer(r, idx, src, mpp=self._mpp_of(ov))
@@ -802,60 +655,13 @@ class MILWidget(JobDock):
         v = float(raw[r, c])
         return v if np.isfinite(v) else None
 
-    def _on_source(self, *_) -> None:
-        if self.source is None:
-            return
-        self.update_heatmap()
-        self.update_topk()
-
-    def _on_method(self, *_) -> None:
-        fixed = self.method == "fixed"
-        self.range_row.setEnabled(fixed)
-        self.zoom.setEnabled(self.method == "attention_x_n")
-        if fixed and not self._fixed_set and self._shown is not None and self.source is not None:
-            s = self._shown.attention(self.source)
-            s = s[np.isfinite(s)]
-            if s.size:
-                self.vmin.blockSignals(True)
-                self.vmax.blockSignals(True)
-                lo, hi = float(s.min()), float(s.max())
-                self.vmin.setValue(lo)
-                self.vmax.setValue(hi if hi > lo else lo + 1)
-                self.vmin.blockSignals(False)
-                self.vmax.blockSignals(False)
-            self._fixed_set = True
-        self.update_heatmap()
-        if self.topk_mode.currentData() == "range":
-            self.update_topk()
-
-    def _on_zoom(self, *_) -> None:
-        if self.method == "attention_x_n":
-            self.update_heatmap()
-            if self.topk_mode.currentData() == "range":
-                self.update_topk()
-
-    def _on_fixed_range(self, *_) -> None:
-        self._fixed_set = True
-        if self.vmax.value() <= self.vmin.value():
-            return
-        if self.method == "fixed":
-            self.update_heatmap()
-
     def _on_look(self, *_) -> None:
+        """Colormap or opacity: set on the layer, nothing recomputed."""
         layer = self.heatmap_layer
-        if layer is None or layer not in self.viewer.layers:
-            return
-        layer.colormap = self.cmap_combo.currentText()
-        layer.opacity = self.opacity.value() / 100
-        if str(layer.interpolation2d) != self.interp_combo.currentData():
-            self.update_heatmap()  # smooth display fills a margin around the patches
+        if layer is not None and layer in self.viewer.layers:
+            layer.colormap = self.cmap_combo.currentText()
+            layer.opacity = self.opacity.value() / 100
 
-    def _on_topk_mode_visible(self) -> None:
-        self.topk_range.setEnabled(self.topk_mode.currentData() == "range")
-
-    def _on_topk(self, *_) -> None:
-        self._on_topk_mode_visible()
-        self.update_topk()
 
     # ------------------------------------------------------------------ gallery
     def show_gallery(self, *_) -> None:
@@ -878,67 +684,18 @@ class MILWidget(JobDock):
 
     # ------------------------------------------------------------------ export
     def export(self, kind: str, path) -> Path | list[Path]:
-        """Write the current result as ``kind`` (a key of :data:`EXPORTS`) to ``path``.
-
-        ``crops`` takes a folder and returns the PNG paths; the others return ``path``.
-        """
-        from ..overlay import export as ex
-        from ..overlay.geojson import to_geojson
-
-        r = self.result
+        """Write the picked slide's result as ``kind`` (a key of ``exports.EXPORTS``) to
+        ``path`` with the view shown (source, normalisation, top-K); ``crops`` takes a folder
+        and returns the PNG paths."""
+        r, d = self.result, self.display
         if r is None:
             raise ValueError("nothing to export: run the model first")
-        src, method = self.source, self.method
-        norm = self._norm_kw()  # what the method uses of it
-        fixed = ({k: norm[k] for k in ("vmin", "vmax")} if method == "fixed" else
-                 {"zoom": norm["zoom"]} if method == "attention_x_n" else {})
-        if kind == "geojson":
-            to_geojson(r, path, source=src, top_k=self.k_spin.value())
-            return Path(path)
-        if kind == "csv":
-            return ex.write_csv(r, path)
-        if kind == "clam":
-            return ex.write_clam_h5(r, path, source=src)
-        if kind == "tiff":
-            return ex.write_heatmap_tiff(r, path, source=src, method=method, mpp=self.mpp,
-                                         **fixed)
-        if kind == "crops":
-            layer = self.slide_layer
-            slide = layer.metadata["slide"] if layer is not None else None
-            return ex.write_topk_crops(r, path, self._indices, source=src, slide=slide)
-        if kind == "sidecar":
-            topk = {"k": self.k_spin.value(), "mode": self.topk_mode.currentData()}
-            if topk["mode"] == "range":
-                topk.update(lo=self.lo.value(), hi=self.hi.value())
-            return ex.write_sidecar(path, r, source=src, method=method,
-                                    bag_source=self.current.bag_source,
-                                    colormap=self.cmap_combo.currentText(), topk=topk,
-                                    **fixed)
-        raise ValueError(f"unknown export {kind!r}; choose one of {list(EXPORTS)}")
-
-    def _ask_path(self, kind: str) -> str:
-        """The file (or folder, for crops) to export to, from a dialog ('' = cancelled)."""
-        stem = (self.result.slide_id or "result") if self.result is not None else "result"
-        if kind == "crops":
-            return QFileDialog.getExistingDirectory(self, "Folder for the top-K PNGs")
-        from ..overlay.export import SIDECAR_SUFFIX
-
-        suffix, filt = {"geojson": (".geojson", "GeoJSON (*.geojson *.json)"),
-                        "csv": (".csv", "CSV (*.csv)"),
-                        "clam": (".h5", "HDF5 (*.h5)"),
-                        "tiff": (".ome.tif", "OME-TIFF (*.ome.tif *.tif)"),
-                        "sidecar": (SIDECAR_SUFFIX, "Sidecar (*.json)")}[kind]
-        path, _ = QFileDialog.getSaveFileName(self, EXPORTS[kind], stem + suffix, filt)
-        if path and kind == "sidecar" and not path.lower().endswith(SIDECAR_SUFFIX):
-            # napari offers our reader for *.milview.json only
-            path = path[:-5] if path.lower().endswith(".json") else path
-            path += SIDECAR_SUFFIX
-        return path
-
-    def _export_dialog(self, kind: str, *_) -> None:
-        path = self._ask_path(kind)
-        if path:
-            export_and_say(EXPORTS[kind], partial(self.export, kind, path), path)
+        layer = self.slide_layer
+        return write_view(kind, path, r, source=self.source, method=self.method,
+                          norm=d.used_norm_kw(), topk=d.topk_settings(), indices=self._indices,
+                          mpp=self.mpp, slide=layer.metadata["slide"] if layer else None,
+                          colormap=self.cmap_combo.currentText(),
+                          bag_source=self.current.bag_source)
 
     # ------------------------------------------------------------------ open a result
     def open_result(self, path) -> Any:
@@ -962,38 +719,8 @@ class MILWidget(JobDock):
             result = load_result(p)
         self.show_result(result)
         if doc is not None:
-            norm = doc.get("normalisation") or {}
-            if norm.get("vmin") is not None and norm.get("vmax") is not None:
-                self._fixed_set = True
-                self.vmin.setValue(float(norm["vmin"]))
-                self.vmax.setValue(float(norm["vmax"]))
-            if norm.get("zoom") is not None:
-                self.zoom.setValue(float(norm["zoom"]))
-            if doc.get("colormap") in COLORMAPS:
-                self.cmap_combo.setCurrentText(doc["colormap"])
-            tk = doc.get("topk") or {}
-            if tk.get("k") is not None:
-                self.k_spin.setValue(int(tk["k"]))
-            mode = self.topk_mode.findData(tk.get("mode", "top"))
-            if mode >= 0:
-                self.topk_mode.setCurrentIndex(mode)
-            if doc.get("attention_source") in result.sources:
-                self.set_source(doc["attention_source"])
-            self.set_method(norm.get("method", "raw"))
+            self.display.restore(doc, result)
         return result
-
-    def _open_dialog(self) -> None:
-        from napari.utils.notifications import show_error
-
-        path, _ = QFileDialog.getOpenFileName(self, "Open result", "",
-                                              "Results (*.h5 *.json);;All files (*)")
-        if not path:
-            return
-        try:
-            self.open_result(path)
-        except Exception as e:  # noqa: BLE001 - shown as one line
-            show_error(f"Open result: {_one_line(e)}")
-
 
 def _same_file(a, b) -> bool:
     """Two paths name the same file (None never does)."""
