@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import logging
 import time
-import weakref
 from collections.abc import Generator
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +59,7 @@ from ._common import JobDock, slide_mpp
 from ._common import stop_jobs as _stop_jobs
 from .display import DisplayBox
 from .exports import ExportBox, write_view
-from .overlays import SlideOverlays
+from .overlays import SlideOverlays, install_status, raw_score_at, same_file
 from .parts import path_field, pick_file, scrolled
 from .prediction import PredictionPanel, fill_edge
 
@@ -323,11 +321,11 @@ class MILWidget(JobDock):
                     "heatmap" or md.get("result") is None:
                 continue
             slide = next((s for s in self._slide_layers
-                          if _same_file(s.metadata.get("path"), md.get("slide_path"))), None)
+                          if same_file(s.metadata.get("path"), md.get("slide_path"))), None)
             ov = self.overlays_for(slide)
             ov.heatmap, ov.result, ov.shown, ov.ended = layer, md["result"], md["result"], ""
             ov.restored_from = md["restored_from"]
-            _install_status(layer, self)
+            install_status(layer)
             layer.colorbar.visible = True
             if ov is self.current:
                 self.display.fill_sources(ov.result)
@@ -537,14 +535,7 @@ class MILWidget(JobDock):
     @property
     def mpp(self) -> float | None:
         """Microns per level-0 pixel the picked slide's layers are placed with."""
-        return self._mpp_of(self.current)
-
-    def _mpp_of(self, ov: SlideOverlays) -> float | None:
-        """Microns per level-0 pixel ``ov``'s layers are placed with: its slide layer's,
-        else (no slide layer) its result's."""
-        if ov.slide_layer is not None:
-            return slide_mpp(ov.slide_layer)
-        return ov.shown.mpp if ov.shown is not None else None
+        return self.current.mpp()
 
     def update_heatmap(self, ov: SlideOverlays | None = None) -> None:
         """(Re)draw ``ov``'s heatmap (default: the picked slide's) with the display settings."""
@@ -556,11 +547,11 @@ class MILWidget(JobDock):
             return
         kw = self.display.heatmap_kwargs()
         data, kwargs, _ = heatmap_layer(result, self.display.source_of(result), self.method,
-                                        mpp=self._mpp_of(ov), name="attention", **kw)
+                                        mpp=ov.mpp(), name="attention", **kw)
         if kwargs["interpolation2d"] == "linear":
             data = fill_edge(data)
         if not ov.alive(ov.heatmap):
-            ov.add_heatmap(data, kwargs, partial(_install_status, widget=self))
+            ov.add_heatmap(data, kwargs)
             if ov.shown is not result:  # another result came in while the layer was added
                 self.update_heatmap(ov)
             return
@@ -577,8 +568,7 @@ class MILWidget(JobDock):
         ov.add_heatmap(np.full((1, 1), np.nan, np.float32), {
             "colormap": kw["colormap"], "opacity": kw["opacity"], "blending": "translucent",
             "interpolation2d": kw["interpolation"], "contrast_limits": (0.0, 1.0),
-            "metadata": {"milview": PENDING}}, partial(_install_status, widget=self),
-            pending=True)
+            "metadata": {"milview": PENDING}}, pending=True)
 
     def selection(self, ov: SlideOverlays | None = None) -> np.ndarray:
         """[K] bag indices the top-K settings pick from ``ov``'s result (best first)."""
@@ -599,61 +589,16 @@ class MILWidget(JobDock):
         src = self.display.source_of(r)
         idx = self.selection(ov)
         ov.indices = idx
-        data, kwargs, _ = topk_layer(r, idx, src, mpp=self._mpp_of(ov))
-        layer = ov.topk
-        mode = self.topk_mode.currentData()
-        name = ov.name(f"{mode} {len(idx)}" if mode != "range" else "score range")
-        if ov.alive(layer) and layer.nshapes == len(idx) > 0:
-            layer.data = list(data)
-            layer.features = kwargs["features"]
-            layer.metadata = kwargs["metadata"]
-            layer.name = name
-        else:  # a Shapes layer (no colour bar) can be replaced safely
-            active = self.viewer.layers.selection.active
-            index = None
-            if ov.alive(layer):
-                index = self.viewer.layers.index(layer)
-                self.viewer.layers.remove(layer)
-            kwargs.pop("name")
-            from napari.layers import Shapes
-
-            rects = data if len(data) else np.zeros((0, 4, 2))
-            new = Shapes(rects, name=name, **kwargs)
-            if index is None:
-                self.viewer.layers.append(new)
-            else:
-                self.viewer.layers.insert(index, new)
-            ov.topk = new
-            self._on_slide(new, ov.slide_layer)
-            keep = active if active is not None and active in self.viewer.layers and \
-                active is not layer else ov.heatmap
-            if keep is not None:
-                self.viewer.layers.selection.active = keep
+        data, kwargs, _ = topk_layer(r, idx, src, mpp=ov.mpp())
+        ov.set_topk(data, kwargs, ov.name(self.display.topk_name(len(idx))))
         if self.gallery is not None and ov is self.current:
-            self.gallery.set_items(ov.slide_layer, r, idx, src, mpp=self._mpp_of(ov))
+            self.gallery.set_items(ov.slide_layer, r, idx, src, mpp=ov.mpp())
 
     def raw_score_at(self, position, world: bool = True, layer=None) -> float | None:
-        """The raw score of the source shown at a viewer position, None outside the patches.
-
-        Parameters
-        ----------
-        position : sequence of float
-            (row, col) in world (``world=True``) or heatmap data coordinates.
-        layer : the heatmap layer to read (default: the picked slide's).
-        """
+        """The raw score under a viewer position of ``layer`` (default: the picked slide's
+        heatmap), None outside the patches (``overlays.raw_score_at``)."""
         layer = layer if layer is not None else self.heatmap_layer
-        if layer is None:
-            return None
-        pos = np.asarray(position, dtype=float)
-        data = layer.world_to_data(pos) if world else pos
-        raw = layer.metadata.get("raw_grid")
-        if raw is None:
-            return None
-        r, c = (int(np.floor(v + 0.5)) for v in data[-2:])
-        if not (0 <= r < raw.shape[0] and 0 <= c < raw.shape[1]):
-            return None
-        v = float(raw[r, c])
-        return v if np.isfinite(v) else None
+        return None if layer is None else raw_score_at(layer, position, world)
 
     def _on_look(self, *_) -> None:
         """Colormap or opacity: set on the layer, nothing recomputed."""
@@ -721,35 +666,3 @@ class MILWidget(JobDock):
         if doc is not None:
             self.display.restore(doc, result)
         return result
-
-def _same_file(a, b) -> bool:
-    """Two paths name the same file (None never does)."""
-    if not a or not b:
-        return False
-    return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
-
-
-def _install_status(layer, widget: MILWidget) -> None:
-    """Make the heatmap layer's status line end with the raw score under the cursor.
-
-    napari builds the status bar from the active layer's ``get_status``; this wraps it for
-    this one layer (the Image class is untouched).
-    """
-    wref, lref = weakref.ref(widget), weakref.ref(layer)
-    base = type(layer).get_status
-
-    def get_status(position=None, *, view_direction=None, dims_displayed=None, world=False,
-                   value=None):
-        lyr = lref()
-        status = base(lyr, position, view_direction=view_direction,
-                      dims_displayed=dims_displayed, world=world, value=value)
-        w = wref()
-        if lyr is None or w is None or position is None or not isinstance(status, dict):
-            return status
-        v = w.raw_score_at(position, world=world, layer=lyr)
-        if v is not None:
-            src = lyr.metadata.get("source", "")
-            status["coordinates"] = f"{status.get('coordinates', '')}; raw {src} = {v:.6g}"
-        return status
-
-    layer.get_status = get_status

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..overlay.heatmap import PENDING
 
-__all__ = ["SlideOverlays", "remove_later"]
+__all__ = ["SlideOverlays", "install_status", "raw_score_at", "remove_later", "same_file"]
 
 
 def remove_later(viewer, layer) -> None:
@@ -92,6 +92,14 @@ class SlideOverlays:
     def alive(self, layer) -> bool:
         return layer is not None and layer in self.viewer.layers
 
+    def mpp(self) -> float | None:
+        """Microns per level-0 pixel the layers are placed with: the slide layer's, else
+        (no slide layer) the shown result's."""
+        if self.slide_layer is not None:
+            mpp = self.slide_layer.metadata.get("mpp")
+            return float(mpp[-1]) if mpp else None
+        return self.shown.mpp if self.shown is not None else None
+
     def forget_removed(self) -> None:
         """Drop references to layers the user removed."""
         if not self.alive(self.heatmap):
@@ -100,15 +108,14 @@ class SlideOverlays:
             self.topk = None
 
     # ------------------------------------------------------------------ heatmap
-    def add_heatmap(self, data: np.ndarray, kwargs: dict, install: Callable[[Any], None],
-                    pending: bool = False):
+    def add_heatmap(self, data: np.ndarray, kwargs: dict, pending: bool = False):
         """A new heatmap Image layer (``kwargs`` as ``overlay.heatmap.heatmap_layer`` gives
         them; name and units are ours); its colour bar on unless ``pending``."""
         kwargs = {k: v for k, v in kwargs.items() if k != "name"}
         kwargs.update(self.units())
         layer = self.viewer.add_image(data, name=self.name("attention"), **kwargs)
         layer.colorbar.visible = not pending
-        install(layer)
+        install_status(layer)
         self._place(layer, self.slide_layer)
         self.heatmap = layer
         return layer
@@ -145,6 +152,39 @@ class SlideOverlays:
         if not layer.colorbar.visible:
             layer.colorbar.visible = True
 
+    def set_topk(self, data, kwargs: dict, name: str) -> None:
+        """Show the top-K rectangles (``overlay.topk.topk_layer``'s data and kwargs) as the
+        Shapes layer ``name``: updated in place when the count is unchanged, else replaced at
+        the same place in the layer list (a Shapes layer has no colour bar: safe to remove),
+        the user's active layer kept active."""
+        layer = self.topk
+        if self.alive(layer) and layer.nshapes == len(data) > 0:
+            layer.data = list(data)
+            layer.features = kwargs["features"]
+            layer.metadata = kwargs["metadata"]
+            layer.name = name
+            return
+        from napari.layers import Shapes
+
+        layers = self.viewer.layers
+        active = layers.selection.active
+        index = None
+        if self.alive(layer):
+            index = layers.index(layer)
+            layers.remove(layer)
+        kwargs = {k: v for k, v in kwargs.items() if k != "name"}
+        new = Shapes(data if len(data) else np.zeros((0, 4, 2)), name=name, **kwargs)
+        if index is None:
+            layers.append(new)
+        else:
+            layers.insert(index, new)
+        self.topk = new
+        self._place(new, self.slide_layer)
+        keep = active if active is not None and active in layers and active is not layer \
+            else self.heatmap
+        if keep is not None:
+            layers.selection.active = keep
+
     def drop_pending(self) -> None:
         """Remove the pending heatmap layer (it never showed a colour bar), later."""
         if self.pending():
@@ -158,3 +198,59 @@ class SlideOverlays:
         if self.alive(self.heatmap) and not self.pending():
             self.heatmap.name = self.name(f"attention, partial: {why}")
             self.heatmap.metadata = {**self.heatmap.metadata, "partial": why}
+
+
+def same_file(a, b) -> bool:
+    """Two paths name the same file (None never does)."""
+    from pathlib import Path
+
+    if not a or not b:
+        return False
+    return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
+
+
+def raw_score_at(layer, position, world: bool = True) -> float | None:
+    """The raw score of a heatmap layer's source at a position, None outside the patches.
+
+    Parameters
+    ----------
+    position : sequence of float
+        (row, col) in world (``world=True``) or heatmap data coordinates.
+    """
+    pos = np.asarray(position, dtype=float)
+    data = layer.world_to_data(pos) if world else pos
+    raw = layer.metadata.get("raw_grid")
+    if raw is None:
+        return None
+    r, c = (int(np.floor(v + 0.5)) for v in data[-2:])
+    if not (0 <= r < raw.shape[0] and 0 <= c < raw.shape[1]):
+        return None
+    v = float(raw[r, c])
+    return v if np.isfinite(v) else None
+
+
+def install_status(layer) -> None:
+    """Make the heatmap layer's status line end with the raw score under the cursor.
+
+    napari builds the status bar from the active layer's ``get_status``; this wraps it for
+    this one layer (the Image class is untouched).
+    """
+    import weakref
+
+    lref = weakref.ref(layer)
+    base = type(layer).get_status
+
+    def get_status(position=None, *, view_direction=None, dims_displayed=None, world=False,
+                   value=None):
+        lyr = lref()
+        status = base(lyr, position, view_direction=view_direction,
+                      dims_displayed=dims_displayed, world=world, value=value)
+        if lyr is None or position is None or not isinstance(status, dict):
+            return status
+        v = raw_score_at(lyr, position, world=world)
+        if v is not None:
+            src = lyr.metadata.get("source", "")
+            status["coordinates"] = f"{status.get('coordinates', '')}; raw {src} = {v:.6g}"
+        return status
+
+    layer.get_status = get_status
