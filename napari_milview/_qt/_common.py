@@ -1,19 +1,14 @@
-"""Helpers shared by the dock widgets: background jobs, one-line errors, small controls.
-
-A :class:`Job` is a plain generator (no Qt in it) that a widget wraps in napari's
-``create_worker`` (through :func:`relay`); cancelling sets its ``threading.Event`` and
-quits the worker, and :func:`stop_jobs` cancels and joins every job of a widget (from its
-teardown or its ``destroyed`` signal).
+"""What the dock widgets share: :class:`JobDock` (slide picker, model, encoder and run
+parts, running a :class:`~napari_milview.jobs.Job` in napari's ``create_worker`` through
+:func:`~napari_milview.jobs.relay`, teardown), and small helpers. Cancelling sets a job's
+``threading.Event`` and quits its worker; :func:`stop_jobs` cancels and joins every job of a
+dock (from its teardown or its ``destroyed`` signal).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import threading
-import time
-from collections import Counter
-from collections.abc import Generator
 from functools import partial
 from typing import Any
 
@@ -22,14 +17,11 @@ from qtpy.QtCore import QEvent, Qt, Signal
 from qtpy.QtWidgets import QDoubleSpinBox, QWidget
 
 from .._reader import is_slide_layer
+from ..jobs import Interaction, Job, one_line, relay
 
-__all__ = ["JOIN_TIMEOUT_S", "PAUSED", "Interaction", "Job", "JobDock", "one_line", "real_viewer",
-           "relay", "slide_frame", "slide_mpp", "spin", "stop_jobs"]
+__all__ = ["JobDock", "real_viewer", "slide_frame", "slide_mpp", "spin", "stop_jobs"]
 
 log = logging.getLogger(__name__)
-
-#: How long closing a widget waits for a run's thread to end (seconds).
-JOIN_TIMEOUT_S = 30.0
 
 
 def real_viewer(napari_viewer):
@@ -37,13 +29,6 @@ def real_viewer(napari_viewer):
     whose every attribute access is inspected and whose layers are new proxy objects each
     time (so ``is`` comparisons between layers never match)."""
     return getattr(napari_viewer, "__wrapped__", napari_viewer)
-
-
-def one_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message, at most 300 characters."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def slide_mpp(layer) -> float | None:
@@ -66,35 +51,6 @@ def spin(lo: float, hi: float, value: float, decimals: int = 4, step: float = 0.
     return s
 
 
-from ..pipeline import PAUSED  # noqa: E402 - the status line of a run that waits
-
-
-class Interaction:
-    """When the user last moved the view. A run pauses between batches while
-    :meth:`active`, so on a machine with few cores panning and zooming keep the CPU.
-
-    :meth:`touch` is connected to the camera's events (GUI thread); the worker thread only
-    reads :attr:`until` (one float: no lock needed).
-    """
-
-    #: Seconds after the last camera move during which the view counts as moving.
-    HOLD_S = 0.3
-
-    def __init__(self) -> None:
-        self.until = 0.0
-
-    def touch(self, *_) -> None:
-        self.until = time.monotonic() + self.HOLD_S
-
-    def active(self) -> bool:
-        return time.monotonic() < self.until
-
-    def wait(self, cancel: threading.Event, poll_s: float = 0.02) -> None:
-        """Block while the view moves, or until ``cancel`` is set."""
-        while self.active() and not cancel.wait(poll_s):
-            pass
-
-
 def slide_frame(slide_layer) -> np.ndarray:
     """[3, 3] affine matrix: where a 2-D slide layer puts its scaled data in the world beyond
     its scale, its ``affine`` after its translate, rotate and shear (napari's order), the
@@ -105,93 +61,6 @@ def slide_frame(slide_layer) -> np.ndarray:
     own = Affine(translate=slide_layer.translate[-2:], rotate=slide_layer.rotate[-2:, -2:],
                  shear=slide_layer.shear[-1:], ndim=2)
     return slide_layer.affine.affine_matrix[-3:, -3:] @ own.affine_matrix
-
-
-class Job:
-    """One background run: :meth:`steps` is the generator a worker drives; the outcome is
-    read after. Subclasses implement :meth:`_steps` (a generator returning the result).
-
-    Attributes
-    ----------
-    config : Any
-        What the run needs, gathered in the main thread.
-    cancel : threading.Event
-        Set to stop the run between batches.
-    done : threading.Event
-        Set by the worker thread when its ``run`` is over (joined by :meth:`join`).
-    outcome : str
-        ``"pending"``, ``"done"``, ``"cancelled"`` or ``"failed"``.
-    result, error : the result (done) or the readable error line (failed).
-    progress : (int, int)
-        Work done so far and its total (patches).
-    calls : Counter
-        How many times each step ran (the subclass counts what it wants).
-    """
-
-    def __init__(self, config: Any):
-        self.config = config
-        self.cancel = threading.Event()
-        self.done = threading.Event()
-        self.started = False
-        self.orphaned = False  # its widget stopped it (closing or deleted): ignore its signals
-        self.outcome = "pending"
-        self.result = None
-        self.error = ""
-        self.progress = (0, 0)
-        self.calls: Counter = Counter()
-        self.gen = self.steps()
-
-    # -- driving ------------------------------------------------------------------------
-    def steps(self) -> Generator[Any, None, Any]:
-        """The run; catches every ``Exception`` into :attr:`outcome` / :attr:`error`."""
-        from ..pipeline import Cancelled
-
-        self.started = True
-        try:
-            self.result = yield from self._steps()
-            self.outcome = "done"
-        except Cancelled:
-            self.outcome = "cancelled"
-        except Exception as e:  # noqa: BLE001 - shown to the user as one line
-            log.debug("%s failed", type(self).__name__, exc_info=True)
-            self.outcome, self.error = "failed", one_line(e)
-        return self.result
-
-    def _steps(self) -> Generator[Any, None, Any]:  # pragma: no cover - abstract
-        raise NotImplementedError
-        yield
-
-    def close(self) -> None:
-        """Close the generator if it is suspended (ends the extraction's reader threads)."""
-        try:
-            self.gen.close()
-        except ValueError:  # still executing in the worker: wait for it, then close
-            self.done.wait(JOIN_TIMEOUT_S)
-            if not self.gen.gi_running:
-                self.gen.close()
-
-    def stop(self) -> None:
-        """Ask the run to stop at the next batch."""
-        self.cancel.set()
-
-    def join(self, timeout: float = JOIN_TIMEOUT_S) -> bool:
-        """Wait for the worker thread (if it started) and close the generator."""
-        ok = self.done.wait(timeout) if self.started else True
-        self.close()
-        return ok
-
-    def _check(self) -> None:
-        from ..pipeline import Cancelled
-
-        if self.cancel.is_set():
-            raise Cancelled("run cancelled")
-
-    def _paused(self, pause: Interaction | None, update: Any) -> Generator[Any, None, None]:
-        """A pause point between batches: while the view moves (``pause`` active), yield
-        ``update`` (saying so) once and wait; Cancel still acts. ``pause=None``: no pause."""
-        if pause is not None and pause.active():
-            yield update
-            pause.wait(self.cancel)
 
 
 #: Callbacks waiting for the worker that imports torch (None: no such worker running).
@@ -208,11 +77,6 @@ def _torch_imported(*_) -> None:
     waiters, _torch_waiters, _torch_worker = _torch_waiters or [], None, None
     for ready in waiters:
         ready()
-
-
-def relay(gen):
-    """A generator function around an existing generator (``create_worker`` wants one)."""
-    return (yield from gen)
 
 
 def stop_jobs(jobs: list, wait: bool = True) -> None:

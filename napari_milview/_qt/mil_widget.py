@@ -8,7 +8,7 @@ interpolation, top-K) and Export.
 
 Threads
 -------
-A run is a :class:`Job`: a plain generator (no Qt in it) driving the one run path,
+A run is a :class:`~napari_milview.jobs.MILJob`: a plain generator (no Qt) driving the run path,
 :func:`napari_milview.pipeline.run` (features from a bag file, or extracted now: encoder
 checked against the model, patch grid, ``extract_bag``; then the model). It yields one
 :class:`~napari_milview.pipeline.Progress` per batch; the widget wraps it in napari's
@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Generator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +50,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..jobs import MILConfig, MILJob, gui_readers
 from ..overlay.heatmap import PENDING
 from ..pipeline import PAUSED, Progress
-from ._common import Job as _BaseJob
 from ._common import JobDock, slide_mpp
 from ._common import stop_jobs as _stop_jobs
 from .display import DisplayBox
@@ -67,87 +65,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two updates of the activity dock's progress bar during a run.
 PBAR_EVERY_S = 0.25
-
-def gui_torch_threads() -> int:
-    """torch intra-op threads for a run inside napari: every core but one (at least one)."""
-    import os
-
-    return max(1, (os.cpu_count() or 2) - 1)
-
-
-def gui_readers(device: str) -> int:
-    """Reader threads of an extraction inside napari. On a GPU the readers bound the run
-    (the GPU waits on decoded tiles): as many as the command line's default, leaving napari
-    and the thread feeding the GPU a core each. On the CPU 2, each running the forward on
-    its own batches with half of torch's threads (``pipeline.extract_bag``)."""
-    import os
-
-    from ..pipeline import resolve_device
-
-    if resolve_device(device).type != "cuda":
-        return 2
-    return max(2, min(8, (os.cpu_count() or 2) - 2))
-
-
-# --------------------------------------------------------------------------------------------
-# the job (no Qt: runs in a worker thread)
-# --------------------------------------------------------------------------------------------
-@dataclass
-class RunConfig:
-    """A run the controls describe, gathered in the main thread: the slide and model, and
-    how features are got (:class:`napari_milview.pipeline.RunSpec`)."""
-
-    slide: Any
-    model: Any
-    card: Any
-    spec: Any  # pipeline.RunSpec
-
-    @property
-    def pause(self):
-        """What extraction waits on while the view moves (None: no pause)."""
-        return self.spec.pause
-
-
-class Job(_BaseJob):
-    """One MIL run (:class:`._common.Job`) driving :func:`napari_milview.pipeline.run`.
-
-    ``calls`` counts what ran: ``batches`` (encoded), ``partial`` (partial heatmaps),
-    ``attend`` (the final model run).
-    """
-
-    config: RunConfig
-
-    def _steps(self) -> Generator[Progress, None, Any]:
-        """The run with torch on all cores but one: napari draws and answers on the other."""
-        from ..pipeline import run, torch_threads
-
-        cfg = self.config
-        with torch_threads(gui_torch_threads()):
-            gen = run(cfg.slide, cfg.model, cfg.card, cfg.spec, self.cancel)
-            try:
-                while True:
-                    try:
-                        p = next(gen)
-                    except StopIteration as stop:
-                        _, result = stop.value
-                        break
-                    if p.stage == "extract":
-                        self.progress = (p.done, p.total)
-                        self.calls["batches"] += p.features is not None
-                    self.calls["partial"] += p.partial is not None
-                    self.calls["attend"] += p.stage == "attend"
-                    yield p
-            finally:
-                gen.close()
-        # loaded here, off the GUI thread: 'rank' normalisation needs scipy.stats, and napari
-        # builds the top-K layer's features table with pandas (~0.3 s to import the first
-        # time, which would stall the viewer at the moment the result is shown)
-        import pandas  # noqa: F401
-        import scipy.stats  # noqa: F401
-
-        return result
-
-
 
 # --------------------------------------------------------------------------------------------
 # the widget
@@ -394,7 +311,7 @@ class MILWidget(JobDock):
         """A run is in progress."""
         return self.job is not None
 
-    def run_config(self) -> RunConfig:
+    def run_config(self) -> MILConfig:
         """The run the controls describe now (raises ValueError when incomplete)."""
         from ..pipeline import RunSpec
 
@@ -417,10 +334,10 @@ class MILWidget(JobDock):
         else:
             spec.encoder, spec.weights = self.encoders.encoder, self.encoders.weights
             spec.patch_um = self.patch_um.value()
-        return RunConfig(slide=layer.metadata["slide"], model=model, card=card, spec=spec)
+        return MILConfig(slide=layer.metadata["slide"], model=model, card=card, spec=spec)
 
-    def _make_job(self, cfg: RunConfig) -> Job:
-        job = Job(cfg)
+    def _make_job(self, cfg: MILConfig) -> MILJob:
+        job = MILJob(cfg)
         ov = job.overlays = self.current  # the run's layers belong to this slide
         ov.ended = ""
         spec = cfg.spec
@@ -429,7 +346,7 @@ class MILWidget(JobDock):
         self._prepare_heatmap_layer(ov)
         return job
 
-    def _on_update(self, job: Job, u: Progress) -> None:
+    def _on_update(self, job: MILJob, u: Progress) -> None:
         # napari's progress bar widget calls processEvents(): later updates (and the end of
         # the run) can be handled inside the pbar calls, so they come last and every step
         # re-checks that this job is still the current one
@@ -461,10 +378,10 @@ class MILWidget(JobDock):
                 self._pbar_t = now
                 pbar.update(u.done - pbar.n)
 
-    def _show_done(self, job: Job) -> None:
+    def _show_done(self, job: MILJob) -> None:
         self.show_result(job.result, ov=job.overlays)
 
-    def _run_ended(self, job: Job) -> None:
+    def _run_ended(self, job: MILJob) -> None:
         """A run that did not finish: its pending heatmap layer goes (later, see
         ``overlays``); partial heatmaps stay, marked partial, and the prediction panel says
         there is no prediction."""

@@ -20,7 +20,7 @@ Threads
 -------
 Estimating the slide's staining (``stain.estimate_slide``, 1-4 s, cached per file) and loading
 a reference run in a :class:`PrepareJob`; a robustness run is a :class:`RobustnessJob` that
-drives :func:`napari_milview.stain.robustness.robustness`. Both are ``_common.Job``
+drives :func:`napari_milview.stain.robustness.robustness`. Both are ``jobs.Job``
 generators wrapped in napari's ``create_worker``, with a progress bar in the activity dock;
 Cancel stops a run within one batch; closing or deleting the widget, or quitting, cancels and
 joins every job (no thread outlives it).
@@ -29,11 +29,8 @@ joins every job (no thread outlives it).
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from qtpy.QtCore import Qt, Signal
@@ -59,8 +56,17 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import PAUSED, Job, JobDock, relay, slide_mpp, spin, stop_jobs
-from ._common import one_line as _one_line
+from ..jobs import (
+    Inputs,
+    PrepareJob,
+    RobustnessConfig,
+    RobustnessJob,
+    StainUpdate,
+    make_perturbation,
+    one_line,
+    relay,
+)
+from ._common import JobDock, slide_mpp, spin, stop_jobs
 from .parts import combo_data, export_and_say, path_field, pick_data, scrolled
 
 log = logging.getLogger(__name__)
@@ -87,132 +93,6 @@ def _preset(name: str) -> float | None:
 # --------------------------------------------------------------------------------------------
 # jobs (no Qt: run in worker threads)
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Inputs:
-    """What the conditions are built from: the slide's staining and the optional targets.
-
-    ``key`` says what they were made for: (slide path, reference path, PLISM folder).
-    """
-
-    key: tuple
-    stain: Any = None
-    reference: Any = None
-    library: Any = None
-
-
-def prepare(slide, reference: str = "", folder: str = "") -> Inputs:
-    """Estimate the slide's staining (cached per file) and load the reference and folder.
-
-    Parameters
-    ----------
-    slide : Slide
-    reference : str
-        A tile image, reference JSON or slide for ``macenko``/``reinhard`` ('' = built-in).
-    folder : str
-        A PLISM / reference folder (``stain.load_reference``), '' = the presets.
-    """
-    from ..stain import estimate_slide, load_reference, normalise_to
-
-    stain = estimate_slide(slide)
-    ref = normalise_to(reference) if reference else None
-    lib = load_reference(folder) if folder else None
-    return Inputs((str(slide.path), reference, folder), stain, ref, lib)
-
-
-def make_perturbation(name: str, inputs: Inputs | None, params: dict, seed: int = 0):
-    """The condition ``name`` with the widget's parameter overrides ``params`` (may be {})."""
-    from ..stain.robustness import build_condition
-
-    kw = {"ratio": params.get("ratio"), "angle_factor": params.get("angle"),
-          "sigma": params.get("sigma")}
-    if inputs is None:
-        return build_condition(name, None)  # only the reference needs no inputs
-    return build_condition(name, inputs.stain, seed=seed, reference=inputs.reference,
-                           library=inputs.library, **kw)
-
-
-@dataclass
-class Update:
-    """What a running job tells the widget (``stage``, counts, a line, a finished result)."""
-
-    stage: str
-    done: int = 0
-    total: int = 0
-    message: str = ""
-    condition: str = ""
-    result: Any = None
-
-
-class PrepareJob(Job):
-    """Estimate the staining and load the targets (``config`` = kwargs of :func:`prepare`)."""
-
-    def _steps(self) -> Generator[Update, None, Any]:
-        yield Update("stain", message="estimating the slide's staining")
-        return prepare(**self.config)
-
-
-@dataclass
-class RunConfig:
-    """A robustness run, gathered in the main thread."""
-
-    slide: Any
-    model: Any
-    card: Any
-    model_name: str
-    encoder: str
-    conditions: list[str]
-    params: dict[str, dict] = field(default_factory=dict)
-    reference: str = ""
-    folder: str = ""
-    seed: int = 0
-    encoder_weights: str | None = None
-    patch_um: float | None = None
-    top_k: int = 20
-    batch_size: int = 32
-    device: str = "auto"
-    pause: Any = None  # a _common.Interaction: wait between batches while the view moves
-
-
-class RobustnessJob(Job):
-    """Encoder + grid + :func:`~napari_milview.stain.robustness.robustness`."""
-
-    config: RunConfig
-
-    def _steps(self) -> Generator[Update, None, Any]:
-        from ..pipeline import RunSpec
-        from ..pipeline import prepare as prepare_run
-        from ..stain.robustness import robustness
-
-        cfg = self.config
-        yield Update("prepare", message=f"loading encoder {cfg.encoder}, finding tissue")
-        spec = RunSpec(encoder=cfg.encoder, weights=cfg.encoder_weights,
-                       patch_um=cfg.patch_um, model_name=cfg.model_name)
-        encoder, grid = prepare_run(cfg.slide, spec, cfg.card)  # as every run
-        self._check()
-        yield Update("prepare", message="estimating the staining")
-        inputs = prepare(cfg.slide, cfg.reference, cfg.folder)
-        perts = [make_perturbation(c, inputs, cfg.params.get(c, {}), cfg.seed)
-                 for c in cfg.conditions]
-        self._check()
-        self.calls["robustness"] += 1
-        gen = robustness(cfg.slide, grid, encoder, cfg.model, cfg.card, perts,
-                         stain=inputs.stain, top_k=cfg.top_k, batch_size=cfg.batch_size,
-                         device=cfg.device, cancel=self.cancel, model_name=cfg.model_name)
-        try:
-            while True:
-                yield from self._paused(cfg.pause, Update("extract", *self.progress, PAUSED))
-                try:
-                    p = next(gen)
-                except StopIteration as stop:
-                    return stop.value
-                self.progress = (p.done, p.total)
-                if p.stage == "extract" and p.cache == "extracted":
-                    self.calls["extract_batches"] += 1
-                yield Update(p.stage, p.done, p.total, p.message, p.condition, p.result)
-        finally:
-            gen.close()
-
-
 # --------------------------------------------------------------------------------------------
 # the widget
 # --------------------------------------------------------------------------------------------
@@ -546,7 +426,7 @@ class StainWidget(JobDock):
         except (ValueError, KeyError) as e:  # e.g. a reference folder without the values
             from napari.utils.notifications import show_error
 
-            show_error(f"Staining preview: {_one_line(e)}")
+            show_error(f"Staining preview: {one_line(e)}")
             return
         if pert is None:
             self.estimate()
@@ -642,14 +522,14 @@ class StainWidget(JobDock):
         self.cancel_button.setEnabled(self.busy)
         self.preview_button.setEnabled(self.slide_layer is not None)
 
-    def run_config(self) -> RunConfig:
+    def run_config(self) -> RobustnessConfig:
         """The run the controls describe now (ValueError when incomplete)."""
         if self.slide_layer is None:
             raise ValueError("no slide layer: open a slide first")
         if self.model is None:
             raise ValueError("no model loaded")
         model, card, name = self.model
-        return RunConfig(slide=self.slide, model=model, card=card, model_name=name,
+        return RobustnessConfig(slide=self.slide, model=model, card=card, model_name=name,
                          encoder=self.encoder_combo.currentText(),
                          conditions=self.checked_conditions(),
                          params={k: dict(v) for k, v in self._params.items()},
@@ -661,11 +541,11 @@ class StainWidget(JobDock):
                          device=self.device_combo.currentText() or "auto",
                          pause=self.pause_source())
 
-    def _make_job(self, cfg: RunConfig) -> RobustnessJob:
+    def _make_job(self, cfg: RobustnessConfig) -> RobustnessJob:
         self._start_table(cfg)
         return RobustnessJob(cfg)
 
-    def _on_update(self, job: RobustnessJob, u: Update) -> None:
+    def _on_update(self, job: RobustnessJob, u: StainUpdate) -> None:
         if job.orphaned or job is not self.job:
             return
         text = u.message or u.stage
@@ -685,7 +565,7 @@ class StainWidget(JobDock):
         self.show_report(job.result)
 
     # ------------------------------------------------------------------ results
-    def _start_table(self, cfg: RunConfig) -> None:
+    def _start_table(self, cfg: RobustnessConfig) -> None:
         classes = list(cfg.card.classes) or ["class 0", "class 1"]
         heads = ["condition", "predicted", *(f"p({c})" for c in classes),
                  f"Jaccard top-{cfg.top_k}"]

@@ -487,7 +487,7 @@ def test_reader_and_thread_counts_inside_napari():
 
     import torch
 
-    from napari_milview._qt.mil_widget import gui_readers, gui_torch_threads
+    from napari_milview.jobs import gui_readers, gui_torch_threads
 
     assert gui_torch_threads() == max(1, (os.cpu_count() or 2) - 1)
     assert gui_readers("cpu") == 2
