@@ -42,7 +42,6 @@ from qtpy.QtWidgets import (
     QGridLayout,
     QGroupBox,
     QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
     QListWidget,
@@ -50,8 +49,6 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
-    QTableWidget,
-    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
@@ -68,6 +65,7 @@ from ..jobs import (
 )
 from ._common import JobDock, slide_mpp, spin, stop_jobs
 from .parts import combo_data, export_and_say, path_field, pick_data, scrolled
+from .robustness_table import RobustnessTable
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +130,6 @@ class StainWidget(JobDock):
 
     # ------------------------------------------------------------------ building
     def _build(self) -> None:
-        from ..stain import CONDITIONS
-        from ..stain.robustness import DEFAULT_CONDITIONS
-
         content, layout, form = self._content()
         self.stain_info = QLabel("")
         self.stain_info.setWordWrap(True)
@@ -145,6 +140,17 @@ class StainWidget(JobDock):
         self.stain_busy.hide()
         form.addRow(self.stain_info)
         form.addRow(self.stain_busy)
+
+        for box in (self._condition_box(), self._preview_box(), self._robustness_box()):
+            layout.addWidget(box)
+        layout.addStretch(1)
+
+        scrolled(self, content, 380)  # the results table's columns in full (tested)
+        self._set_export_enabled(False)
+
+    def _condition_box(self) -> QGroupBox:
+        """The condition, its main parameter, the HED seed and the targets."""
+        from ..stain import CONDITIONS
 
         box = QGroupBox("Condition")
         form = QFormLayout(box)
@@ -187,8 +193,11 @@ class StainWidget(JobDock):
         form.addRow("HED seed", self.seed_spin)
         form.addRow("Reference", path_field(self.reference_edit, self._pick_reference))
         form.addRow("PLISM folder", path_field(self.folder_edit, self._pick_folder))
-        layout.addWidget(box)
+        return box
 
+
+    def _preview_box(self) -> QGroupBox:
+        """Show the preview, on top or side by side, visible or not."""
         box = QGroupBox("Preview")
         g = QGridLayout(box)
         self.placement_combo = QComboBox()
@@ -209,7 +218,13 @@ class StainWidget(JobDock):
         g.addWidget(QLabel("Place"), 1, 0)
         g.addWidget(self.placement_combo, 1, 1, 1, 2)
         g.addWidget(self.placement_info, 2, 0, 1, 3)
-        layout.addWidget(box)
+        return box
+
+
+    def _robustness_box(self) -> QGroupBox:
+        """Conditions to run, model, encoder, run box, results, exports."""
+        from ..stain import CONDITIONS
+        from ..stain.robustness import DEFAULT_CONDITIONS
 
         box = QGroupBox("Robustness")
         v = QVBoxLayout(box)
@@ -235,12 +250,7 @@ class StainWidget(JobDock):
         v.addWidget(self.encoders)
         self.run_box.form.insertRow(2, "Top-K", self.k_spin)
         v.addWidget(self.run_box)
-        self.table = QTableWidget(0, 0)
-        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.table.verticalHeader().setVisible(False)
-        self.table.horizontalHeader().setTextElideMode(Qt.TextElideMode.ElideRight)
-        self.table.horizontalHeader().setMinimumSectionSize(24)
-        self.table.setMinimumHeight(150)
+        self.table = RobustnessTable()
         v.addWidget(self.table)
         self.range_label = QLabel("")
         self.range_label.setWordWrap(True)
@@ -254,11 +264,8 @@ class StainWidget(JobDock):
         erow.addWidget(self.csv_button)
         erow.addWidget(self.json_button)
         v.addLayout(erow)
-        layout.addWidget(box)
-        layout.addStretch(1)
+        return box
 
-        scrolled(self, content, 380)  # the results table's columns in full (tested)
-        self._set_export_enabled(False)
 
     # ------------------------------------------------------------------ slide
     @property
@@ -551,7 +558,7 @@ class StainWidget(JobDock):
         text = u.message or u.stage
         self.status.setText(text[:1].upper() + text[1:])
         if u.result is not None:
-            self._fill_row(u.condition, u.result)
+            self.table.fill(u.condition, u.result)
         pbar = self.pbar
         if pbar is None or not u.total:
             return
@@ -566,69 +573,13 @@ class StainWidget(JobDock):
 
     # ------------------------------------------------------------------ results
     def _start_table(self, cfg: RobustnessConfig) -> None:
-        classes = list(cfg.card.classes) or ["class 0", "class 1"]
-        heads = ["condition", "predicted", *(f"p({c})" for c in classes),
-                 f"Jaccard top-{cfg.top_k}"]
-        self.table.clear()
-        self.table.setColumnCount(len(heads))
-        self.table.setHorizontalHeaderLabels(heads)
-        self.table.setRowCount(len(cfg.conditions))
-        for r, name in enumerate(cfg.conditions):
-            self.table.setItem(r, 0, QTableWidgetItem(name))
-        self._fit_columns()
+        self.table.start(cfg.conditions, cfg.card.classes, cfg.top_k)
         self.range_label.setText("")
-
-    def _fit_columns(self, filled: bool = False) -> None:
-        """Fit the table to the dock: the condition column takes what is left, the others
-        the width of their values (of a probability until ``filled``); long headers are
-        elided and shown in full as tooltips."""
-        t = self.table
-        head = t.horizontalHeader()
-        head.setStretchLastSection(False)
-        head.setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
-        head.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        least = t.fontMetrics().horizontalAdvance("0.0000") + 12
-        for c in range(t.columnCount()):
-            item = t.horizontalHeaderItem(c)
-            if item is not None:
-                item.setToolTip(item.text())
-            if c:
-                hint = t.sizeHintForColumn(c)
-                t.setColumnWidth(c, hint if filled else max(least, hint))
-
-    def _set_row(self, r: int, values: list[str]) -> None:
-        if r >= self.table.rowCount():
-            self.table.setRowCount(r + 1)
-        for c, text in enumerate(values):
-            item = QTableWidgetItem(text)
-            if c >= 2:
-                item.setTextAlignment(Qt.AlignmentFlag.AlignRight |
-                                      Qt.AlignmentFlag.AlignVCenter)
-            self.table.setItem(r, c, item)
-
-    def _fill_row(self, name: str, result) -> None:
-        rows = [self.table.item(r, 0).text() if self.table.item(r, 0) else ""
-                for r in range(self.table.rowCount())]
-        r = rows.index(name) if name in rows else self.table.rowCount()
-        self._set_row(r, [name, result.predicted_class,
-                          *(f"{float(p):.4f}" for p in result.probabilities), "\u2026"])
 
     def show_report(self, report) -> None:
         """Fill the table, the range line and the stability layer from ``report``."""
         self.report = report
-        rows = report.rows()
-        heads = ["condition", "predicted", *(f"p({c})" for c in report.classes),
-                 f"Jaccard top-{report.top_k}"]
-        self.table.setRowCount(0)
-        self.table.setColumnCount(len(heads))
-        self.table.setHorizontalHeaderLabels(heads)
-        for r, row in enumerate(rows):
-            self._set_row(r, [row["condition"], row["predicted_class"],
-                              *(f"{p:.4f}" for p in row["probabilities"]),
-                              f"{row['jaccard']:.3f}"])
-        self._set_row(len(rows), ["min-max range", "", *(f"{v:.4f}" for v in
-                                                         report.prob_range), ""])
-        self._fit_columns(filled=True)
+        self.table.show_report(report)
         summ = report.summary()
         rng = ", ".join(f"{c} {v:.4f}" for c, v in summ["range"].items())
         flip = ("<b>the predicted class changes</b>" if summ["predicted_changes"] else
