@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 
@@ -17,34 +15,36 @@ def _torch_imported():
 
 @pytest.fixture
 def check_pause(qtbot):
-    """``check(viewer, dock)``: with the dock's *Pause while I pan or zoom* ticked, camera
-    moves hold its run between batches (the status says so), the run goes on once the view
-    rests, Cancel acts while it waits; unticked, the run config carries no pause."""
+    """``check(viewer, dock)``: with the dock's *Pause while I pan or zoom* ticked, a moving
+    view holds its run between batches (the status says so) and the run goes on once the
+    view rests; Cancel acts while it waits; unticked, the run config carries no pause.
+
+    The view's motion is driven through the dock's ``Interaction`` (``until``: moving for
+    ever, or at rest), so what is checked is the state, not a timing window; one real camera
+    move checks that the camera is what the dock listens to."""
     from napari_milview._qt.navigation import viewer_camera
 
     def check(viewer, w) -> None:
         assert w.pause_check.isChecked() and w.run_config().pause is w.interaction
         camera = viewer_camera(viewer)
-
-        def move(seconds: float) -> None:
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                camera.zoom = camera.zoom * 1.001
-                qtbot.wait(30)
-
+        w.interaction.until = 0.0
+        camera.zoom = camera.zoom * 1.01
+        assert w.interaction.active()  # the camera's move is seen
+        w.interaction.until = float("inf")  # moving until told otherwise
         with qtbot.waitSignal(w.run_finished, timeout=60_000) as blocker:
             job = w.run()
-            qtbot.waitUntil(lambda: job.progress[0] > 0, timeout=30_000)
-            move(0.3)  # the pause starts at the next batch
+            qtbot.waitUntil(lambda: "paused" in w.status.text().lower(), timeout=30_000)
             held = job.progress[0]
-            move(0.8)
+            qtbot.wait(300)  # the worker is blocked in the pause: nothing moves
             assert job.progress[0] == held, "a batch went through while the view moved"
-            assert "paused" in w.status.text().lower()
-            qtbot.waitUntil(lambda: job.progress[0] > held, timeout=10_000)  # the view rests
-            move(0.3)
+            w.interaction.until = 0.0  # the view rests
+            qtbot.waitUntil(lambda: job.progress[0] > held, timeout=30_000)
+            w.interaction.until = float("inf")
+            qtbot.waitUntil(lambda: "paused" in w.status.text().lower(), timeout=30_000)
             w.cancel()  # while paused
         assert blocker.args == ["cancelled"]
         assert job.progress[0] < job.progress[1]
+        w.interaction.until = 0.0
         w.pause_check.setChecked(False)
         assert w.run_config().pause is None
 
