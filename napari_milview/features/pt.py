@@ -1,10 +1,11 @@
 """``.pt`` feature bags, loaded through torch's safe unpickler only.
 
 A ``.pt`` file is a pickle, and a pickle can run code when loaded. Bags are therefore read
-with ``torch.load(path, map_location="cpu", weights_only=True)`` and nothing else: never
-the unrestricted unpickler, no fallback, no extra allowlisted globals. A file that needs anything
-beyond tensors and plain containers is refused with a :class:`BagError` naming the global
-it asked for.
+through ``_weights.torch_load`` (``torch.load(path, map_location="cpu", weights_only=True)``
+with the package's one allowlist of inert containers) and nothing else: never the
+unrestricted unpickler, no fallback. A file that needs anything else is refused with a
+:class:`BagError` naming the global it asked for (``_weights.unsafe_globals``, read without
+importing anything).
 
 Accepted contents:
 
@@ -19,9 +20,6 @@ torch is imported inside the functions that need it.
 from __future__ import annotations
 
 import os
-import pickletools
-import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,45 +51,8 @@ def is_pt(path: str | os.PathLike) -> bool:
     return head == ZIP_MAGIC or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
-def _scan_globals(path: Path) -> list[str]:
-    """Globals a raw pickle names (GLOBAL / INST / STACK_GLOBAL), read without running it."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(_SCAN_LIMIT)
-    except OSError:
-        return []
-    found: list[str] = []
-    strings: list[str] = []
-    try:
-        for op, arg, _pos in pickletools.genops(data):
-            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                found.append(arg.replace(" ", "."))
-            elif op.name == "STACK_GLOBAL":
-                found.append(".".join(strings[-2:]) if len(strings) >= 2 else "?")
-            elif isinstance(arg, str) and "UNICODE" in op.name:
-                strings.append(arg)
-    except Exception:  # noqa: BLE001 - a malformed tail: report what was seen so far
-        pass
-    return list(dict.fromkeys(found))
-
-
-def _unsafe_globals(path: Path, message: str) -> list[str]:
-    import torch
-
-    names: list[str] = []
-    try:
-        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception:  # noqa: BLE001 - only for the message; not a zip archive, etc.
-        names = []
-    if not names:
-        names = re.findall(r"GLOBAL ([\w.]+)", message)
-    if not names:
-        names = _scan_globals(path)
-    return names
-
-
 def load_pt_safe(path: str | os.PathLike) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)``, errors as BagError.
+    """``_weights.torch_load`` (``weights_only=True``), errors as BagError.
 
     Raises
     ------
@@ -99,21 +60,16 @@ def load_pt_safe(path: str | os.PathLike) -> Any:
         "refused to unpickle: it contains code (global X.Y)" when the pickle asks for a
         global outside torch's safe set; "not a torch .pt file" for other failures.
     """
-    import pickle
-
-    import torch
+    from .._weights import WeightsError, torch_load, unsafe_globals
 
     p = Path(path)
     where = f"{p} ({FORMAT})"
     if not p.is_file():
         raise BagError(p, "no such file" if not p.exists() else "not a file")
     try:
-        with warnings.catch_warnings():
-            # torch warns about pickle protocols it did not write; the refusal says enough
-            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
-            return torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        names = _unsafe_globals(p, str(e))
+        return torch_load(p)  # weights_only=True, the shared allowlist, no fallback
+    except WeightsError as e:
+        names = unsafe_globals(p)
         if names:
             shown = ", ".join(names[:5]) + (f", ... ({len(names) - 5} more)"
                                             if len(names) > 5 else "")
@@ -121,12 +77,8 @@ def load_pt_safe(path: str | os.PathLike) -> Any:
                                   "feature .pt files are loaded with weights_only=True only "
                                   "- re-save the features as plain tensors, or as an .h5 "
                                   "bag") from None
-        detail = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
-        raise BagError(where, "refused to unpickle: not a plain-tensor torch file "
-                              f"({detail.strip()})") from None
-    except Exception as e:  # noqa: BLE001 - any other failure is a bad file, said once
-        raise BagError(where, f"not a readable torch .pt file ({type(e).__name__}: {e})"
-                       ) from None
+        detail = str(e).split(": ", 1)[-1]
+        raise BagError(where, f"not a readable torch .pt file ({detail})") from None
 
 
 def _to_numpy(value: Any, key: str, where: str) -> np.ndarray:
