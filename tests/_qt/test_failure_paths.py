@@ -301,3 +301,32 @@ assert job.done.is_set() and job.cancel.is_set()
 report(layers=[l.name for l in viewer.layers])
 ''')
     assert reports[0]["layers"][0] == "svs.svs"
+
+
+def test_not_a_slide_is_one_error_and_napari_goes_on(shown_child, tmp_path):
+    """A PNG renamed .svs, a text file and an empty file opened in a shown viewer: one
+    error naming the file and what it is; the viewer draws on."""
+    from PIL import Image
+
+    png = tmp_path / "photo.svs"
+    Image.new("RGB", (32, 32), (200, 100, 50)).save(png, format="PNG")
+    text = tmp_path / "notes.ndpi"
+    text.write_text("not a slide at all\n")
+    empty = tmp_path / "empty.svs"
+    empty.write_bytes(b"")
+    _, reports = shown_child(f'''
+import numpy as np
+viewer.add_image(np.random.rand(64, 64))
+for path in {[str(png), str(text), str(empty)]!r}:
+    try:
+        viewer.open(path, plugin="napari-milview")
+        report(path=path, error=None)
+    except Exception as e:
+        report(path=path, error=str(e).splitlines()[0][:300])
+    viewer.camera.zoom = viewer.camera.zoom * 1.05
+    process(200)
+''')
+    by_name = {r["path"].rsplit("/", 1)[-1]: r["error"] for r in reports}
+    assert "photo.svs" in by_name["photo.svs"] and "PNG" in by_name["photo.svs"]
+    assert "notes.ndpi" in by_name["notes.ndpi"] and "text" in by_name["notes.ndpi"]
+    assert "empty.svs" in by_name["empty.svs"] and "empty" in by_name["empty.svs"]
