@@ -384,6 +384,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``milview`` argument parser. Long on purpose: one flat block of argparse
+    declarations per subcommand, in the README's order; split up, the options of a command
+    would only be harder to find."""
     from . import __version__
 
     p = argparse.ArgumentParser(prog="milview", description=__doc__)

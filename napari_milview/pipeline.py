@@ -310,6 +310,11 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
                 ) -> Generator[Progress, None, Bag]:
     """Encode every patch of ``grid``: a generator of :class:`Progress`, returning the bag.
 
+    Long on purpose: the reader pool, the CPU and CUDA forward paths and the shutdown share
+    the run's state (pending futures, the forward chunk, the paced sub-batch, the cancel
+    checks), which split functions would have to pass around; what stands alone is apart
+    (:func:`_forward`, :func:`_run`, :class:`_Pace`).
+
     Parameters
     ----------
     slide : napari_milview.slide.Slide

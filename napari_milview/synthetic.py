@@ -309,6 +309,9 @@ def _lin_sample(field: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray
 class _Fields:
     """Coarse signed-distance fields (level-0 px units, positive inside).
 
+    The constructor is long on purpose: one procedural recipe (tissue outline, folds,
+    vessels, the planted lesion) whose steps feed each other in order, read top to bottom.
+
     Each array has shape ``(ny, nx)`` float32, sample ``(i, j)`` sitting at level-0
     pixel ``((j - PAD + 0.5) * g - 0.5, (i - PAD + 0.5) * g - 0.5)`` (x, y). Fields:
     ``tissue``, ``hole``, ``lesion`` (already clipped inside tissue, outside holes),
@@ -574,6 +577,9 @@ def _pick(rng, bank, n):
 
 class _Canvases:
     """Periodic texture canvases, each ``(P + t, P + t, 3)`` uint8 (wrap-padded by ``t``).
+
+    The constructor is long on purpose: one recipe per tissue texture (nuclei, stroma,
+    fat, lesion), each a few steps, kept in the order they are painted.
 
     Kinds: ``normal``, ``lesion``, ``fold``, ``blur``, ``background``.
     """
@@ -1144,6 +1150,10 @@ def write_synthetic_slide(
     workers: int | None = None,
 ) -> SyntheticSlide:
     """Write a synthetic H&E slide as an Aperio-style pyramidal SVS plus sidecars.
+
+    Long on purpose: validation, rendering, the TIFF pages (levels, label, macro, thumbnail),
+    the optional OME-Zarr and the sidecars are one sequence that shares the tile pool and
+    the sizes; the pieces that stand alone (fields, canvases, tiles) are classes of their own.
 
     Parameters
     ----------
