@@ -12,9 +12,9 @@ The preview layer is ``stain.lazy_preview(slide.to_dask(), perturbation)``: the 
 chunks and world placement (``scale``, ``units``) as the slide layer, each chunk perturbed when
 napari draws it (only what is on screen; per-pixel, so no seams). "On top" places it exactly
 over the slide: its visibility check box toggles between original and perturbed. "Side by
-side" moves it right by the slide's width plus :data:`GAP` of it, in world units (microns when
-the slide's mpp is known), which the widget states. Changing the condition or a parameter
-updates the layer's data in place.
+side" moves it right by the slide's width plus :data:`.preview.GAP` of it, in world units
+(microns when the slide's mpp is known), which the widget states. Changing the condition or
+a parameter updates the layer's data in place.
 
 Threads
 -------
@@ -35,11 +35,9 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
-    QGridLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
@@ -65,14 +63,11 @@ from ..jobs import (
 )
 from ._common import JobDock, slide_mpp, spin, stop_jobs
 from .parts import combo_data, export_and_say, path_field, pick_data, scrolled
+from .preview import PreviewBox
 from .robustness_table import RobustnessTable
 
 log = logging.getLogger(__name__)
 
-#: side by side: gap between the slide and its preview, as a fraction of the slide's width
-GAP = 0.05
-#: preview placements: key -> label
-PLACEMENTS = {"overlay": "On top", "side": "Side by side"}
 #: conditions whose main parameter the widget can change: condition -> (param, label)
 PARAMS = {"low-intensity": "ratio", "high-intensity": "ratio", "low-similarity": "angle",
           "high-similarity": "angle", "hed-light": "sigma", "hed-strong": "sigma"}
@@ -101,6 +96,8 @@ class StainWidget(JobDock):
     Attributes
     ----------
     preview_layer, stability_layer : the layers this widget owns (None until made).
+    preview : PreviewBox
+        The preview controls and layer.
     report : RobustnessReport or None
         The last finished robustness run.
     inputs : Inputs or None
@@ -117,7 +114,6 @@ class StainWidget(JobDock):
 
     def __init__(self, napari_viewer, parent: QWidget | None = None):
         super().__init__(napari_viewer, "Run robustness", parent)
-        self.preview_layer = None
         self.stability_layer = None
         self.report = None
         self.inputs: Inputs | None = None
@@ -197,29 +193,13 @@ class StainWidget(JobDock):
 
 
     def _preview_box(self) -> QGroupBox:
-        """Show the preview, on top or side by side, visible or not."""
-        box = QGroupBox("Preview")
-        g = QGridLayout(box)
-        self.placement_combo = QComboBox()
-        for key, label in PLACEMENTS.items():
-            self.placement_combo.addItem(label, key)
-        self.placement_combo.setToolTip("On top: toggle 'Visible' to compare with the slide")
-        self.placement_combo.currentIndexChanged.connect(self._place_preview)
-        self.visible_check = QCheckBox("Visible")
-        self.visible_check.setChecked(True)
-        self.visible_check.setToolTip("On top: unchecked shows the original slide")
-        self.visible_check.toggled.connect(self._on_visible)
-        self.preview_button = QPushButton("Show preview")
-        self.preview_button.clicked.connect(self.show_preview)
-        self.placement_info = QLabel("")
-        self.placement_info.setWordWrap(True)
-        g.addWidget(self.preview_button, 0, 0, 1, 2)
-        g.addWidget(self.visible_check, 0, 2)
-        g.addWidget(QLabel("Place"), 1, 0)
-        g.addWidget(self.placement_combo, 1, 1, 1, 2)
-        g.addWidget(self.placement_info, 2, 0, 1, 3)
-        return box
-
+        """Show the preview, on top or side by side, visible or not (``preview.PreviewBox``)."""
+        self.preview = p = PreviewBox(self.viewer, self._on_slide)
+        p.wanted.connect(self.show_preview)
+        p.shown.connect(self.preview_shown)
+        self.placement_combo, self.visible_check = p.placement_combo, p.visible_check
+        self.preview_button, self.placement_info = p.button, p.info
+        return p
 
     def _robustness_box(self) -> QGroupBox:
         """Conditions to run, model, encoder, run box, results, exports."""
@@ -267,6 +247,11 @@ class StainWidget(JobDock):
         return box
 
 
+    @property
+    def preview_layer(self):
+        """The preview layer (None until shown)."""
+        return self.preview.layer
+
     # ------------------------------------------------------------------ slide
     @property
     def slide(self):
@@ -275,8 +260,8 @@ class StainWidget(JobDock):
 
     def _on_layers_changed(self, event=None) -> None:
         changed = self._follow_slide_layers(event)
-        if self.preview_layer is not None and self.preview_layer not in self.viewer.layers:
-            self.preview_layer = None  # removed by the user: no preview until asked again
+        if self.preview.layer is not None and not self.preview.alive():
+            self.preview.layer = None  # removed by the user: no preview until asked again
             self._want_preview = False
         if self.stability_layer is not None and self.stability_layer not in self.viewer.layers:
             self.stability_layer = None
@@ -291,7 +276,7 @@ class StainWidget(JobDock):
         elif self.inputs is None or self.inputs.key[0] != str(self.slide.path):
             self.stain_info.setText("Staining not estimated yet (done when needed).")
         self._update_enabled()
-        if self.preview_layer is not None:
+        if self.preview.layer is not None:
             self.show_preview()
 
     # ------------------------------------------------------------------ condition
@@ -441,63 +426,11 @@ class StainWidget(JobDock):
         self._apply_preview(pert)
 
     def _apply_preview(self, pert) -> None:
-        from ..stain import lazy_preview
-
-        layer = self.slide_layer
-        data = lazy_preview(layer.metadata["slide"].to_dask(), pert)
-        name = f"{pert.name} preview ({layer.name})"
-        meta = {"milview": "stain-preview", "condition": pert.name, "params": pert.params,
-                "token": pert.token, "slide_path": str(layer.metadata["slide"].path)}
-        prev = self.preview_layer
-        if prev is None or prev not in self.viewer.layers:
-            # perturbed chunks are not in the slide's tile cache: napari's dask cache keeps them
-            self.preview_layer = self.viewer.add_image(
-                data, rgb=True, multiscale=True, scale=tuple(layer.scale),
-                units=tuple(layer.units), contrast_limits=(0, 255), metadata=meta, name=name,
-                cache=True)
-        else:
-            prev.data = data
-            prev.scale = tuple(layer.scale)
-            prev.units = tuple(layer.units)  # the slide picked now may be another one
-            prev.metadata = meta
-            prev.name = name
-        self._place_preview()
-        self.preview_layer.visible = self.visible_check.isChecked()
-        self.preview_shown.emit(self.preview_layer)
+        self.preview.show(pert, self.slide_layer)
 
     def preview_shift(self) -> float:
-        """How far right "side by side" moves the preview, in world units (level-0 width x
-        scale x (1 + :data:`GAP`))."""
-        layer = self.slide_layer
-        w = layer.level_shapes[0][1]
-        return float(w * layer.scale[-1] * (1 + GAP))
-
-    def _place_preview(self, *_) -> None:
-        layer, prev = self.slide_layer, self.preview_layer
-        if layer is None:
-            self.placement_info.setText("")
-            return
-        side = self.placement_combo.currentData() == "side"
-        units = str(layer.units[-1]) if layer.units is not None else "pixel"
-        units = "\u00b5m" if units in ("micrometer", "um") else units
-        if side:
-            self.placement_info.setText(f"Preview right of the slide, moved by "
-                                        f"{self.preview_shift():,.1f} {units} (slide width + "
-                                        f"{GAP:.0%} gap, world units).")
-        else:
-            self.placement_info.setText("Preview exactly over the slide: untick 'Visible' to "
-                                        "see the original.")
-        if prev is None or prev not in self.viewer.layers:
-            return
-        t = np.zeros(len(prev.translate))  # on the slide's own world, moved with it
-        if side:
-            t[-1] += self.preview_shift()
-        prev.translate = tuple(t)
-        self._on_slide(prev, layer)
-
-    def _on_visible(self, checked: bool) -> None:
-        if self.preview_layer is not None and self.preview_layer in self.viewer.layers:
-            self.preview_layer.visible = checked
+        """How far right "side by side" moves the preview (world units)."""
+        return self.preview.shift()
 
     # ------------------------------------------------------------------ robustness run
     def checked_conditions(self) -> list[str]:
