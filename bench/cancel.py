@@ -46,6 +46,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _docs import cpu_model, spin  # noqa: E402 - the benchmarks' shared module
+
 SECTION = "## Cancel, close and quit latency (issue 11)"
 XVFB_ARGS = ["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24"]
 WIDTH, HEIGHT, MPP, TILE, LEVELS, SEED = 12_000, 9_000, 0.5, 256, 3, 11
@@ -92,21 +95,6 @@ def make_assets() -> dict:
 
 
 # ------------------------------------------------------------------------------ child
-def spin(seconds: float, until=None) -> None:
-    """Run the Qt event loop for ``seconds`` (or until ``until()`` is true)."""
-    from qtpy.QtCore import QEventLoop, QTimer
-
-    loop = QEventLoop()
-    deadline = time.monotonic() + seconds
-    poll = QTimer()
-    poll.setInterval(10)
-    poll.timeout.connect(lambda: loop.quit() if (until is not None and until())
-                         or time.monotonic() >= deadline else None)
-    poll.start()
-    loop.exec()
-    poll.stop()
-
-
 def add_dock(viewer, args, assets):
     """A MIL dock set up for ``args.encoder`` (CPU, ``args.batch``)."""
     from napari_milview._qt.mil_widget import MILWidget
@@ -222,17 +210,6 @@ def uptime() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     except OSError:
         return "load average: " + ", ".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 LABELS = {

@@ -34,23 +34,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _docs import cpu_model, spin  # noqa: E402 - the benchmarks' shared module
+
 SECTION = "## Responsiveness (issue 4)"
 TARGETS = {"stall": 50.0, "p95": 33.0, "ratio": 1.2}
 XVFB_ARGS = ["xvfb-run", "-a", "-s", "-screen 0 1280x1024x24"]
 
 
 # ------------------------------------------------------------------------------ machine
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    except OSError:
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
 def cpu_seconds() -> tuple[float, float, float]:
     """(wall, busy CPU seconds of the machine from /proc/stat, this process's CPU seconds)."""
     with open("/proc/stat") as f:
@@ -114,21 +106,6 @@ class Recorder:
     def frames(self, t0: float, t1: float) -> list[float]:
         """Frame times (ms): intervals between consecutive draws within [t0, t1]."""
         return self._gaps(self.draws, t0, t1)
-
-
-def spin(seconds: float, until=None) -> None:
-    """Run the Qt event loop for ``seconds`` (or until ``until()`` is true)."""
-    from qtpy.QtCore import QEventLoop, QTimer
-
-    loop = QEventLoop()
-    deadline = time.perf_counter() + seconds
-    poll = QTimer()
-    poll.setInterval(20)
-    poll.timeout.connect(lambda: loop.quit() if (until is not None and until())
-                         or time.perf_counter() >= deadline else None)
-    poll.start()
-    loop.exec()
-    poll.stop()
 
 
 def pan_zoom(viewer, steps: int, step_ms: int, stop=None) -> tuple[float, float]:

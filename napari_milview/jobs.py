@@ -208,26 +208,20 @@ class MILJob(Job):
 
     def _steps(self) -> Generator[Progress, None, Any]:
         """The run with torch on all cores but one: napari draws and answers on the other."""
-        from .pipeline import run, torch_threads
+        from .pipeline import run, tap, torch_threads
+
+        def count(p: Progress) -> Progress:
+            if p.stage == "extract":
+                self.progress = (p.done, p.total)
+                self.calls["batches"] += p.features is not None
+            self.calls["partial"] += p.partial is not None
+            self.calls["attend"] += p.stage == "attend"
+            return p
 
         cfg = self.config
         with torch_threads(gui_torch_threads()):
-            gen = run(cfg.slide, cfg.model, cfg.card, cfg.spec, self.cancel)
-            try:
-                while True:
-                    try:
-                        p = next(gen)
-                    except StopIteration as stop:
-                        _, result = stop.value
-                        break
-                    if p.stage == "extract":
-                        self.progress = (p.done, p.total)
-                        self.calls["batches"] += p.features is not None
-                    self.calls["partial"] += p.partial is not None
-                    self.calls["attend"] += p.stage == "attend"
-                    yield p
-            finally:
-                gen.close()
+            _, result = yield from tap(run(cfg.slide, cfg.model, cfg.card, cfg.spec,
+                                           self.cancel), count)
         # loaded here, off the GUI thread: 'rank' normalisation needs scipy.stats, and napari
         # builds the top-K layer's features table with pandas (~0.3 s to import the first
         # time, which would stall the viewer at the moment the result is shown)

@@ -51,7 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["PAUSED", "Cancelled", "Progress", "RunSpec", "attend", "check_bag_fits", "collect",
            "demo_note", "extract", "extract_bag", "prepare", "resolve_device", "resolve_patch",
-           "run", "torch_threads"]
+           "run", "tap", "torch_threads"]
 
 #: The message of a run that waits while the view moves (:attr:`RunSpec.pause`).
 PAUSED = "paused while the view moves"
@@ -144,6 +144,23 @@ def torch_threads(n: int):
             _threads_held[0] -= 1
             if _threads_held[0] == 0:
                 torch.set_num_threads(_threads_held[1])
+
+
+def tap(gen: Generator[Any, None, Any], fn: Callable[[Any], Any]) -> Generator[Any, None, Any]:
+    """Yield what ``gen`` yields, each item through ``fn`` first (``fn`` returns what to
+    yield, None to pass nothing on); return ``gen``'s return value. ``gen`` is closed however
+    this ends (finished, failed, or this generator closed)."""
+    try:
+        while True:
+            try:
+                item = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            out = fn(item)
+            if out is not None:
+                yield out
+    finally:
+        gen.close()
 
 
 def collect(gen: Generator[Any, None, Any],
@@ -863,28 +880,23 @@ def _streamed(slide, model, card, spec: RunSpec, cancel) -> Generator[Progress, 
                                           "tissue")
         encoder, grid = prepare(slide, spec, card)
         spec = replace(spec, encoder=encoder, grid=grid)
-    gen = extract(slide, spec, card, cancel)
     feats = have = None
     last = time.perf_counter()
-    try:
-        while True:
-            try:
-                p = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            if p.features is not None:
-                if feats is None:
-                    feats = np.zeros((p.total, p.features.shape[1]), np.float32)
-                    have = np.zeros(p.total, bool)
-                feats[p.indices] = p.features
-                have[p.indices] = True
-                now = time.perf_counter()
-                if 0 <= spec.stream_s <= now - last and p.done < p.total:
-                    p.partial = _partial(slide, model, card, spec, feats, have)
-                    last = time.perf_counter()
-            yield p
-    finally:
-        gen.close()
+
+    def with_partial(p: Progress) -> Progress:
+        nonlocal feats, have, last
+        if p.features is not None:
+            if feats is None:
+                feats = np.zeros((p.total, p.features.shape[1]), np.float32)
+                have = np.zeros(p.total, bool)
+            feats[p.indices] = p.features
+            have[p.indices] = True
+            if 0 <= spec.stream_s <= time.perf_counter() - last and p.done < p.total:
+                p.partial = _partial(slide, model, card, spec, feats, have)
+                last = time.perf_counter()
+        return p
+
+    return (yield from tap(extract(slide, spec, card, cancel), with_partial))
 
 
 def _partial(slide, model, card, spec: RunSpec, feats: np.ndarray, have: np.ndarray):

@@ -6,7 +6,6 @@ import argparse
 import ast
 import json
 import os
-import pathlib
 import pickle
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from napari_milview._weights import (
     torch_load,
     unsafe_globals,
 )
+
+from .hostile import RunsShell, WritesMarker
 
 
 def _sd() -> dict[str, torch.Tensor]:
@@ -146,24 +147,6 @@ def test_import_is_light():
 
 
 # --------------------------------------------------------------------------- hostile pickles
-class _WritesMarker:
-    """Unpickling calls ``Path.write_text(marker, 'pwned')``."""
-
-    def __init__(self, marker: pathlib.Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.write_text, (self.marker, "pwned"))
-
-
-class _RunsShell:
-    """Unpickling calls ``os.system('touch marker')``."""
-
-    def __init__(self, marker: pathlib.Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
 
 
 @pytest.mark.parametrize("kind", ["zip", "legacy", "plain_pickle"])
@@ -172,12 +155,12 @@ def test_hostile_pickle_is_refused_naming_the_callable(tmp_path, kind):
     path = tmp_path / "evil.pt"
     payload: dict = {"fc1.weight": torch.zeros(2, 2)}
     if kind == "plain_pickle":
-        payload["x"] = _WritesMarker(marker)
+        payload["x"] = WritesMarker(marker)
         with open(path, "wb") as fh:
             pickle.dump(payload, fh, protocol=4)
         callable_name = "pathlib.Path.write_text"
     else:
-        payload["x"] = _RunsShell(marker)
+        payload["x"] = RunsShell(marker)
         torch.save(payload, path, _use_new_zipfile_serialization=kind == "zip")
         callable_name = f"{os.system.__module__}.system"
     assert callable_name in unsafe_globals(path)

@@ -310,7 +310,7 @@ def robustness(slide: Any, grid: Any, encoder: Any, model: Any, card: Any,
     RobustnessReport
     """
     from ..features.milview_h5 import save_bag
-    from ..pipeline import RunSpec, run
+    from ..pipeline import RunSpec, run, tap
     from .estimate import estimate_slide
 
     items = _names(conditions)
@@ -355,21 +355,15 @@ def robustness(slide: Any, grid: Any, encoder: Any, model: Any, card: Any,
             yield RobustnessProgress("extract", (i + 1) * n, total,
                                      message=f"{pert.name} ({i + 1}/{k_cond}): features from "
                                              f"the {hit} cache", cache=hit, **step)
-        gen = run(slide, model, card, spec, cancel)
-        try:
-            while True:
-                try:
-                    p = next(gen)
-                except StopIteration as stop:
-                    bag, r = stop.value
-                    break
-                if p.stage == "extract":
-                    msg = f"{pert.name} ({i + 1}/{k_cond})" + (f": {p.message}"
-                                                                if p.message else "")
-                    yield RobustnessProgress("extract", i * n + p.done, total, p.features,
-                                             p.indices, msg, cache=hit, **step)
-        finally:
-            gen.close()
+
+        def progress(p, i=i, pert=pert, hit=hit, step=step):
+            if p.stage != "extract":
+                return None
+            msg = f"{pert.name} ({i + 1}/{k_cond})" + (f": {p.message}" if p.message else "")
+            return RobustnessProgress("extract", i * n + p.done, total, p.features, p.indices,
+                                      msg, cache=hit, **step)
+
+        bag, r = yield from tap(run(slide, model, card, spec, cancel), progress)
         if hit == "extracted":
             bag.meta["condition"] = pert.name
             bag.meta["condition_params"] = pert.params

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pathlib
 import pickle
 import sys
 import types
@@ -27,6 +26,8 @@ from napari_milview.mil.checkpoint import (
     save_model,
     unsafe_globals,
 )
+
+from ..hostile import RunsShell, WritesMarker
 
 IN_DIM = 32
 
@@ -420,46 +421,28 @@ def test_non_tensor_leftovers_are_rejected(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
-class _WritesMarker:
-    """Unpickling calls ``Path.write_text(marker, 'pwned')``."""
-
-    def __init__(self, marker: pathlib.Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (pathlib.Path.write_text, (self.marker, "pwned"))
-
-
-class _RunsShell:
-    """Unpickling calls ``os.system('touch marker')``."""
-
-    def __init__(self, marker: pathlib.Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.marker}'",))
 
 
 def _write_hostile(path, kind, marker):
     payload = {"attention_net.0.weight": torch.zeros(2, 2)}
     if kind == "write_text_zip":
-        payload["x"] = _WritesMarker(marker)
+        payload["x"] = WritesMarker(marker)
         torch.save(payload, path, _use_new_zipfile_serialization=True)
         return "getattr"
     if kind == "system_legacy":
-        payload["x"] = _RunsShell(marker)
+        payload["x"] = RunsShell(marker)
         torch.save(payload, path, _use_new_zipfile_serialization=False)
         return f"{os.system.__module__}.system"
     if kind == "system_zip":
-        payload["x"] = _RunsShell(marker)
+        payload["x"] = RunsShell(marker)
         torch.save(payload, path)
         return f"{os.system.__module__}.system"
     if kind == "inside_acmil_config":  # an allowlisted container cannot smuggle code
         with _fake_acmil_utils() as Struct:
             torch.save({"model": payload, "epoch": 1,
-                        "config": Struct(D_feat=2, hook=_RunsShell(marker))}, path)
+                        "config": Struct(D_feat=2, hook=RunsShell(marker))}, path)
         return f"{os.system.__module__}.system"
-    payload["x"] = _WritesMarker(marker)  # a plain pickle, protocol 4 (STACK_GLOBAL)
+    payload["x"] = WritesMarker(marker)  # a plain pickle, protocol 4 (STACK_GLOBAL)
     with open(path, "wb") as fh:
         pickle.dump(payload, fh, protocol=4)
     return "pathlib.Path.write_text"
