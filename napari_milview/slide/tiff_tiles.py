@@ -4,10 +4,11 @@ OpenSlide's ``read_region`` paints every tile through cairo into premultiplied A
 which openslide-python then converts back; for a tile-aligned read that costs ~5x the
 JPEG decode itself. When every pyramid level OpenSlide reports is a plain tiled TIFF page
 of the same size and tile grid, we read a tile's compressed bytes with ``os.pread`` and
-decode them with tifffile's decoder (libjpeg-turbo via imagecodecs): the same pixels
-(checked against OpenSlide in the tests), several times faster, and thread-safe with no
-lock. OpenSlide stays in charge of metadata, of every non-aligned read, and of any tile
-this path cannot decode.
+decode them with libjpeg-turbo (simplejpeg for JPEG, strict: a libjpeg *warning* is an
+error, as in OpenSlide; tifffile's decoders for the rest): the same pixels (checked
+against OpenSlide in the tests), several times faster, and thread-safe with no lock.
+OpenSlide stays in charge of metadata, of every non-aligned read, and of any tile this
+path cannot decode.
 """
 
 from __future__ import annotations
@@ -20,6 +21,50 @@ import numpy as np
 
 #: OpenSlide vendors whose pyramid levels are exactly the tiled pages of one TIFF.
 DIRECT_VENDORS = ("aperio", "generic-tiff")
+
+
+class JpegNotChecked(ValueError):
+    """This JPEG tile cannot be decoded here with libjpeg's warnings turned into errors
+    (simplejpeg is missing, or the page's colour layout is one it does not handle): the
+    caller lets OpenSlide decode it, which does, only more slowly."""
+
+
+#: An APP14 "Adobe" segment with transform 0: the three components are R, G, B, not YCbCr.
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+
+
+def _strict_prefix(page) -> bytes | None:
+    """SOI, then what a tile of ``page`` needs before its own bytes for
+    :func:`decode_jpeg_strict` to give exactly tifffile's pixels (tifffile's
+    ``jpeg_decode_colorspace`` rules), or None for a layout left to OpenSlide."""
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError:
+        return None
+    if page.compression != 7 or page.extrasamples or page.planarconfig != 1:
+        return None
+    tables = page.jpegtables or b""
+    if tables:
+        if tables[:2] != b"\xff\xd8" or tables[-2:] != b"\xff\xd9":
+            return None
+        tables = tables[2:-2]
+    if page.photometric == 6:  # YCbCr: libjpeg's default for three components
+        return b"\xff\xd8" + tables
+    if page.photometric == 2:  # RGB: stored without transform unless the JPEG says JFIF
+        return b"\xff\xd8" + (b"" if page.is_jfif else _ADOBE_RGB) + tables
+    return None
+
+
+def decode_jpeg_strict(data: bytes) -> np.ndarray:
+    """Decode a complete JPEG stream to (H, W, 3) uint8, raising ValueError for what
+    libjpeg only *warns* about ("Corrupt JPEG data: premature end of data segment", bad
+    Huffman codes, extraneous bytes), as OpenSlide does: such a tile is damaged, and must
+    be a counted bad tile, not pixels. simplejpeg (libjpeg-turbo's TurboJPEG API with
+    TJFLAG_STOPONWARNING) costs the same as imagecodecs' decoder, which ignores warnings.
+    """
+    import simplejpeg
+
+    return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
 
 
 class TileOutsideFile(OSError):
@@ -37,6 +82,10 @@ class _PageTiles:
     decode: object  # tifffile's per-page decode function
     jpegtables: bytes | None
     page_tile: tuple[int, int] = (0, 0)  # (TileLength, TileWidth): what each JPEG must be
+    #: What goes before a JPEG tile's own bytes (after its SOI) for the strict decoder: the
+    #: shared tables, and an Adobe marker saying "RGB, no transform" where the TIFF says the
+    #: JPEG is RGB (Aperio). None when this page's JPEGs cannot be decoded strictly here.
+    strict_prefix: bytes | None = None
 
 
 class TiffTiles:
@@ -81,6 +130,7 @@ class TiffTiles:
                         np.asarray(page.databytecounts, np.int64),
                         cols, tile, page.decode, page.jpegtables,
                         (int(page.tilelength), int(page.tilewidth)),
+                        _strict_prefix(page),
                     ))
         except BaseException:
             os.close(self._fd)
@@ -116,10 +166,15 @@ class TiffTiles:
                           f"{offset}, the file is {self._size} bytes")
         if data[:2] == b"\xff\xd8":
             check_jpeg_stream(data, pt.page_tile)
-        seg, _, _ = pt.decode(data, index, jpegtables=pt.jpegtables)
-        if seg is None:
-            return None
-        tile = seg.reshape(seg.shape[-3:])
+            if pt.strict_prefix is None:
+                raise JpegNotChecked("no strict JPEG decoder (simplejpeg) for this page: "
+                                     "OpenSlide decodes it")
+            tile = decode_jpeg_strict(pt.strict_prefix + data[2:])
+        else:
+            seg, _, _ = pt.decode(data, index, jpegtables=pt.jpegtables)
+            if seg is None:
+                return None
+            tile = seg.reshape(seg.shape[-3:])
         if tile.shape[0] < h or tile.shape[1] < w or tile.shape[2] != 3:
             raise ValueError(f"decoded tile has shape {tile.shape}, expected at least {(h, w, 3)}")
         if data[:2] == b"\xff\xd8" and ends_mid_grey(tile):
