@@ -4,7 +4,10 @@ import it; it imports nothing of ours).
 * :func:`atomic_write` - every file the package writes appears complete or not at all;
 * :func:`fingerprint` - a cheap identity of a slide or weights file (cohort markers, the
   robustness run's cache keys);
-* :func:`decode_attr` - an HDF5 attribute as plain Python (bag and result readers).
+* :func:`decode_attr` - an HDF5 attribute as plain Python (bag and result readers);
+* :func:`file_problem` - why a path is not a regular file we may open (a FIFO, a folder, a
+  symlink loop ...), found with ``os.stat`` alone: bag and checkpoint readers ask it before
+  they open anything, so a named pipe never blocks a reader.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,6 +92,59 @@ def fingerprint(path: str | os.PathLike) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(f"{p}: no such file") from None
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+
+
+_KINDS = (
+    (stat.S_ISDIR, "is a folder, not a file"),
+    (stat.S_ISFIFO, "is a named pipe (FIFO), not a regular file; refused unopened"),
+    (stat.S_ISSOCK, "is a socket, not a regular file; refused unopened"),
+    (stat.S_ISCHR, "is a character device, not a regular file; refused unopened"),
+    (stat.S_ISBLK, "is a block device, not a regular file; refused unopened"),
+)
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a regular, readable file, or None when it is one.
+
+    Only ``os.stat`` / ``os.lstat`` are called: the file is never opened, so a named pipe
+    or a device cannot block the caller.
+
+    Returns
+    -------
+    str or None
+        ``"no such file or folder"``, ``"is a broken symlink (its target does not
+        exist)"``, ``"is a symlink loop"``, ``"is a folder, not a file"``, ``"is a named pipe
+        (FIFO), not a regular file; refused unopened"`` (likewise socket, character and
+        block device), ``"cannot be read (permission denied)"``, ``"cannot be examined
+        (...)"``; None for a regular file this process may read.
+    """
+    import errno
+
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "is a symlink loop (a link that points back at itself), not a file"
+        if e.errno == errno.ENOENT:
+            if os.path.islink(p):
+                return "is a broken symlink (its target does not exist)"
+            return "no such file or folder"
+        if e.errno == errno.ENAMETOOLONG:
+            return "the path is too long"
+        if e.errno == errno.ENOTDIR:
+            return "no such file or folder (a part of the path is a file, not a folder)"
+        if e.errno == errno.EACCES:
+            return "cannot be examined (permission denied on its folder)"
+        return f"cannot be examined ({e.strerror or e})"
+    for test, what in _KINDS:
+        if test(st.st_mode):
+            return what
+    if not stat.S_ISREG(st.st_mode):  # pragma: no cover - door, whiteout ...
+        return "is not a regular file; refused unopened"
+    if not os.access(p, os.R_OK):
+        return "cannot be read (permission denied)"
+    return None
 
 
 def decode_attr(value: Any) -> Any:

@@ -47,6 +47,9 @@ import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from zlib import error as zlib_error
+
+from ._io import file_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Tensor
@@ -56,6 +59,7 @@ __all__ = [
     "SAFE_GLOBALS",
     "TORCH_SUFFIXES",
     "WeightsError",
+    "check_finite",
     "key_report",
     "read_json_object",
     "read_safetensors",
@@ -274,6 +278,38 @@ _TORCH_LOAD_ERRORS = (
 )
 
 
+def _check_zip(path: Path) -> None:
+    """Refuse a zip ``torch.save`` file that is not a sound zip archive, before torch reads it.
+
+    torch checks no CRC of its tensor storages: a flipped byte in the data would load as a
+    different weight. ``zipfile`` reads every member once and compares its CRC-32 (the
+    file's size in reads; a legacy, non-zip file is left to torch).
+
+    Raises
+    ------
+    WeightsError
+        ``"{path}: damaged torch zip archive: member 'archive/data/0' fails its CRC check"``,
+        or ``"... not a readable zip archive (...)"`` for a zip header followed by garbage.
+    """
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PK\x03\x04":
+                return
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except zipfile.BadZipFile as exc:
+        raise WeightsError(f"{path}: not a readable zip archive, though it starts like one "
+                           f"(torch.save format; {exc}); the file is damaged or truncated"
+                           ) from None
+    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError,
+            zlib_error) as exc:
+        raise WeightsError(f"{path}: damaged torch zip archive ({type(exc).__name__}: "
+                           f"{exc})") from None
+    if bad is not None:
+        raise WeightsError(f"{path}: damaged torch zip archive: member {bad!r} fails its CRC "
+                           "check (the bytes changed after it was written)")
+
+
 def torch_load(path: str | os.PathLike) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with :data:`SAFE_GLOBALS`.
 
@@ -297,6 +333,7 @@ def torch_load(path: str | os.PathLike) -> Any:
     import torch
 
     path = Path(path)
+    _check_zip(path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
@@ -357,6 +394,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
             meta[target] = val
     if not sd:
         raise WeightsError(f"{path}: holds no tensors")
+    check_finite(sd, str(path))
     return sd, meta
 
 
@@ -488,8 +526,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         Empty, unreadable, refused (it would import code), or no state_dict of tensors found.
     """
     path = Path(path)
-    if not path.is_file():
+    problem = file_problem(path)
+    if problem == "no such file or folder":
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if problem is not None:
+        raise WeightsError(f"{path}: checkpoint {problem}")
     if path.stat().st_size == 0:
         raise WeightsError(f"{path}: is empty")
     suffix = path.suffix.lower()
@@ -502,7 +543,34 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
             f"{path}: unknown checkpoint type (expected .safetensors or one of "
             f"{', '.join(TORCH_SUFFIXES)})"
         )
-    return _unwrap(torch_load(path), str(path))
+    sd, meta = _unwrap(torch_load(path), str(path))
+    check_finite(sd, str(path))
+    return sd, meta
+
+
+def check_finite(sd: Mapping[str, Tensor], name: str) -> None:
+    """Refuse weights holding NaN or Inf: a model built from them predicts nothing.
+
+    Raises
+    ------
+    WeightsError
+        ``"{name}: tensor 'head.weight' holds 3 non-finite values (NaN/Inf) of 512 (first:
+        nan); the weights are damaged"``, naming the first such tensor and how many others.
+    """
+    import torch
+
+    bad = []
+    for k, t in sd.items():
+        if (t.is_floating_point() or t.is_complex()) and t.numel():
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                bad.append((k, t, int((~finite).sum())))
+    if bad:
+        k, t, n = bad[0]
+        first = t.reshape(-1)[~torch.isfinite(t.reshape(-1))][0].item()
+        more = f"; {len(bad) - 1} more tensor(s) likewise" if len(bad) > 1 else ""
+        raise WeightsError(f"{name}: tensor {k!r} holds {n} non-finite value(s) (NaN/Inf) of "
+                           f"{t.numel()} (first: {first}){more}; the weights are damaged")
 
 
 # ----------------------------------------------------------------------------------------

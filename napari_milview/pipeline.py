@@ -49,9 +49,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .result import Result
     from .tissue import PatchGrid
 
-__all__ = ["PAUSED", "Cancelled", "Progress", "RunSpec", "attend", "check_bag_fits", "collect",
-           "demo_note", "extract", "extract_bag", "prepare", "resolve_device", "resolve_patch",
-           "run", "tap", "torch_threads"]
+__all__ = ["PAUSED", "Cancelled", "PredictionError", "Progress", "RunSpec", "attend",
+           "check_bag_fits", "collect", "demo_note", "extract", "extract_bag", "prepare",
+           "resolve_device", "resolve_patch", "run", "tap", "torch_threads"]
 
 #: The message of a run that waits while the view moves (:attr:`RunSpec.pause`).
 PAUSED = "paused while the view moves"
@@ -539,6 +539,32 @@ def extract_bag(slide: Any, grid: PatchGrid, encoder: torch.nn.Module, *, batch_
 # --------------------------------------------------------------------------------------------
 # attention
 # --------------------------------------------------------------------------------------------
+class PredictionError(ValueError):
+    """A model produced no usable prediction (non-finite logits, probabilities or attention)."""
+
+
+def _check_finite_output(logits: Any, probs: Any, sources: dict, bag: Bag,
+                         model_name: str) -> None:
+    """Refuse a non-finite model output: it is never reported as a prediction.
+
+    Raises
+    ------
+    PredictionError
+        ``"{bag}: the model 'x' gave non-finite logits [nan, nan] (...)"``, one line.
+    """
+    import numpy as np
+
+    bad = [what for what, arr in (("logits", logits), ("probabilities", probs))
+           if not np.isfinite(arr).all()]
+    bad += [f"attention {k!r}" for k, v in sources.items() if not np.isfinite(v).all()]
+    if bad:
+        shown = np.array2string(np.asarray(logits), precision=4, separator=", ")
+        raise PredictionError(
+            f"{bag.where}: the model {model_name!r} gave non-finite {', '.join(bad)} "
+            f"(logits {shown}): no prediction. Its weights or these features overflow "
+            "float32; check the checkpoint and the bag")
+
+
 def attend(bag: Bag, model: MILModel, card: ModelCard, *, device: Any = "auto",
            model_name: str | None = None) -> Result:
     """Run a MIL model on a bag: slide prediction and every attention source.
@@ -566,6 +592,8 @@ def attend(bag: Bag, model: MILModel, card: ModelCard, *, device: Any = "auto",
     ------
     BagError
         The bag's feature dimension is not the model's, or its patch extent is unknown.
+    PredictionError
+        The model's logits, probabilities or attention are not finite (never returned).
     """
     import warnings
 
@@ -596,6 +624,7 @@ def attend(bag: Bag, model: MILModel, card: ModelCard, *, device: Any = "auto",
         sources = {k: v.float().reshape(-1).cpu().numpy() for k, v in out.sources.items()}
         logits = logits.cpu().numpy()
     seconds = time.perf_counter() - t0
+    _check_finite_output(logits, probs, sources, bag, model_name or card.arch)
     classes = list(card.classes) or [f"class_{i}" for i in range(len(logits))]
     meta = {"bag_source": bag.source, "dropped": bag.dropped}
     if notes:

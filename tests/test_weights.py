@@ -117,9 +117,14 @@ def test_only_weights_only_loading(monkeypatch, tmp_path):
     path = tmp_path / "w.pt"
     torch.save(_sd(), path)
     read_state_dict(path)
-    path.write_bytes(path.read_bytes()[:100])  # broken: still no second, unsafe try
-    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
+    path.write_bytes(path.read_bytes()[:100])  # broken: refused before torch, no unsafe try
+    with pytest.raises(WeightsError, match="not a readable zip archive"):
         torch_load(path)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(_sd(), legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:100])  # broken legacy file: torch tries once
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
+        torch_load(legacy)
     assert calls == [True, True]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from .._io import decode_attr as decode
+from .._io import file_problem
 from .bag import BagError
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -43,11 +44,10 @@ def open_h5(path: str | os.PathLike, fmt: str) -> Iterator[Any]:
     import h5py
 
     p = Path(path)
-    if not p.is_file():
-        raise BagError(p, "no such file" if not p.exists() else "not a file")
+    problem = file_problem(p)
+    if problem is not None:
+        raise BagError(p, "no such file" if problem == "no such file or folder" else problem)
     where = f"{p} ({fmt})"
-    if not os.access(p, os.R_OK):
-        raise BagError(where, "cannot read the file (permission denied)")
     try:
         # no HDF5 file locks: reading only, and they fail on many network file systems
         # (NFS "unable to lock file"); our own writes are atomic renames
@@ -104,11 +104,88 @@ def dataset(group: Any, name: str, where: str) -> Any:
     return obj
 
 
+#: No bag needs more rows or bytes than these (a slide at 40x holds < 10^7 patches); a
+#: larger declared shape is a damaged or hostile file, refused before anything is allocated.
+MAX_ROWS = 2**31 - 1
+MAX_BYTES = 16 * 2**30
+#: A declared size this many times the file's own is not compression but missing data.
+_MAX_RATIO = 1000
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**30 else f"{n / 2**20:.3g} MiB"
+
+
+def check_storage(ds: Any, name: str, where: str) -> None:
+    """Refuse a dataset whose data is not all in this file, before reading (or allocating) it.
+
+    * a virtual dataset (its data lives in other files, and HDF5 reads a missing source as
+      fill values): refused, naming its sources;
+    * a declared shape beyond :data:`MAX_ROWS` rows or :data:`MAX_BYTES`, or over
+      :data:`_MAX_RATIO` times the file's size;
+    * nothing written, or chunks never written (HDF5 would return fill values, zeros).
+
+    Raises
+    ------
+    BagError
+        One line naming the dataset, its declared shape and what is wrong.
+    """
+    shape = tuple(int(n) for n in (ds.shape or ()))
+    if ds.is_virtual:
+        try:
+            srcs = sorted({str(v.file_name) for v in ds.virtual_sources()})
+        except _CORRUPT:  # pragma: no cover - an unreadable mapping
+            srcs = ["(unreadable mapping)"]
+        folder = Path(ds.file.filename).parent
+        missing = [s for s in srcs if s != "." and not (folder / s).is_file()
+                   and not Path(s).is_file()]
+        why = (f"its source file(s) {', '.join(missing[:3])} are missing, which HDF5 reads "
+               "as fill values" if missing else f"its data lives in {', '.join(srcs[:3])}")
+        raise BagError(where, f"{name!r} is an HDF5 virtual dataset ({why}); virtual datasets "
+                              "are not read: copy the data into the bag file")
+    size = int(np.prod(shape, dtype=object)) if shape else 1
+    nbytes = size * int(ds.dtype.itemsize)
+    declared = f"{name!r} declares shape {list(shape)} ({_gib(nbytes)} of {ds.dtype})"
+    if shape and shape[0] > MAX_ROWS:
+        raise BagError(where, f"{declared}: more than {MAX_ROWS} rows is no bag (a damaged "
+                              "or hostile file); refused before reading")
+    if nbytes > MAX_BYTES:
+        raise BagError(where, f"{declared}: over the {_gib(MAX_BYTES)} a bag may hold; "
+                              "refused before reading")
+    if size == 0:
+        return
+    try:
+        stored = int(ds.id.get_storage_size())
+        file_size = os.path.getsize(ds.file.filename)
+        chunks = ds.chunks
+        n_chunks = int(ds.id.get_num_chunks()) if chunks else None
+    except _CORRUPT as e:
+        raise BagError(where, f"cannot read dataset {name!r} ({e}): corrupt file?") from None
+    if stored == 0:
+        raise BagError(where, f"{declared} but holds no data (never written; HDF5 would "
+                              "read fill values)")
+    if nbytes > _MAX_RATIO * file_size + 64 * 2**20:
+        raise BagError(where, f"{declared} but the file holds only {file_size} bytes: the "
+                              "data is not there")
+    if chunks:
+        expected = 1
+        for n, c in zip(shape, chunks, strict=True):
+            expected *= -(-n // c)
+        if n_chunks is not None and n_chunks < expected:
+            raise BagError(where, f"{declared} but only {n_chunks} of its {expected} chunks "
+                                  "were written (HDF5 would read the rest as fill values)")
+
+
 def read(group: Any, name: str, where: str) -> np.ndarray:
-    """Read a whole dataset (bags are small); a read error becomes a BagError."""
+    """Read a whole dataset (bags are small); a read error becomes a BagError.
+
+    :func:`check_storage` runs first: virtual datasets, huge declared shapes and data
+    never written are refused before any allocation.
+    """
     ds = dataset(group, name, where)
     if ds.dtype.kind not in "fiub":
         raise BagError(where, f"{name!r} holds {ds.dtype}, not numbers")
+    check_storage(ds, name, where)
     try:
         return ds[()]
     except _CORRUPT as e:

@@ -6,7 +6,9 @@ patch's top-left corner (x = column, y = row, as in CLAM and TRIDENT), the patch
 level-0 pixels and the slide's microns per pixel.
 
 Construction validates and cleans: features become float32, coords int64, rows whose
-features (or coords) are not finite are dropped with a counted :class:`BagWarning`, and an
+features (or coords) are not finite, or whose features exceed :data:`FEATURE_LIMIT` in
+magnitude (finite, but they overflow in a model), are dropped with a counted
+:class:`BagWarning` naming the first such row, and an
 empty bag is refused with :class:`BagError`. Qt-free; torch is imported only by
 :meth:`Bag.to_torch`.
 """
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Bag", "BagError", "BagWarning", "EXTENT_HINT"]
+__all__ = ["Bag", "BagError", "BagWarning", "EXTENT_HINT", "FEATURE_LIMIT"]
 
 #: What to tell a user whose bag has no patch extent (overridden per format via
 #: ``meta["extent_hint"]``).
@@ -29,6 +31,11 @@ EXTENT_HINT = "pass --patch-size-level0 or the CLAM patches .h5"
 
 #: Coordinates beyond this are a corrupt file, not a slide (and would overflow int64 maths).
 MAX_COORD = 2**40
+
+#: Feature values beyond this are no encoder's output but a damaged file: finite in float32
+#: (up to 3.4e38), they overflow to Inf/NaN in the model's first matrix product or norm.
+#: Such rows are dropped and counted like non-finite ones, never scored.
+FEATURE_LIMIT = 1e8
 
 
 class BagError(ValueError):
@@ -169,15 +176,25 @@ class Bag:
         if len(feats) == 0:
             raise BagError(where, "the bag is empty (0 patches)")
         feats_ok = np.isfinite(feats).all(axis=1)
-        keep = feats_ok & coords_ok
+        with np.errstate(invalid="ignore"):
+            huge = feats_ok & (np.abs(feats) > FEATURE_LIMIT).any(axis=1)
+        keep = feats_ok & ~huge & coords_ok
         n_bad = int(len(keep) - keep.sum())
         if n_bad:
             if n_bad == len(keep):
                 raise BagError(where, f"all {len(keep)} patches have non-finite features "
-                                      "(NaN/Inf): nothing left to score")
+                                      f"(NaN/Inf) or features beyond +-{FEATURE_LIMIT:g}: "
+                                      "nothing left to score")
             parts = []
             if (~feats_ok).any():
-                parts.append(f"{int((~feats_ok).sum())} with non-finite features (NaN/Inf)")
+                rows = np.flatnonzero(~feats_ok)
+                parts.append(f"{len(rows)} with non-finite features (NaN/Inf; first row "
+                             f"{int(rows[0])})")
+            if huge.any():
+                rows = np.flatnonzero(huge)
+                peak = float(np.abs(feats[rows[0]]).max())
+                parts.append(f"{len(rows)} with features beyond +-{FEATURE_LIMIT:g}, which "
+                             f"overflow in a model (first row {int(rows[0])}: {peak:.3g})")
             if (~coords_ok).any():
                 parts.append(f"{int((~coords_ok).sum())} with non-finite coords")
             warnings.warn(f"{where}: dropped {n_bad} of {len(keep)} patches "
@@ -266,6 +283,10 @@ class Bag:
             raise BagError(where, "features have no dimensions")
         if not np.isfinite(f).all():
             raise BagError(where, "features hold non-finite values (NaN/Inf)")
+        if f.size and float(np.abs(f).max()) > FEATURE_LIMIT:
+            row = int(np.flatnonzero((np.abs(f) > FEATURE_LIMIT).any(axis=1))[0])
+            raise BagError(where, f"features beyond +-{FEATURE_LIMIT:g} (row {row}), which "
+                                  "overflow in a model")
         _positive_int(self.patch_size_level0, "patch_size_level0", where)
         _positive_float(self.mpp, "mpp", where)
         return self

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .._io import file_problem
 from . import _h5
 from .acmil import FEATURE_NAMES as ACMIL_FEATURES
 from .acmil import read_acmil_h5
@@ -72,10 +73,11 @@ def _sniff_h5(path: Path) -> str:
 
 
 def _sniff(path: Path) -> str:
-    if not path.exists():
-        raise BagError(path, "no such file")
-    if path.is_dir():
+    problem = file_problem(path)
+    if problem == "is a folder, not a file":
         raise BagError(path, "is a folder; pass one feature file (.h5 or .pt)")
+    if problem is not None:  # by type, before anything opens it (a FIFO would block)
+        raise BagError(path, "no such file" if problem == "no such file or folder" else problem)
     if _h5.is_hdf5(path):
         return _sniff_h5(path)
     if is_pt(path):

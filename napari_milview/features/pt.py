@@ -60,12 +60,14 @@ def load_pt_safe(path: str | os.PathLike) -> Any:
         "refused to unpickle: it contains code (global X.Y)" when the pickle asks for a
         global outside torch's safe set; "not a torch .pt file" for other failures.
     """
+    from .._io import file_problem
     from .._weights import WeightsError, torch_load, unsafe_globals
 
     p = Path(path)
     where = f"{p} ({FORMAT})"
-    if not p.is_file():
-        raise BagError(p, "no such file" if not p.exists() else "not a file")
+    problem = file_problem(p)
+    if problem is not None:
+        raise BagError(p, "no such file" if problem == "no such file or folder" else problem)
     try:
         return torch_load(p)  # weights_only=True, the shared allowlist, no fallback
     except WeightsError as e:
