@@ -1406,10 +1406,16 @@ SAMPLE = {"width": 20_000, "height": 15_000, "mpp": 0.5, "tile": 256, "levels": 
 
 
 def sample_dir() -> Path:
-    """Where generated samples live (``$MILVIEW_CACHE_DIR`` or ``~/.cache/napari-milview``)."""
+    """Where generated samples live: ``$MILVIEW_CACHE_DIR/samples``, else ``samples`` in the
+    platform's user cache folder (platformdirs: ``$XDG_CACHE_HOME/napari-milview`` or
+    ``~/.cache/napari-milview`` on Linux, ``~/Library/Caches/napari-milview`` on macOS,
+    ``%LOCALAPPDATA%\\napari-milview\\Cache`` on Windows)."""
     env = os.environ.get("MILVIEW_CACHE_DIR")
-    base = Path(env) if env else Path(os.path.expanduser("~")) / ".cache" / "napari-milview"
-    return base / "samples"
+    if env:
+        return Path(env) / "samples"
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("napari-milview", appauthor=False)) / "samples"
 
 
 def sample_slide_path(lesion: bool = True) -> Path:
