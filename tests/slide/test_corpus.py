@@ -178,6 +178,41 @@ def _one_bit_flipped(src: Pristine) -> bytes:
     return _put(src.data, p, bytes([src.data[p] ^ 0x10]))
 
 
+def _scan_start(data: bytes, off: int, n: int) -> int:
+    """First byte of the entropy-coded data of the JPEG tile at ``off`` (after its SOS)."""
+    sos = data.index(b"\xff\xda", off, off + n)
+    return sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+
+
+def _bit_flipped(seed: int):
+    """One random bit of the damaged tile's entropy-coded data flipped (seeded): most flips
+    leave a stream libjpeg decodes without a word, about a third make it run out of data
+    ("Corrupt JPEG data: premature end of data segment", only a warning to libjpeg)."""
+    def edit(src: Pristine) -> bytes:
+        _, off, n = _tile(src)
+        rng = np.random.default_rng(seed)
+        p = int(rng.integers(_scan_start(src.data, off, n), off + n - 2))
+        return _put(src.data, p, bytes([src.data[p] ^ (1 << int(rng.integers(0, 8)))]))
+    return edit
+
+
+def openslide_tile(path, level: int, rc: tuple[int, int], tile: int):
+    """What plain OpenSlide makes of tile ``rc`` of file level ``level``: (its error, None)
+    or (None, the tile's RGB pixels)."""
+    import openslide
+
+    osr = openslide.OpenSlide(str(path))
+    try:
+        ds = osr.level_downsamples[level]
+        img = osr.read_region((int(rc[1] * tile * ds), int(rc[0] * tile * ds)), level,
+                              (tile, tile))
+        return None, np.asarray(img)[:, :, :3]
+    except openslide.OpenSlideError as e:
+        return str(e), None
+    finally:
+        osr.close()
+
+
 def svs(edit: Callable[[Pristine], bytes], name: str = "variant.svs"):
     """A mutation writing ``edit(pristine)`` as ``name``."""
     def mutate(src: Pristine, out: Path) -> Path:
@@ -294,6 +329,26 @@ def _tile_decodes_silently(slide, data, kwargs, ref, src):
         got = slide.tile(0, *BAD)
     assert slide.bad_tiles == 0
     assert not np.array_equal(got, ref.tile(0, *BAD))
+
+
+def _as_openslide(bad: bool):
+    """The damaged tile is what plain OpenSlide makes of it: with ``bad``, OpenSlide
+    reports an error (a libjpeg warning) and the tile is a counted placeholder; without,
+    OpenSlide reads it (the flip left a stream libjpeg decodes without a word) and so do we,
+    to the same pixels, nothing counted."""
+    def check(slide, data, kwargs, ref, src):
+        said, pixels = openslide_tile(slide.path, 0, BAD, TILE)
+        assert (said is not None) == bad, said
+        if bad:
+            assert said.startswith("Corrupt JPEG data"), said
+            _bad_tile(reopened=True)(slide, data, kwargs, ref, src)
+        else:
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                got = slide.tile(0, *BAD)
+            assert slide.bad_tiles == 0
+            np.testing.assert_array_equal(got, pixels)
+    return check
 
 
 def _fill_value_tile(slide, data, kwargs, ref, src):
@@ -428,6 +483,11 @@ CASES = [
          svs(_jpeg_frame_65535), "layer", "", check=_bad_tile(reopened=True), cheap=True),
     Case("jpeg-tile-one-bit-flipped", svs(_one_bit_flipped), "layer", "",
          check=_tile_decodes_silently),
+    # a random bit flipped in the tile's scan, several seeds: counted exactly where plain
+    # OpenSlide reports the tile (libjpeg's "premature end of data segment" warning)
+    *[Case(f"jpeg-tile-bit-flip-seed-{seed}", svs(_bit_flipped(seed)), "layer", "",
+           check=_as_openslide(bad)) for seed, bad in
+      ((0, False), (1, False), (5, True), (7, True), (9, True), (11, True))],
     Case("tile-zero-bytecount",
          svs(lambda s: _set_tile_entry(s.data, s.pages[0], "TileByteCounts", _tile(s)[0], 0)),
          "layer", "", check=_bad_tile(reopened=False)),
@@ -672,3 +732,37 @@ def test_pristine_opens_cleanly(pristine, reference, reference_zarr):
     assert napari_get_reader(str(pristine.svs)) is read_slide
     assert napari_get_reader(str(pristine.zarr)) is read_slide
     assert os.path.getsize(pristine.svs) == len(pristine.data)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", range(10))
+def test_real_slide_bit_flip(seed, real_svs, tmp_path):
+    """One random bit flipped in the real CMU slide's first 4 KB (tile (0, 0) from byte 16,
+    then tile (0, 1)): the tile is a counted, reported placeholder exactly where plain
+    OpenSlide reports it ("Corrupt JPEG data: premature end of data segment" for 6 of these
+    10 seeds), otherwise the same pixels as OpenSlide's."""
+    data = bytearray(real_svs.read_bytes())
+    rng = np.random.default_rng(seed)
+    p = int(rng.integers(16, 4096))
+    data[p] ^= 1 << int(rng.integers(0, 8))
+    path = tmp_path / "flipped.svs"
+    path.write_bytes(bytes(data))
+    with tifffile.TiffFile(path) as tf:
+        offsets = [int(o) for o in tf.pages[0].dataoffsets[:2]]
+    rc = (0, 0) if p < offsets[1] else (0, 1)
+    said, pixels = openslide_tile(path, 0, rc, 240)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with open_slide(path) as slide:
+            got = slide.tile(0, *rc)
+            again = slide.tile(0, *rc)
+            bad = slide.bad_tiles
+    reported = [w for w in caught if issubclass(w.category, BadTileWarning)]
+    if said is None:
+        assert bad == 0 and not reported
+        np.testing.assert_array_equal(got, pixels)
+    else:
+        assert said.startswith("Corrupt JPEG data"), said
+        assert bad == 1 and len(reported) == 1, [str(w.message) for w in reported]
+        np.testing.assert_array_equal(got, placeholder_tile(240, 240))
+        np.testing.assert_array_equal(again, got)
