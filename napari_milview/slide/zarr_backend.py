@@ -7,7 +7,9 @@ size 1. The chunks along y and x are the tiles.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,8 +118,49 @@ class OmeZarrBackend:
                                             "ome-zarr.unit": str(unit)},
         )
 
+    def _chunk_exists(self, arr, coords: tuple[int, ...]) -> bool:
+        key = arr.metadata.encode_chunk_key(coords)
+        sp = arr.store_path
+        root = getattr(sp.store, "root", None)
+        if root is not None:  # a local folder: one stat
+            return os.path.isfile(os.path.join(str(root), sp.path, key))
+        from zarr.core.sync import sync
+
+        return bool(sync(sp.store.exists(f"{sp.path}/{key}" if sp.path else key)))
+
+    def check_chunks(self, level: int, y: int, x: int, h: int, w: int) -> None:
+        """Raise ValueError when a chunk (or shard) holding part of the region is absent
+        from the store. zarr reads an absent chunk as the fill value, so a deleted chunk,
+        a lost folder or a shape enlarged past the written chunks would pass as flat
+        colour; missing data is a bad tile here, never blank."""
+        arr = self._arrays[level]
+        grid = getattr(arr, "shards", None) or arr.chunks
+        ranges = []
+        for i, name in enumerate(self._axes):
+            g = int(grid[i])
+            if name == "y":
+                ranges.append(range(y // g, (y + h - 1) // g + 1))
+            elif name == "x":
+                ranges.append(range(x // g, (x + w - 1) // g + 1))
+            elif name == "c":
+                ranges.append(range(-(-int(arr.shape[i]) // g)))
+            else:
+                ranges.append(range(1))
+        for coords in itertools.product(*ranges):
+            if not self._chunk_exists(arr, coords):
+                key = arr.metadata.encode_chunk_key(coords)
+                raise ValueError(f"chunk {key!r} of level {level} is missing from the store "
+                                 "(zarr would read it as the fill value)")
+
     def read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """(h, w, 3) uint8 pixels of a region of ``level`` (level pixels)."""
+        """(h, w, 3) uint8 pixels of a region of ``level`` (level pixels).
+
+        Raises
+        ------
+        ValueError
+            When a chunk holding part of the region is missing from the store.
+        """
+        self.check_chunks(level, y, x, h, w)
         arr = self._arrays[level]
         sel = []
         for name in self._axes:

@@ -351,14 +351,42 @@ def _as_openslide(bad: bool):
     return check
 
 
-def _fill_value_tile(slide, data, kwargs, ref, src):
-    """zarr semantics: an absent chunk is the fill value (0), not damage."""
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        got = slide.tile(0, 1, 2)
-    assert slide.bad_tiles == 0
-    assert not got.any()
-    np.testing.assert_array_equal(slide.tile(0, 1, 3), ref.tile(0, 1, 3))
+def _bad_tiles_exactly(tiles: Callable[[tuple[int, int]], bool], level: int = 0):
+    """Reading the whole of ``level``: the tiles (row, col) for which ``tiles`` holds are
+    counted placeholders, reported by one warning; every other tile equals the pristine
+    (cropped to the pristine's extent where the variant's level is larger)."""
+    def check(slide, data, kwargs, ref, src):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            whole = data[level].compute()
+        lv = slide.info.levels[level]
+        th, tw = lv.tile
+        rows, cols = lv.grid
+        bad = {(r, c) for r in range(rows) for c in range(cols) if tiles((r, c))}
+        assert bad and slide.bad_tiles == len(bad)
+        assert sum(issubclass(x.category, BadTileWarning) for x in caught) == 1
+        expect = np.array(ref.to_dask()[level].compute())
+        for r, c in sorted(bad):
+            h, w = min(th, lv.shape[0] - r * th), min(tw, lv.shape[1] - c * tw)
+            np.testing.assert_array_equal(whole[r * th:r * th + h, c * tw:c * tw + w],
+                                          placeholder_tile(h, w))
+        for r in range(rows):
+            for c in range(cols):
+                if (r, c) not in bad:
+                    np.testing.assert_array_equal(
+                        whole[r * th:(r + 1) * th, c * tw:(c + 1) * tw],
+                        expect[r * th:(r + 1) * th, c * tw:(c + 1) * tw])
+    return check
+
+
+def _unlink_chunks(level: str, pattern: str):
+    """Delete the chunk files of OME-Zarr ``level`` matching ``pattern`` (c/y/x)."""
+    def edit(folder: Path) -> None:
+        found = list((folder / level).glob(pattern))
+        assert found
+        for f in found:
+            f.unlink()
+    return edit
 
 
 def _associated_cut(slide, data, kwargs, ref, src):
@@ -635,8 +663,21 @@ CASES = [
          zarr(lambda p: (p / "0/0/1/2").write_bytes(
              (b := (p / "0/0/1/2").read_bytes())[:16] + bytes(255 - x for x in b[16:]))),
          "layer", "", check=_bad_tile((1, 2), reopened=False)),
-    Case("zarr-missing-chunk", zarr(lambda p: (p / "0/0/1/2").unlink()), "layer", "",
-         check=_fill_value_tile),
+    # a chunk absent from the store: zarr reads the fill value; here a counted placeholder
+    Case("zarr-missing-chunk", zarr(_unlink_chunks("0", "*/1/2")), "layer", "",
+         check=_bad_tile((1, 2), reopened=False)),
+    Case("zarr-missing-chunk-one-channel", zarr(_unlink_chunks("0", "0/1/2")), "layer", "",
+         check=_bad_tile((1, 2), reopened=False)),
+    Case("zarr-missing-row-of-chunks", zarr(_unlink_chunks("0", "*/4/*")), "layer", "",
+         check=_bad_tiles_exactly(lambda rc: rc[0] == 4)),
+    Case("zarr-missing-level-0", zarr(_unlink_chunks("0", "*/*/*")), "layer", "",
+         check=_every_tile_bad()),
+    Case("zarr-missing-level-1", zarr(_unlink_chunks("1", "*/*/*")), "layer", "",
+         check=_every_tile_bad(level=1)),
+    Case("zarr-shape-past-chunks",  # level 0 claims 2 more rows of chunks than were written
+         zarr(_json_edit("0/.zarray", lambda d: d.update(
+             shape=[3, d["shape"][1] + 2 * TILE, d["shape"][2]]))), "layer", "",
+         check=_bad_tiles_exactly(lambda rc: rc[0] >= 1536 // TILE)),
 ]
 
 
