@@ -84,6 +84,11 @@ class SlideOverlays:
         """``what (slide name)``; ``what`` alone without a slide layer."""
         return f"{what} ({self.slide_layer.name})" if self.slide_layer is not None else what
 
+    def heatmap_name(self) -> str:
+        """``attention (slide)``; ``attention, partial: cancelled after ... (slide)`` while a
+        stopped run's partial heatmap is shown."""
+        return self.name(f"attention, partial: {self.ended}" if self.ended else "attention")
+
     def units(self) -> dict:
         """The slide's units as layer kwargs: one layer in pixels beside a slide in microns
         turns napari's units off for every layer."""
@@ -113,7 +118,7 @@ class SlideOverlays:
         them; name and units are ours); its colour bar on unless ``pending``."""
         kwargs = {k: v for k, v in kwargs.items() if k != "name"}
         kwargs.update(self.units())
-        layer = self.viewer.add_image(data, name=self.name("attention"), **kwargs)
+        layer = self.viewer.add_image(data, name=self.heatmap_name(), **kwargs)
         layer.colorbar.visible = not pending
         install_status(layer)
         self._place(layer, self.slide_layer)
@@ -146,9 +151,11 @@ class SlideOverlays:
             now = now.name if key == "colormap" else now
             if str(now) != str(kwargs[key]):
                 setattr(layer, key, kwargs[key])
-        name = self.name("attention")
+        name = self.heatmap_name()
         if layer.name != name:
             layer.name = name
+        if self.ended:
+            layer.metadata = {**layer.metadata, "partial": self.ended}
         if not layer.colorbar.visible:
             layer.colorbar.visible = True
 
@@ -196,7 +203,7 @@ class SlideOverlays:
         partial (``why``: "cancelled after 32 of 539 patches")."""
         self.ended = why
         if self.alive(self.heatmap) and not self.pending():
-            self.heatmap.name = self.name(f"attention, partial: {why}")
+            self.heatmap.name = self.heatmap_name()
             self.heatmap.metadata = {**self.heatmap.metadata, "partial": why}
 
 

@@ -174,6 +174,8 @@ draw(1000)
 heat = dock.heatmap_layer
 assert heat in viewer.layers and "partial" in heat.name, [l.name for l in viewer.layers]
 assert heat.metadata.get("partial", "").startswith("cancelled after")
+dock.set_method("minmax")  # a display change redraws it: still named and marked partial
+assert "partial" in heat.name and heat.metadata.get("partial"), heat.name
 text = dock.prediction.headline.text()
 assert "No prediction" in text and "So far" not in text, text
 assert not dock.export_buttons["csv"].isEnabled()
