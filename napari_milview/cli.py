@@ -191,9 +191,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         device=args.device, source=args.source, top_k=args.top_k,
         batch_size=args.batch_size, readers=args.readers)
     bar = None
+    finished_so_far = 0
 
     def show(row, finished: int, total: int) -> None:
-        nonlocal bar
+        nonlocal bar, finished_so_far
+        finished_so_far = finished
         if bar is None:
             bar = _progress_bar(total, "milview run")
             bar.unit = "slide"
@@ -209,6 +211,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         report = run_cohort(args.inputs, args.out, config, scheduler=args.scheduler,
                             workers=args.workers, threads_per_worker=args.threads_per_worker,
                             progress=show)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+            bar = None
+        summary = Path(args.out) / "summary.csv"
+        print(f"milview run: interrupted; the {finished_so_far} slide(s) finished in this run "
+              f"are kept (listed in {summary}); rerun the same command to resume",
+              file=sys.stderr)
+        return 130
     finally:
         if bar is not None:
             bar.close()
@@ -380,7 +391,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from ._qt.demo import run_demo
 
-    return run_demo(path, shot, args.timeout, t0)
+    try:
+        return run_demo(path, shot, args.timeout, t0)
+    except ImportError as e:  # qtpy's QtBindingsNotFoundError is an ImportError
+        if type(e).__name__ != "QtBindingsNotFoundError" and "Qt binding" not in str(e):
+            raise
+        raise ValueError(f"no Qt binding found ({e}); install one with the viewer: pip "
+                         "install \"napari-milview[pyqt6]\" (or \"napari-milview[pyqt5]\")"
+                         ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

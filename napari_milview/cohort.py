@@ -680,11 +680,33 @@ def _client(scheduler: str | None, workers: int, threads_per_worker: int):
     # torch CPU inference ran 2x slower with it here (bench/cohort.py), so it is left out
     env = {"OMP_NUM_THREADS": t, "MKL_NUM_THREADS": t, "OPENBLAS_NUM_THREADS": t}
     with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES,
-                          "distributed.nanny.pre-spawn-environ": env}):
+                          "distributed.nanny.pre-spawn-environ": env}), _sigint_ignored():
+        # the worker processes inherit SIGINT ignored: Ctrl-C in a terminal signals the whole
+        # process group, and only this process acts on it (it closes the cluster); workers
+        # would each print a KeyboardInterrupt traceback
         cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
                                processes=True, host="127.0.0.1", dashboard_address=None,
                                silence_logs=logging.ERROR)  # a lost task is in its row
     return Client(cluster), cluster
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """SIGINT ignored while the block runs (in the main thread; elsewhere a no-op), so the
+    processes started in it inherit the ignore (it survives exec, and neither Python nor
+    asyncio replaces an ignored SIGINT). A Ctrl-C during the cluster's start-up (seconds) is
+    therefore lost; one after it interrupts the run."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_cohort(inputs: Iterable[str | os.PathLike], out: str | os.PathLike,

@@ -50,3 +50,19 @@ def test_synth_console_script(tmp_path):
     mask = np.asarray(Image.open(tmp_path / meta["lesion_mask"]))
     ds = meta["mask_downsample"]
     assert mask.shape == (-(-1000 // ds), -(-1200 // ds)) and mask.max() == 0
+
+
+def test_demo_without_any_qt_binding_names_the_extra(svs, tmp_path):
+    """No Qt binding installed (simulated: every binding's import fails in a child process):
+    one line naming the extra to install, exit 2, no QtBindingsNotFoundError traceback."""
+    code = ("import sys\n"
+            "for m in ('PyQt5', 'PyQt6', 'PySide2', 'PySide6'):\n"
+            "    sys.modules[m] = None\n"
+            "from napari_milview.cli import main\n"
+            f"sys.exit(main(['demo', '--slide', {str(svs.path)!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert 'pip install "napari-milview[pyqt6]"' in err[0] and "pyqt5" in err[0], err[0]
