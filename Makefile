@@ -12,7 +12,7 @@ APT_PACKAGES := xvfb xauth libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 libxkb
 XVFB := xvfb-run -a -s "-screen 0 1280x1024x24"
 REAL_SLIDE := tests/data/CMU-1-Small-Region.svs
 
-.PHONY: demo test install system-deps test-data bench clean
+.PHONY: demo test wheel-smoke install system-deps test-data bench clean
 
 system-deps:  ## Xvfb and the X/GL libraries Qt needs (apt, only when missing)
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
@@ -38,7 +38,11 @@ test: system-deps install test-data  ## lint, then the whole test suite, headles
 	$(VENV)/bin/ruff check napari_milview tests bench sample_data
 	$(VENV)/bin/npe2 validate napari-milview --imports
 	$(XVFB) $(PY) -m pytest
-	QT_API=pyqt6 PYTEST_QT_API=pyqt6 $(XVFB) $(PY) -m pytest -q tests/test_qt_bindings.py
+	@echo "== the whole suite again under PyQt6 (napari 0.9 recommends it; PyQt5 is the default)"
+	QT_API=pyqt6 PYTEST_QT_API=pyqt6 $(XVFB) $(PY) -m pytest -q
+
+wheel-smoke: system-deps install  ## build wheel+sdist, install the wheel in a fresh venv, use it
+	.ci/run wheel-smoke
 
 demo: system-deps install  ## napari on the bundled synthetic slide (headless: a screenshot)
 	@if [ -n "$$DISPLAY" ]; then $(VENV)/bin/milview demo; \
@@ -49,4 +53,4 @@ bench: system-deps install  ## streaming benchmark (prints the table for docs/BE
 	$(XVFB) $(PY) bench/stream.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
