@@ -222,10 +222,12 @@ def load_result(path: str | os.PathLike) -> Result:
     import h5py
 
     from ._io import decode_attr as decode
+    from ._io import file_problem
 
     p = Path(path)
-    if not p.is_file():
-        raise ResultError(p, "no such file" if not p.exists() else "not a file")
+    problem = file_problem(p)  # by type, before opening: a named pipe would block h5py
+    if problem is not None:
+        raise ResultError(p, "no such file" if problem == "no such file or folder" else problem)
     try:
         f = h5py.File(p, "r", locking=False)
     except Exception as e:  # noqa: BLE001 - h5py raises OSError, RuntimeError, ...

@@ -377,3 +377,11 @@ def test_warnings_name_the_row(tmp_path):
         warnings.simplefilter("always")
         Bag.from_arrays(feats, coords, source="b.h5 (test)")
     assert any("first row 6: 3e+38" in str(w.message) for w in rec), [str(w.message) for w in rec]
+
+
+def test_named_pipe_result_file_is_refused_unopened(tmp_path):
+    from napari_milview.result import ResultError, load_result
+
+    path = _fifo(tmp_path / "result.h5")
+    with pytest.raises(ResultError, match=r"named pipe \(FIFO\)"):
+        _within(20, load_result, path)
