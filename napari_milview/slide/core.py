@@ -20,7 +20,7 @@ import numpy as np
 from . import overrides
 from .cache import TileCache, shared_cache
 from .pyramid import SlideError, SlideInfo, derived_levels
-from .sniff import sniff
+from .sniff import OPENSLIDE_SUFFIXES, diagnose_mrxs, diagnose_zarr, not_regular, sniff
 
 log = logging.getLogger(__name__)
 
@@ -491,11 +491,33 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, remember_mp
     """
     p = Path(os.fspath(path))
     if not p.exists():
+        if p.is_symlink():
+            raise SlideError(p, "a symbolic link to nothing (its target is missing, or the "
+                                "links loop)")
         raise SlideError(p, "no such file or folder")
+    what = not_regular(p)
+    if what is not None:  # never opened: reading a FIFO blocks until someone writes
+        raise SlideError(p, f"{what}, not a slide file or an OME-Zarr folder")
+    suffix = p.suffix.lower()
+    if p.is_file():
+        if p.stat().st_size == 0:
+            raise SlideError(p, "the file is empty")
+        try:
+            with open(p, "rb") as fh:
+                fh.read(1)
+        except OSError as e:
+            raise SlideError(p, f"cannot be read ({e.strerror or e})") from None
+        if suffix == ".mrxs" and (why := diagnose_mrxs(p)):
+            raise SlideError(p, why)
     kind = sniff(p)
     if kind is None:
-        if p.is_file() and p.stat().st_size == 0:
-            raise SlideError(p, "the file is empty")
+        if p.is_dir():
+            why = diagnose_zarr(p)
+            if why:
+                raise SlideError(p, f"not a valid OME-Zarr folder: {why}")
+            if suffix in OPENSLIDE_SUFFIXES:
+                raise SlideError(p, f"a folder named {suffix}, not a slide file (nor an "
+                                    "OME-Zarr folder)")
         raise SlideError(p, "not a whole-slide image (neither a TIFF/OpenSlide format nor an "
                             "OME-Zarr folder)")
     try:

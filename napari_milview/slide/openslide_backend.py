@@ -84,7 +84,7 @@ def tiff_problems(path: str) -> tuple[list[str], list[tuple[int, int, str | None
             return truncated, tiled
         prev: tuple[int, int, int] | None = None  # (page, width, height) of the last tiled page
         seen: dict[int, int] = {}  # directory offset -> page
-        with tifffile.TiffFile(path) as tf:
+        with tifffile.TiffFile(path, **tifffile_flags(path)) as tf:
             for i, page in enumerate(tf.pages):
                 if i >= MAX_DIAGNOSED_PAGES:
                     break
@@ -131,6 +131,61 @@ def tiff_problems(path: str) -> tuple[list[str], list[tuple[int, int, str | None
     return truncated + damaged + pages, tiled
 
 
+def read_properties(osr) -> tuple[dict[str, str], int]:
+    """OpenSlide's properties, and how many could not be read. openslide-python decodes a
+    property name that is not valid UTF-8 (a flipped byte in an Aperio description) with
+    replacement characters, then cannot look that name up: ``dict(osr.properties)`` raises
+    a bare KeyError. Such properties are skipped and counted."""
+    props: dict[str, str] = {}
+    bad = 0
+    names = osr.properties
+    for name in list(names):
+        try:
+            props[name] = names[name]
+        except (KeyError, UnicodeDecodeError):
+            bad += 1
+    return props, bad
+
+
+def tifffile_flags(path: str) -> dict[str, bool]:
+    """Keyword arguments for ``tifffile.TiffFile``: tifffile takes any ``.ndpi`` for
+    Hamamatsu NDPI (64-bit offsets hidden in 32-bit fields) by its name; a plain TIFF named
+    ``.ndpi`` (no NDPI tag 65420 in its first directory) is read as the TIFF it is."""
+    if not path.lower().endswith(".ndpi"):
+        return {}
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            order = {b"II": "little", b"MM": "big"}.get(head[:2])
+            if order is None or int.from_bytes(head[2:4], order) != 42:
+                return {}
+            f.seek(int.from_bytes(head[4:8], order))
+            n = int.from_bytes(f.read(2), order)
+            entries = f.read(12 * min(n, 4096))
+        tags = {int.from_bytes(entries[k:k + 2], order) for k in range(0, len(entries), 12)}
+        return {} if 65420 in tags else {"is_ndpi": False}
+    except (OSError, ValueError):
+        return {}
+
+
+def _untiled(path: str) -> str | None:
+    """"a TIFF without tiles (one W x H px image in strips)" when no page of the TIFF is
+    tiled: a photo or scan, not a pyramid OpenSlide reads. None otherwise; never raises."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path, **tifffile_flags(path)) as tf:
+            pages = list(tf.pages[:MAX_DIAGNOSED_PAGES])
+            if not pages or any(p.is_tiled for p in pages):
+                return None
+            w, h = int(pages[0].imagewidth), int(pages[0].imagelength)
+            ndpi = " and without Hamamatsu NDPI tags" if path.lower().endswith(".ndpi") else ""
+            return (f"a TIFF without tiles{ndpi} ({len(pages)} image(s) in strips, the first "
+                    f"{w} x {h} px): not a whole-slide pyramid")
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def _is_tiff_file(path: str) -> bool:
     try:
         return _first_ifd_offset(path) is not None
@@ -156,8 +211,10 @@ def _first_ifd_offset(path: str) -> int | None:
 def diagnose_tiff(path: str) -> str | None:
     """The most telling structural problem of a TIFF (truncated, damaged directories, a page
     of zero or absurd size, levels out of order), or None when tifffile sees none.
-    Cheap (directories only) and never raises."""
-    return (tiff_problems(path)[0] or [None])[0]
+    Cheap (directories only) and never raises. None for a file that is not a TIFF."""
+    if not _is_tiff_file(path):
+        return None
+    return (tiff_problems(path)[0] or [None])[0] or _untiled(path)
 
 
 def _mpp_source(props: dict[str, str]) -> str:
@@ -226,7 +283,7 @@ class OpenSlideBackend:
     def _describe(self) -> None:
         """Fill ``info`` and ``file_levels`` from the open handle."""
         osr = self._osr
-        props = dict(osr.properties)
+        props, unreadable = read_properties(osr)
         raw = []
         for i in range(osr.level_count):
             w, h = osr.level_dimensions[i]
@@ -234,6 +291,9 @@ class OpenSlideBackend:
             th = int(props.get(f"openslide.level[{i}].tile-height", 0) or 0)
             raw.append(((int(h), int(w)), float(osr.level_downsamples[i]), (th, tw)))
         kept, notes = validate_levels(self.path, raw)
+        if unreadable:
+            notes.append(f"{unreadable} of the file's property names are not valid UTF-8 "
+                         "(a damaged header) and were skipped")
         mx, my = parse_mpp(props.get("openslide.mpp-x")), parse_mpp(props.get("openslide.mpp-y"))
         mpp = (my or mx, mx or my) if (mx or my) else None
         if mpp is None:

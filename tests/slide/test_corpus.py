@@ -213,6 +213,50 @@ def openslide_tile(path, level: int, rc: tuple[int, int], tile: int):
         osr.close()
 
 
+def _stripped_tiff(src: Pristine) -> bytes:
+    """A plain RGB TIFF of 400 x 300 px in strips (no tiles, no NDPI tags)."""
+    import io
+
+    buf = io.BytesIO()
+    img = np.random.default_rng(2).integers(0, 256, (300, 400, 3), np.uint8)
+    tifffile.imwrite(buf, img, photometric="rgb")
+    return buf.getvalue()
+
+
+def _symlink_loop(src: Pristine, out: Path) -> Path:
+    (out / "b.svs").symlink_to(out / "variant.svs")
+    (out / "variant.svs").symlink_to(out / "b.svs")
+    return out / "variant.svs"
+
+
+def _folder(name: str):
+    def mutate(src: Pristine, out: Path) -> Path:
+        (out / name).mkdir()
+        (out / name / "notes.txt").write_text("not a slide")
+        return out / name
+    return mutate
+
+
+#: A MIRAX Slidedat.ini that lists an index and one data file.
+MRXS_INI = (b"[GENERAL]\nSLIDE_ID = 0123\nIMAGENUMBER_X = 4\nIMAGENUMBER_Y = 4\n"
+            b"[HIERARCHICAL]\nHIER_COUNT = 1\nHIER_0_NAME = Slide zoom level\nHIER_0_COUNT = 1\n"
+            b"HIER_0_VAL_0 = ZoomLevel_0\nHIER_0_VAL_0_SECTION = LAYER_0_LEVEL_0_SECTION\n"
+            b"NONHIER_COUNT = 0\nINDEXFILE = Index.dat\n"
+            b"[DATAFILE]\nFILE_COUNT = 1\nFILE_0 = Data0000.dat\n")
+
+
+def _mrxs(folder: dict[str, bytes] | None):
+    """A MIRAX index ``variant.mrxs`` and, unless None, its folder with these files."""
+    def mutate(src: Pristine, out: Path) -> Path:
+        (out / "variant.mrxs").write_bytes(b"[GENERAL]\nSLIDE_VERSION = 01.03\n")
+        if folder is not None:
+            (out / "variant").mkdir()
+            for name, data in folder.items():
+                (out / "variant" / name).write_bytes(data)
+        return out / "variant.mrxs"
+    return mutate
+
+
 def svs(edit: Callable[[Pristine], bytes], name: str = "variant.svs"):
     """A mutation writing ``edit(pristine)`` as ``name``."""
     def mutate(src: Pristine, out: Path) -> Path:
@@ -389,6 +433,14 @@ def _unlink_chunks(level: str, pattern: str):
     return edit
 
 
+def _associated_too_large(name: str):
+    def check(slide, data, kwargs, ref, src):
+        with pytest.raises(SlideError, match=rf"associated image '{name}' is 4000000000 x "
+                                             r"\d+ px, too large"):
+            slide.associated_image(name)
+    return check
+
+
 def _associated_cut(slide, data, kwargs, ref, src):
     """The macro image lies past the end: one clear error, and tiles still read."""
     with pytest.raises(SlideError, match=r"associated image 'macro' cannot be read"):
@@ -474,8 +526,37 @@ CASES = [
          "error", NOT_A_SLIDE, reader=False),
     Case("missing-file", lambda s, out: out / "nowhere.svs", "error",
          r"^no such file or folder$", reader=False),
+    Case("symlink-loop", _symlink_loop, "error", r"^a symbolic link to nothing \(its target is "
+         r"missing, or the links loop\)$", reader=False),
+    Case("folder-named-svs", _folder("variant.svs"), "error",
+         r"^a folder named \.svs, not a slide file \(nor an OME-Zarr folder\)$", reader=False),
+    Case("stripped-tiff-named-ndpi", svs(_stripped_tiff, "variant.ndpi"), "error",
+         r"^OpenSlide cannot open it: a TIFF without tiles and without Hamamatsu NDPI tags "
+         r"\(1 image\(s\) in strips, the first 400 x 300 px\): not a whole-slide pyramid$"),
+    Case("stripped-tiff-named-svs", svs(_stripped_tiff), "error",
+         r"^OpenSlide cannot open it: a TIFF without tiles \(1 image\(s\) in strips, the first "
+         r"400 x 300 px\): not a whole-slide pyramid$"),
+    # --- MIRAX: the .mrxs is an index, the data live in the folder of the same name
+    Case("mrxs-without-folder", _mrxs(None), "error", r"^a MIRAX \.mrxs file is only an "
+         r"index: its data folder 'variant' is missing \(copy it next to the \.mrxs\)$",
+         reader=False),
+    Case("mrxs-empty-folder", _mrxs({}), "error",
+         r"^its MIRAX data folder 'variant' is empty$", reader=False),
+    Case("mrxs-garbage-folder", _mrxs({"Slidedat.ini": np.random.default_rng(5).bytes(4000),
+                                       "Data0000.dat": np.random.default_rng(6).bytes(4000)}),
+         "error", r"^its variant/Slidedat\.ini is not a MIRAX index \(not an INI file: no "
+         r"\[section\] header at its start\)$", reader=False),
+    Case("mrxs-folder-without-data", _mrxs({"Slidedat.ini": MRXS_INI}), "error",
+         r"^its MIRAX data folder 'variant' lacks the files Slidedat\.ini lists: Index\.dat, "
+         r"Data0000\.dat$", reader=False),
+    Case("mrxs-folder-without-slidedat", _mrxs({"Index.dat": b"x", "Data0000.dat": b"x"}),
+         "error", r"^its MIRAX data folder 'variant' has no Slidedat\.ini$", reader=False),
     Case("plain-folder", lambda s, out: out, "error", NOT_A_SLIDE, reader=False),
     # --- microns per pixel missing or absurd: pixel units, said so
+    Case("aperio-property-name-not-utf8",  # openslide-python: KeyError in dict(properties)
+         svs(lambda s: _replace_all(s.data, b"|MPP = 0.25", b"|\xc3PP = 0.25")), "layer",
+         r"^1 of the file's property names are not valid UTF-8 \(a damaged header\) and were "
+         r"skipped$", check=_pixel_units),
     Case("mpp-removed", svs(lambda s: _replace_all(s.data, b"|MPP = 0.25", b"|XPP = 0.25")),
          "layer", PIXEL_UNITS, check=_pixel_units),
     Case("mpp-zero", svs(lambda s: _replace_all(s.data, b"|MPP = 0.25", b"|MPP = 0   ")),
@@ -567,6 +648,11 @@ CASES = [
                                        s.pages[0], "TileByteCounts", 2, 0)), "error",
          r"^page 0 claims 2048 x 1536 px \(12 tiles\) but lists 192 tiles: its header is "
          r"corrupt$"),
+    # associated images declaring absurd sizes: refused when asked for, nothing allocated
+    *[Case(f"absurd-width-{name}", svs(lambda s, page=page: _set_tag(
+        s.data, s.pages[page], "ImageWidth", 4_000_000_000)), "layer", "",
+        check=_associated_too_large(name), cheap=True)
+      for name, page in (("thumbnail", 1), ("label", 4), ("macro", 5))],
     Case("tile-width-100m-level-1",
          svs(lambda s: _set_tag(s.data, s.pages[2], "TileWidth", 100_663_424)), "error",
          r"^page 2 claims 512 x 384 px \(3 tiles\) but lists 12 tiles: its header is "
@@ -622,12 +708,23 @@ CASES = [
          svs(lambda s: _set_tag(s.data, s.pages[0], "Compression", 200)), "error",
          r"^OpenSlide cannot open it \(Unsupported TIFF compression: 200\)$"),
     # --- OME-Zarr
+    # a broken OME-Zarr says what is wrong with it, not "neither ... nor an OME-Zarr folder"
     Case("zarr-no-multiscales", zarr(_json_edit(".zattrs", lambda d: {"omero": {}})),
-         "error", NOT_A_SLIDE, reader=False),
-    Case("zarr-no-zattrs", zarr(lambda p: (p / ".zattrs").unlink()), "error", NOT_A_SLIDE,
+         "error", r"^not a valid OME-Zarr folder: a zarr folder whose \.zattrs has no OME-Zarr "
+         r"'multiscales': not an image pyramid$", reader=False),
+    Case("zarr-no-zattrs", zarr(lambda p: (p / ".zattrs").unlink()), "error",
+         r"^not a valid OME-Zarr folder: a zarr folder without attributes \(no \.zattrs\)",
          reader=False),
     Case("zarr-zattrs-not-json", zarr(lambda p: (p / ".zattrs").write_text('{"multiscales": [')),
-         "error", NOT_A_SLIDE, reader=False),
+         "error", r"^not a valid OME-Zarr folder: \.zattrs is not valid JSON \(Expecting value "
+         r"at line 1 column 18\)$", reader=False),
+    Case("zarr-zattrs-binary", zarr(lambda p: (p / ".zattrs").write_bytes(
+        np.random.default_rng(3).bytes(300))), "error",
+         r"^not a valid OME-Zarr folder: \.zattrs is not valid JSON \(not UTF-8 text\)$",
+         reader=False),
+    Case("zarr-shape-2p40-rows",  # declared, never written: refused before any allocation
+         zarr(_json_edit("0/.zarray", lambda d: d.update(shape=[3, 2**40, d["shape"][2]]))),
+         "error", r"^absurd dimensions 2048 x 1099511627776 px", cheap=True),
     Case("zarr-multiscales-empty", zarr(_json_edit(".zattrs", lambda d: {"multiscales": []})),
          "error", r"^invalid OME-Zarr multiscales metadata \(IndexError"),
     Case("zarr-datasets-empty", zarr(_json_edit(".zattrs", lambda d: _ms(d).update(
@@ -807,3 +904,33 @@ def test_real_slide_bit_flip(seed, real_svs, tmp_path):
         assert bad == 1 and len(reported) == 1, [str(w.message) for w in reported]
         np.testing.assert_array_equal(got, placeholder_tile(240, 240))
         np.testing.assert_array_equal(again, got)
+
+
+@pytest.mark.timeout(CHEAP_SECONDS)
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_fifo_named_svs_is_refused_by_type(tmp_path):
+    """A named pipe called .svs: refused from ``stat`` alone, never opened (opening a FIFO
+    for reading blocks until someone writes; the timeout catches that)."""
+    from napari_milview.slide.sniff import sniff
+
+    path = tmp_path / "pipe.svs"
+    os.mkfifo(path)
+    assert sniff(path) is None
+    with pytest.raises(SlideError) as info:
+        open_slide(path)
+    _assert_clear_error(info.value, path, r"^a named pipe \(FIFO\), not a slide file or an "
+                                          r"OME-Zarr folder$")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root reads a file whatever its mode bits (chmod 000 blocks nothing)")
+def test_unreadable_file(pristine, tmp_path):
+    path = tmp_path / "locked.svs"
+    path.write_bytes(pristine.data)
+    path.chmod(0)
+    try:
+        with pytest.raises(SlideError) as info:
+            open_slide(path)
+        _assert_clear_error(info.value, path, r"^cannot be read \(Permission denied\)$")
+    finally:
+        path.chmod(0o644)
