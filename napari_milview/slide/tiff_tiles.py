@@ -177,9 +177,6 @@ class TiffTiles:
             tile = seg.reshape(seg.shape[-3:])
         if tile.shape[0] < h or tile.shape[1] < w or tile.shape[2] != 3:
             raise ValueError(f"decoded tile has shape {tile.shape}, expected at least {(h, w, 3)}")
-        if data[:2] == b"\xff\xd8" and ends_mid_grey(tile):
-            raise ValueError("the JPEG tile's last block is exactly mid-grey, what libjpeg draws "
-                             "when the scan ends early (which it only warns about)")
         return np.ascontiguousarray(tile[:h, :w])
 
     def close(self) -> None:
@@ -187,20 +184,6 @@ class TiffTiles:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
-
-
-def ends_mid_grey(tile: np.ndarray) -> bool:
-    """True when the last 8 x 8 block of a decoded JPEG frame ([H, W, 3] uint8, uncropped)
-    is exactly (128, 128, 128).
-
-    When a tile's entropy-coded data ends early but the stream still closes with an EOI,
-    libjpeg only warns ("premature end of data segment") and decodes every missing block
-    with all-zero coefficients: mid-grey, whatever the colour space, down to the frame's
-    last block. Real image content is practically never exactly 128 over a whole block, so
-    the caller hands such a tile to OpenSlide, which turns the warning into an error (and
-    simply decodes a genuinely grey tile, only more slowly).
-    """
-    return bool((tile[-8:, -8:] == 128).all())
 
 
 # After 0xFF in entropy-coded JPEG data: stuffing (00), fill (FF), restart markers (D0-D7),
@@ -216,14 +199,13 @@ def check_jpeg_stream(data: bytes, shape: tuple[int, int] | None = None) -> None
     """Raise ValueError for a JPEG stream that is visibly cut or corrupt, or whose frame
     header (SOF) is not ``shape`` = (height, width) when given.
 
-    libjpeg reports a damaged stream ("Corrupt JPEG data: premature end of data
-    segment") as a *warning*, which OpenSlide turns into an error but imagecodecs
-    ignores, decoding garbage silently. This cheap check (~15 us for a 256-px tile)
-    catches what can be seen without decoding: no EOI marker at the end (a cut tile), a
-    broken header, or a marker inside the entropy-coded data. A caller falls back to
-    OpenSlide, which then reports the tile. Bit flips inside the Huffman data are not
-    caught here. The frame size is checked before decoding because the decoder allocates
-    what the header claims (a corrupt one can claim 65535 x 65535 px: 12 GB).
+    This cheap check (~15 us for a 256-px tile) catches what can be seen without
+    decoding: no EOI marker at the end (a cut tile), a broken header, or a marker inside
+    the entropy-coded data; bit flips inside the Huffman data are left to the strict
+    decoder (:func:`decode_jpeg_strict`), whose libjpeg warnings are errors. A caller
+    falls back to OpenSlide, which then reports the tile. The frame size is checked
+    before decoding because the decoder allocates what the header claims (a corrupt one
+    can claim 65535 x 65535 px: 12 GB).
     """
     n = len(data)
     if n < 4 or data[:2] != b"\xff\xd8":

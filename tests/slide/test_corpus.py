@@ -586,8 +586,8 @@ CASES = [
          svs(lambda s: _put(s.data, _tile(s)[1] + _tile(s)[2] // 2, b"\xff\xd9" * 8)),
          "layer", "", check=_bad_tile(reopened=True)),
     Case("jpeg-tile-scan-ends-early",  # half the scan, then a proper EOI: libjpeg warns
-         # (libjpeg decodes the rest as mid-grey blocks: the direct path sees the last block
-         # exactly grey and asks OpenSlide, which turns the warning into an error)
+         # (libjpeg decodes the rest as mid-grey blocks; the strict decoder of the direct path
+         # raises on the warning, and OpenSlide, which turns it into an error, reports it)
          svs(_scan_ends_early), "layer", "", check=_bad_tile(reopened=True)),
     Case("jpeg-tile-cut",  # byte count halved: the stream stops mid-scan
          svs(lambda s: _set_tile_entry(s.data, s.pages[0], "TileByteCounts", _tile(s)[0],
