@@ -86,8 +86,11 @@ def has_slide_extension(path: str | os.PathLike, patterns=SLIDE_PATTERNS) -> boo
 def content_kind(path: str | os.PathLike) -> str | None:
     """What a file that is not a slide holds, for an error: "a PNG image", "a text file", ...
 
-    None for folders, empty or unreadable files and unrecognised content. Reads 4 KB.
+    None for folders, pipes and other non-regular files (never opened: a pipe would block),
+    empty or unreadable files and unrecognised content. Reads 4 KB.
     """
+    if not os.path.isfile(os.fspath(path)):
+        return None
     try:
         with open(os.fspath(path), "rb") as fh:
             head = fh.read(4096)

@@ -329,3 +329,19 @@ def test_sidecar_from_cohort_run_restores_in_napari(make_napari_viewer, svs, tmp
     side = outputs(tmp_path / "out", "svs")["sidecar"]
     assert side.name == "svs.milview.json"
     _restored(make_napari_viewer(), side, str(svs.path), row.n_patches, 5)
+
+
+def test_a_pipe_named_svs_is_refused_without_blocking(tmp_path):
+    """A FIFO named ``.svs``: our reader answers (a slide extension) and refuses it by type;
+    nothing opens it (opening a FIFO for reading blocks until a writer comes)."""
+    import os
+
+    from napari_milview._reader import napari_get_reader
+    from napari_milview.slide import SlideError
+
+    fifo = tmp_path / "pipe.svs"
+    os.mkfifo(fifo)
+    reader = napari_get_reader(str(fifo))
+    assert reader is not None
+    with pytest.raises(SlideError, match="pipe.svs"):
+        reader(str(fifo))
