@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from functools import partial
 from typing import Any
 
@@ -63,20 +64,16 @@ def slide_frame(slide_layer) -> np.ndarray:
     return slide_layer.affine.affine_matrix[-3:, -3:] @ own.affine_matrix
 
 
-#: Callbacks waiting for the worker that imports torch (None: no such worker running).
-_torch_waiters: list | None = None
-_torch_worker = None
+#: Set once the thread that imports torch (started by the first dock) is done.
+_torch_done = threading.Event()
+_torch_thread: threading.Thread | None = None
 
 
 def _import_torch() -> None:
-    import torch  # noqa: F401
-
-
-def _torch_imported(*_) -> None:
-    global _torch_waiters, _torch_worker
-    waiters, _torch_waiters, _torch_worker = _torch_waiters or [], None, None
-    for ready in waiters:
-        ready()
+    try:
+        import torch  # noqa: F401
+    finally:
+        _torch_done.set()
 
 
 def stop_jobs(jobs: list, wait: bool = True) -> None:
@@ -247,28 +244,31 @@ class JobDock(QWidget):
 
     def _after_torch(self, then) -> None:
         """Call ``then()`` (GUI thread) once torch is imported: at once when it is, else when
-        a worker thread has imported it (1.4-1.9 s on a 2-core machine), so the dock appears
-        at once and fills in."""
+        a plain thread has imported it (1.4-1.9 s on a 2-core machine), so the dock appears
+        at once and fills in. The dock polls for it with a timer it owns: a dock closed (or
+        napari quit) before the import ends gets no call, and nothing Qt outlives it; the
+        interpreter waits for the import at exit."""
         import sys
 
-        global _torch_waiters, _torch_worker
-        if _torch_waiters is None and "torch" in sys.modules:
+        from qtpy.QtCore import QTimer
+
+        global _torch_thread
+        if _torch_thread is None and "torch" in sys.modules:
             then()
             return
+        if _torch_thread is None:
+            _torch_thread = threading.Thread(target=_import_torch, name="milview-import-torch")
+            _torch_thread.start()
+        timer = QTimer(self)
+        timer.setInterval(20)
 
-        def ready() -> None:
-            with contextlib.suppress(RuntimeError):  # the dock was deleted meanwhile
+        def poll() -> None:
+            if _torch_done.is_set():
+                timer.stop()
                 then()
 
-        if _torch_waiters is not None:  # a worker imports it now: "torch" is in sys.modules
-            _torch_waiters.append(ready)  # before the import ends, which would block here
-            return
-        from napari.qt.threading import create_worker
-
-        _torch_waiters = [ready]
-        _torch_worker = create_worker(_import_torch, _start_thread=False)  # kept: a worker
-        _torch_worker.finished.connect(_torch_imported)  # collected while it runs loses its
-        _torch_worker.start()  # signals
+        timer.timeout.connect(poll)
+        timer.start()
 
     def _pause_control(self) -> QWidget:
         """The "Pause while I pan or zoom" check box (on), ``self.pause_check``; the camera's

@@ -332,3 +332,20 @@ for path in {[str(png), str(text), str(empty)]!r}:
     assert "photo.svs" in by_name["photo.svs"] and "PNG" in by_name["photo.svs"]
     assert "notes.ndpi" in by_name["notes.ndpi"] and "text" in by_name["notes.ndpi"]
     assert "empty.svs" in by_name["empty.svs"] and "empty" in by_name["empty.svs"]
+
+
+def test_quitting_while_the_dock_still_imports_torch(shown_child):
+    """The MIL dock opened and napari quit at once, while torch is still being imported: the
+    process exits 0 (no callback into a deleted dock, no Qt object left to a thread)."""
+    out, _ = shown_child('''
+from napari_milview._qt.mil_widget import MILWidget
+assert "torch" not in sys.modules
+dock = MILWidget(viewer)
+viewer.window.add_dock_widget(dock, name="MIL attention")
+process(50)
+viewer.close()
+process(100)
+print("CHILD-EXIT-OK", flush=True)
+sys.exit(0)
+''')
+    assert "CHILD-EXIT-OK" in out and "Traceback" not in out
