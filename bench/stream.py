@@ -395,25 +395,22 @@ def bench_scan(path: Path, ntiles: int, repeats: int) -> dict:
     y0, x0, y1, x1 = r0 * th, c0 * tw, (r0 + n) * th, (c0 + n) * tw
     ntot = len(keys)
 
-    def floor(nt):
-        def dec(b):
-            return imagecodecs.jpeg8_decode(b, tables=tables)[0, 0, 0]
+    def decode_all(nt, dec):
+        """Seconds to decode every tile's bytes with ``dec`` on ``nt`` threads."""
         with ThreadPoolExecutor(nt) as ex:
             t0 = now()
             for _ in ex.map(dec, blobs):
                 pass
             return now() - t0
+
+    def floor(nt):
+        return decode_all(nt, lambda b: imagecodecs.jpeg8_decode(b, tables=tables)[0, 0, 0])
 
     def floor_strict(nt):
         import simplejpeg
 
-        def dec(b):
-            return simplejpeg.decode_jpeg(prefix + b[2:], colorspace="RGB", strict=True)[0, 0, 0]
-        with ThreadPoolExecutor(nt) as ex:
-            t0 = now()
-            for _ in ex.map(dec, blobs):
-                pass
-            return now() - t0
+        return decode_all(nt, lambda b: simplejpeg.decode_jpeg(
+            prefix + b[2:], colorspace="RGB", strict=True)[0, 0, 0])
 
     def ours_scan_lenient(nt):
         # the same scan with libjpeg's warnings ignored (imagecodecs decodes the very

@@ -94,13 +94,18 @@ def fingerprint(path: str | os.PathLike) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
 
 
-_KINDS = (
-    (stat.S_ISDIR, "is a folder, not a file"),
-    (stat.S_ISFIFO, "is a named pipe (FIFO), not a regular file; refused unopened"),
-    (stat.S_ISSOCK, "is a socket, not a regular file; refused unopened"),
-    (stat.S_ISCHR, "is a character device, not a regular file; refused unopened"),
-    (stat.S_ISBLK, "is a block device, not a regular file; refused unopened"),
-)
+_SPECIAL = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+            (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def special_kind(mode: int) -> str | None:
+    """What a ``stat`` mode that is neither a regular file nor a folder is ("a named pipe
+    (FIFO)", "a socket", "a character device", "a block device", else "an unusual file");
+    None for regular files and folders. Such a path must never be opened: reading a FIFO
+    blocks until someone writes."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((what for test, what in _SPECIAL if test(mode)), "an unusual file")
 
 
 def file_problem(path: str | os.PathLike) -> str | None:
@@ -137,11 +142,11 @@ def file_problem(path: str | os.PathLike) -> str | None:
         if e.errno == errno.EACCES:
             return "cannot be examined (permission denied on its folder)"
         return f"cannot be examined ({e.strerror or e})"
-    for test, what in _KINDS:
-        if test(st.st_mode):
-            return what
-    if not stat.S_ISREG(st.st_mode):  # pragma: no cover - door, whiteout ...
-        return "is not a regular file; refused unopened"
+    if stat.S_ISDIR(st.st_mode):
+        return "is a folder, not a file"
+    kind = special_kind(st.st_mode)
+    if kind is not None:
+        return f"is {kind}, not a regular file; refused unopened"
     if not os.access(p, os.R_OK):
         return "cannot be read (permission denied)"
     return None

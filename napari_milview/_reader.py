@@ -20,8 +20,8 @@ from .slide.sniff import sniff
 
 # napari layer data of a slide live in the core (``overlay.slide_layer``): the sidecar reader
 # and the docks share them; these names stay here for callers of the reader
-__all__ = ["INFO_NOTES", "SIDECAR_PATTERN", "SLIDE_FILE_PATTERNS", "SLIDE_PATTERNS", "content_kind",
-           "has_slide_extension", "is_heatmap_tiff", "is_info_note", "is_sidecar", "is_slide_layer",
+__all__ = ["SIDECAR_PATTERN", "SLIDE_FILE_PATTERNS", "SLIDE_PATTERNS", "content_kind",
+           "has_slide_extension", "is_heatmap_tiff", "is_sidecar", "is_slide_layer",
            "layer_data", "napari_get_reader", "read_heatmap_tiff_layer", "read_plain_tiff",
            "read_sidecar_layers", "read_slide"]
 
@@ -214,26 +214,15 @@ def read_slide(path: Any) -> list[tuple]:
         raise SlideError(p, f"not a whole-slide image: it is {what}")
     slide = open_slide(p)
     data, kwargs, kind = layer_data(slide)
-    info = [n for n in slide.info.notes if is_info_note(n)]
-    kwargs["metadata"]["info_notes"] = info  # all of them stay in metadata["notes"]
+    # notes that only inform (the slide says which) are logged; all stay in metadata["notes"]
+    info = list(slide.info.info_notes)
+    kwargs["metadata"]["info_notes"] = info
     for note in slide.info.notes:
         if note in info:
             logging.getLogger(__name__).info("%s: %s", slide.path, note)
         else:  # napari shows it as a toast: something the user can act on or should know
             warnings.warn(f"{slide.path}: {note}", stacklevel=2)
     return [(data, kwargs, kind)]
-
-
-#: Slide notes that say how a sound file is served, not what is wrong with it or what to do:
-#: layer metadata and a log line, never a warning toast. Every other note (levels skipped,
-#: a truncated file, microns per pixel unknown: pass ``mpp=``) stays a warning. The notes are
-#: made in :mod:`napari_milview.slide` (core.Slide: "... N lower levels are built lazily").
-INFO_NOTES = (re.compile(r"lower levels? (is|are) built lazily$"),)
-
-
-def is_info_note(note: str) -> bool:
-    """Whether a slide note is informational (no warning): see :data:`INFO_NOTES`."""
-    return any(rx.search(note) for rx in INFO_NOTES)
 
 
 def read_plain_tiff(path: Any) -> list[tuple]:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..overlay.heatmap import PENDING
+from ._common import slide_mpp
 
 __all__ = ["SlideOverlays", "install_status", "raw_score_at", "remove_later", "same_file"]
 
@@ -101,8 +102,7 @@ class SlideOverlays:
         """Microns per level-0 pixel the layers are placed with: the slide layer's, else
         (no slide layer) the shown result's."""
         if self.slide_layer is not None:
-            mpp = self.slide_layer.metadata.get("mpp")
-            return float(mpp[-1]) if mpp else None
+            return slide_mpp(self.slide_layer)
         return self.shown.mpp if self.shown is not None else None
 
     def forget_removed(self) -> None:

@@ -61,22 +61,24 @@ class Slide:
         info: SlideInfo = backend.info
         self.n_native = len(info.levels)
         levels = list(info.levels)
-        notes = list(info.notes)
+        notes, info_notes = list(info.notes), list(info.info_notes)
         if derive_levels:
             extra = derived_levels(levels[-1])
             if extra:
                 levels += extra
-                notes.append(
+                info_notes.append(
                     f"the file's smallest level is {levels[self.n_native - 1].shape[1]} x "
                     f"{levels[self.n_native - 1].shape[0]} px; {len(extra)} lower levels are "
                     "built lazily"
                 )
+                notes.append(info_notes[-1])
         if mpp is not None:
             if not (mpp > 0 and np.isfinite(mpp)):
                 raise SlideError(self.path, f"mpp override must be a positive number, got {mpp}")
             notes = [n for n in notes if not n.startswith("microns per pixel unknown")]
             info = replace(info, mpp=(float(mpp), float(mpp)), mpp_source="user")
-        self.info = replace(info, levels=tuple(levels), notes=tuple(notes))
+        self.info = replace(info, levels=tuple(levels), notes=tuple(notes),
+                            info_notes=tuple(info_notes))
         self._key = (os.path.realpath(self.path), id(self))
         self._bad: set[tuple[int, int, int]] = set()
         self._bad_lock = threading.Lock()

@@ -83,6 +83,9 @@ class SlideInfo:
         Names of associated images ('label', 'macro', 'thumbnail', ...).
     notes : tuple[str, ...]
         Human-readable warnings found while opening (dropped levels, missing mpp ...).
+    info_notes : tuple[str, ...]
+        Those of ``notes`` that only inform (lower levels built lazily): nothing to act on,
+        so a viewer logs them instead of warning.
     properties : dict
         The backend's raw key/value metadata.
     """
@@ -95,6 +98,7 @@ class SlideInfo:
     objective_power: float | None
     associated: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    info_notes: tuple[str, ...] = ()
     properties: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property

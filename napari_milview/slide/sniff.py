@@ -5,7 +5,6 @@ from __future__ import annotations
 import configparser
 import json
 import os
-import stat
 from pathlib import Path
 
 #: Suffixes OpenSlide reads; used only to pick which check to run, never to accept.
@@ -89,17 +88,12 @@ def not_regular(path: str | os.PathLike) -> str | None:
     """What ``path`` is when it is neither a regular file nor a folder ("a named pipe
     (FIFO)", "a socket", ...), from ``stat`` alone: such a path is never opened (opening a
     FIFO for reading blocks until someone writes). None for files, folders, missing paths."""
+    from .._io import special_kind
+
     try:
-        mode = os.stat(path).st_mode
+        return special_kind(os.stat(path).st_mode)
     except (OSError, ValueError):
         return None
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return None
-    for test, what in ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return what
-    return "not a regular file"
 
 
 def _json_problem(f: Path) -> tuple[object, str | None]:

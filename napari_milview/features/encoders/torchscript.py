@@ -15,7 +15,6 @@ files you trust as you would any code.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..._weights import WeightsError, read_json_object
 from . import IMAGENET_MEAN, IMAGENET_STD, EncoderError, EncoderSpec
 from ._common import EncoderModule
 
@@ -46,11 +46,9 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     if side is None:
         return {}
     try:
-        data = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise EncoderError(f"torchscript: {side}: not a readable JSON sidecar ({exc})") from None
-    if not isinstance(data, dict):
-        raise EncoderError(f"torchscript: {side}: the sidecar must be a JSON object")
+        data = read_json_object(side)
+    except WeightsError as exc:
+        raise EncoderError(f"torchscript: {exc}") from None
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise EncoderError(f"torchscript: {side}: unknown field(s) {unknown}; "
