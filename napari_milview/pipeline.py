@@ -819,19 +819,28 @@ def prepare(slide: Any, spec: RunSpec, card: Any = None) -> tuple[Any, Any]:
     return encoder, grid
 
 
-def extract(slide: Any, spec: RunSpec, card: Any = None,
-            cancel: threading.Event | None = None) -> Generator[Progress, None, Bag]:
-    """:func:`prepare` then :func:`extract_bag`, waiting while ``spec.pause`` is active: a
-    generator of :class:`Progress` returning the bag (what ``milview extract`` writes)."""
+def _prepared(slide: Any, spec: RunSpec, card: Any) -> Generator[Progress, None, RunSpec]:
+    """``spec`` with its encoder built and checked and its grid cut (:func:`prepare`; a
+    built encoder and a given grid are only checked), saying so when that is work to do."""
+    from dataclasses import replace
+
     if isinstance(spec.encoder, str) or spec.grid is None:
         yield Progress("prepare", message=f"loading encoder {_name(spec.encoder)}, finding "
                                           "tissue")
     encoder, grid = prepare(slide, spec, card)
+    return replace(spec, encoder=encoder, grid=grid)
+
+
+def extract(slide: Any, spec: RunSpec, card: Any = None,
+            cancel: threading.Event | None = None) -> Generator[Progress, None, Bag]:
+    """:func:`prepare` then :func:`extract_bag`, waiting while ``spec.pause`` is active: a
+    generator of :class:`Progress` returning the bag (what ``milview extract`` writes)."""
+    spec = yield from _prepared(slide, spec, card)
     _check(cancel, slide)
-    gen = extract_bag(slide, grid, encoder, batch_size=spec.batch_size, device=spec.device,
-                      workers=spec.workers, cancel=cancel, slide_id=spec.slide_id,
-                      transform=spec.transform)
-    done = (0, len(grid))
+    gen = extract_bag(slide, spec.grid, spec.encoder, batch_size=spec.batch_size,
+                      device=spec.device, workers=spec.workers, cancel=cancel,
+                      slide_id=spec.slide_id, transform=spec.transform)
+    done = (0, len(spec.grid))
     try:
         while True:
             pause = spec.pause
@@ -902,13 +911,7 @@ def run(slide: Any, model: Any, card: Any, spec: RunSpec,
 def _streamed(slide, model, card, spec: RunSpec, cancel) -> Generator[Progress, None, Bag]:
     """:func:`extract`, with the model run on the patches encoded so far every
     ``spec.stream_s`` seconds (:attr:`Progress.partial`)."""
-    from dataclasses import replace
-
-    if isinstance(spec.encoder, str) or spec.grid is None:
-        yield Progress("prepare", message=f"loading encoder {_name(spec.encoder)}, finding "
-                                          "tissue")
-        encoder, grid = prepare(slide, spec, card)
-        spec = replace(spec, encoder=encoder, grid=grid)
+    spec = yield from _prepared(slide, spec, card)  # the grid, for the partial results
     feats = have = None
     last = time.perf_counter()
 
