@@ -620,7 +620,7 @@ def attend(bag: Bag, model: MILModel, card: ModelCard, *, device: Any = "auto",
     with torch.inference_mode():
         out = model.forward_attention(bag.to_torch(dev))
         logits = out.logits.float().reshape(-1)
-        probs = torch.softmax(logits, dim=-1).cpu().numpy()
+        probs = out.probs.float().reshape(-1).cpu().numpy()
         sources = {k: v.float().reshape(-1).cpu().numpy() for k, v in out.sources.items()}
         logits = logits.cpu().numpy()
     seconds = time.perf_counter() - t0

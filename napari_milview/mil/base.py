@@ -85,16 +85,23 @@ class MILOutput:
         Key of ``sources`` shown by default (it may depend on the prediction, e.g. CLAM-MB).
     aux : dict[str, Tensor]
         Optional auxiliary outputs (e.g. ACMIL ``"branch_logits"`` of shape ``[K, C]``).
+    probabilities : Tensor, shape [C], optional
+        Set by a model whose authors score a slide otherwise than by ``softmax(logits)``
+        (DSMIL: a per-class sigmoid); :attr:`probs` returns it when set.
     """
 
     logits: Tensor
     sources: dict[str, Tensor]
     default_source: str
     aux: dict[str, Tensor] = field(default_factory=dict)
+    probabilities: Tensor | None = None
 
     @property
     def probs(self) -> Tensor:
-        """Class probabilities, shape ``[C]``."""
+        """Class probabilities, shape ``[C]``: the model's own scoring when it sets
+        ``probabilities``, else ``softmax(logits)``."""
+        if self.probabilities is not None:
+            return self.probabilities
         return torch.softmax(self.logits, dim=-1)
 
     @property
