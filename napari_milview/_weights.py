@@ -732,16 +732,20 @@ def read_sidecar(sidecar: str | os.PathLike | Mapping[str, Any] | None,
     FileNotFoundError
         A sidecar path that was named explicitly does not exist.
     WeightsError
-        The sidecar is not a readable JSON object.
+        The sidecar is not a regular file (a folder, a named pipe, a broken link: refused
+        unopened), or not a readable JSON object.
     """
     if isinstance(sidecar, Mapping):
         return dict(sidecar), "sidecar argument"
     if sidecar is None:
         cand = sidecar_path(weights)
-        if not cand.is_file():
+        if not os.path.lexists(cand):
             return {}, None
         sidecar = cand
     sidecar = Path(sidecar)
-    if not sidecar.is_file():
+    problem = file_problem(sidecar)
+    if problem == "no such file or folder":
         raise FileNotFoundError(f"sidecar not found: {sidecar}")
+    if problem:  # a folder, a FIFO, a broken link ...: refused by type, never opened
+        raise WeightsError(f"{sidecar}: the sidecar {problem}")
     return read_json_object(sidecar), str(sidecar)

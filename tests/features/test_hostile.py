@@ -253,6 +253,28 @@ def test_symlink_loop_and_broken_link_bag(tmp_path):
 
 
 @pytest.mark.parametrize("kind,match", [
+    ("folder", "the sidecar is a folder"),
+    ("fifo", r"the sidecar is a named pipe \(FIFO\)"),
+    ("loop", "the sidecar is a symlink loop"),
+])
+@pytest.mark.parametrize("named", [False, True], ids=["beside", "named"])
+def test_sidecar_that_is_not_a_regular_file(tmp_path, model_file, kind, match, named):
+    """``model.json`` beside the weights (or named with --sidecar) as a folder, a FIFO or a
+    link loop: refused by type without opening it (a FIFO would block a reader forever)."""
+    side = model_file.with_suffix(".json") if not named else tmp_path / "card.json"
+    side.unlink(missing_ok=True)  # save_model wrote a real one beside the weights
+    if kind == "folder":
+        side.mkdir()
+    elif kind == "fifo":
+        _fifo(side)
+    else:
+        side.symlink_to(side)
+    with pytest.raises(WeightsError, match=match) as err:
+        _within(20, load_model, model_file, sidecar=side if named else None)
+    _one_line(err.value, side)
+
+
+@pytest.mark.parametrize("kind,match", [
     ("folder", "checkpoint is a folder"),
     ("fifo", r"checkpoint is a named pipe \(FIFO\)"),
     ("loop", "checkpoint is a symlink loop"),
