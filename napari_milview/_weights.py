@@ -23,7 +23,10 @@ Loading rules (``DESIGN.md`` section 4, ``style.md`` B.3)
 
 Containers understood (:func:`read_state_dict`): a bare state_dict; ACMIL
 ``{'model', 'optimizer', 'epoch', 'config'}``; PyTorch Lightning
-``{'state_dict', 'hyper_parameters', ...}``; ``{'model_state_dict': ...}``; ``{'net': ...}``.
+``{'state_dict', 'hyper_parameters', ...}``; ``{'model_state_dict': ...}``; ``{'net': ...}``;
+a dict of several module state_dicts (DTFD-MIL's ``{'classifier': ..., 'dim_reduction': ...,
+'attention': ..., 'att_classifier': ...}``), joined into one state_dict as
+``<module>.<key>``.
 
 Generic key handling: :func:`strip_prefixes` removes a prefix shared by **all** keys
 (Lightning ``model.``, DataParallel ``module.``, ``torch.compile``'s ``_orig_mod.``);
@@ -474,13 +477,37 @@ def _unwrap(obj: Any, name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
             meta["state_dict_key"] = key
             break
     else:
-        # a bare state_dict with non-tensor leftovers, or an unknown container
-        _check_state_dict(obj, name, "the file")
-        raise AssertionError("unreachable")  # pragma: no cover
+        modules = _module_dicts(obj)
+        if modules is None:
+            # a bare state_dict with non-tensor leftovers, or an unknown container
+            _check_state_dict(obj, name, "the file")
+            raise AssertionError("unreachable")  # pragma: no cover
+        sd = {f"{m}.{k}": v for m in modules for k, v in obj[m].items()}
+        meta["format"] = "modules"
+        meta["state_dict_key"] = ", ".join(modules)
+        meta["modules"] = modules
     meta.update(_container_extras(obj))
-    used = {meta["state_dict_key"], meta.get("config_key"), "epoch"}
+    used = {meta["state_dict_key"], meta.get("config_key"), "epoch", *meta.get("modules", ())}
     meta["ignored_keys"] = sorted(str(k) for k in obj if k not in used)
     return sd, meta
+
+
+def _module_dicts(obj: Mapping) -> list[str] | None:
+    """The keys of a dict of several module state_dicts (DTFD-MIL saves
+    ``{'classifier': sd, 'dim_reduction': sd, 'attention': sd, 'att_classifier': sd}``):
+    every mapping value but a training config maps str to tensors, and there are at least
+    two. None otherwise."""
+    import torch
+
+    names = [k for k, v in obj.items() if isinstance(v, Mapping) and k not in _CONFIG_KEYS]
+    if len(names) < 2 or not all(isinstance(k, str) and "." not in k for k in names):
+        return None
+    for k in names:
+        inner = obj[k]
+        if not inner or not all(isinstance(kk, str) and isinstance(v, torch.Tensor)
+                                for kk, v in inner.items()):
+            return None
+    return names
 
 
 def _container_extras(obj: Mapping) -> dict[str, Any]:
@@ -513,7 +540,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         The raw state_dict (keys as stored, prefixes not stripped), on the CPU.
     metadata : dict
         ``format`` (``"safetensors"``, ``"state_dict"``, ``"acmil"``, ``"lightning"``,
-        ``"model_state_dict"``, ``"model"`` or ``"net"``); optionally ``card`` (our own
+        ``"model_state_dict"``, ``"model"``, ``"net"`` or ``"modules"``: a dict of module
+        state_dicts, whose names are listed under ``modules``); optionally ``card`` (our own
         model card), ``config`` (ACMIL config / Lightning ``hyper_parameters`` / ``args``
         as plain values, with ``config_key``), ``state_dict_key``, ``epoch``,
         ``ignored_keys`` (e.g. ``optimizer``) and ``safetensors_metadata``.

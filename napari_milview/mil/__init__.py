@@ -12,6 +12,7 @@ acmil_ga   :class:`ACMIL_GA`                      ``"branch/mean"``
 acmil_mha  :class:`ACMIL_MHA`                     ``"branch/mean"``
 mha        :class:`MHA` (ACMIL/AEM single query)  ``"head/mean"``
 transmil   :class:`TransMIL`                      ``"layer2/mean"``
+dtfd       :class:`DTFD` (DTFD-MIL, seeded split) ``"instance/{C-1}"``
 ========== ====================================== =========================================
 
 Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``.
@@ -34,6 +35,7 @@ from .base import (
     resolve_arch,
 )
 from .clam import CLAM_MB, CLAM_SB
+from .dtfd import DTFD
 from .transmil import TransMIL
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "ALIASES",
     "CLAM_MB",
     "CLAM_SB",
+    "DTFD",
     "MHA",
     "MODELS",
     "MILModel",
