@@ -12,9 +12,11 @@ acmil_ga   :class:`ACMIL_GA`                      ``"branch/mean"``
 acmil_mha  :class:`ACMIL_MHA`                     ``"branch/mean"``
 mha        :class:`MHA` (ACMIL/AEM single query)  ``"head/mean"``
 transmil   :class:`TransMIL`                      ``"layer2/mean"``
+mhim       :class:`MHIM` (MHIM-MIL student)       ``"attention"`` / ``"layer1/mean"``
 ========== ====================================== =========================================
 
-Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``.
+Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``, ``mhim_abmil`` / ``mhim_transmil``
+-> ``mhim`` (backbone ``attn`` / ``selfattn``).
 """
 
 from .abmil import ABMIL
@@ -34,6 +36,7 @@ from .base import (
     resolve_arch,
 )
 from .clam import CLAM_MB, CLAM_SB
+from .mhim import MHIM
 from .transmil import TransMIL
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "CLAM_MB",
     "CLAM_SB",
     "MHA",
+    "MHIM",
     "MODELS",
     "MILModel",
     "MILOutput",
