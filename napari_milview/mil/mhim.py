@@ -10,8 +10,12 @@ module; its checkpoints ``fold_{k}_model_best.pt`` (v2) / ``fold_{k}_model_best_
 listed among the file's other entries on the card's notes and not loaded). Their baseline
 initialisation checkpoints (``mhim_pure`` / ``pure``) are the same module, no merge.
 
-Reimplemented from reading the authors' code at the commits named in
-``tests/data/parity/make_mhim.py`` (nothing copied). Forward for a bag ``x`` [N, in_dim]::
+Reimplemented from reading the authors' code (nothing copied): ``master`` at 9d0c91a
+(pinned in ``tests/data/parity/make_mhim.py``, whose cases check it) and ``v1`` at 5377eb6
+(the same forward under the ``patch_to_emb`` name, 1024 -> 512 hard-coded, no merge; checked
+once against the authors' v1 code with their published ABMIL initialisation checkpoint,
+not a committed case: at v1's fixed sizes a case would be several MB).
+Forward for a bag ``x`` [N, in_dim]::
 
     h = act(feature.0 x)                                [N, dim]   (v1 name: patch_to_emb)
     (merge_test only) h = [h; Merge(h)]                 [N + k, dim]
