@@ -13,9 +13,11 @@ acmil_mha  :class:`ACMIL_MHA`                     ``"branch/mean"``
 mha        :class:`MHA` (ACMIL/AEM single query)  ``"head/mean"``
 transmil   :class:`TransMIL`                      ``"layer2/mean"``
 dtfd       :class:`DTFD` (DTFD-MIL, seeded split) ``"instance/{C-1}"``
+mhim       :class:`MHIM` (MHIM-MIL student)       ``"attention"`` / ``"layer1/mean"``
 ========== ====================================== =========================================
 
-Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``.
+Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``, ``mhim_abmil`` / ``mhim_transmil``
+-> ``mhim`` (backbone ``attn`` / ``selfattn``).
 """
 
 from .abmil import ABMIL
@@ -36,6 +38,7 @@ from .base import (
 )
 from .clam import CLAM_MB, CLAM_SB
 from .dtfd import DTFD
+from .mhim import MHIM
 from .transmil import TransMIL
 
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "CLAM_SB",
     "DTFD",
     "MHA",
+    "MHIM",
     "MODELS",
     "MILModel",
     "MILOutput",

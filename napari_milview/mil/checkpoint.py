@@ -211,7 +211,9 @@ def _read(path: Path, sidecar: Any) -> _Checkpoint:
     elif meta.get("format") not in (None, "safetensors", "state_dict"):
         notes.insert(0, f"container: {meta['format']} (state_dict under "
                         f"'{meta.get('state_dict_key')}'"
-                        + (f", epoch {meta['epoch']}" if "epoch" in meta else "") + ")")
+                        + (f", epoch {meta['epoch']}" if "epoch" in meta else "")
+                        + (f"; not loaded: {', '.join(meta['ignored_keys'])}"
+                           if meta.get("ignored_keys") else "") + ")")
     return _Checkpoint(path.name, sd, meta, side, side_src, notes)
 
 
