@@ -33,9 +33,10 @@ alike, which is the same value wherever theirs is finite.
 
 The weights cannot show which normalisation a checkpoint was trained with:
 :func:`napari_milview.mil.checkpoint.load_model` picks ``"softmax_one"`` for a CLAM-MB saved
-in ACMIL's container (``{'model', 'optimizer', 'epoch', 'config'}``, the ``save_model`` of
-ACMIL's ``Step3_WSI_classification.py``, the only script that trains ACMIL's CLAM copy; see
-:meth:`CLAM_MB.hparams_from_checkpoint`); otherwise pass
+in ACMIL's container (``{'model', 'optimizer', 'epoch', 'config'}``) whose config says
+``arch: 'clam_mb'``, as ACMIL's ``Step3_WSI_classification.py`` saves it (see
+:meth:`CLAM_MB.hparams_from_checkpoint`; ACMIL's MHIM script trains yet another CLAM copy,
+``modules/clam.py``, with plain softmax); otherwise pass
 ``hparams={"attention_norm": "softmax_one"}`` or put it in the sidecar's ``hparams``.
 """
 
@@ -394,20 +395,23 @@ class CLAM_MB(_ClamBase):
         """``attention_norm="softmax_one"`` for a CLAM-MB in ACMIL's checkpoint container.
 
         ACMIL's ``save_model`` writes ``{'model', 'optimizer', 'epoch', 'config'}`` (read as
-        ``meta["format"] == "acmil"``); the only ACMIL script that trains CLAM
-        (``Step3_WSI_classification.py --arch clam_mb``) builds ACMIL's own CLAM_MB copy,
-        whose attention is ``softmax_one``. mahmoodlab/CLAM saves a bare state_dict, so
-        nothing else selects it. A stored config naming another ``arch`` is left alone.
+        ``meta["format"] == "acmil"``). ``Step3_WSI_classification.py --arch clam_mb``
+        builds ACMIL's own CLAM_MB copy (``architecture/clam.py``), whose attention is
+        ``softmax_one``, and its config holds ``arch: 'clam_mb'``: that pair selects it.
+        ACMIL's ``Step3_WSI_classification_MHIM.py --model clam_mb`` saves the same container
+        for another copy (``modules/clam.py``, plain softmax, config ``model`` not ``arch``),
+        and mahmoodlab/CLAM saves a bare state_dict: neither selects it.
         """
         if meta.get("format") != "acmil":
             return {}, []
         cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
         named = cfg.get("arch")
-        if isinstance(named, str) and named.strip().lower() not in ("clam_mb", "clam-mb"):
+        if not isinstance(named, str) or named.strip().lower() not in ("clam_mb", "clam-mb"):
             return {}, []
         return ({"attention_norm": "softmax_one"},
                 ["attention_norm='softmax_one': a CLAM-MB in ACMIL's checkpoint container "
-                 "{'model', 'optimizer', 'epoch', 'config'} is ACMIL's CLAM copy, whose "
+                 "{'model', 'optimizer', 'epoch', 'config'} with config arch 'clam_mb' is "
+                 "ACMIL's CLAM copy (Step3_WSI_classification.py), whose "
                  "attention is exp / (1 + sum exp) (ACMIL architecture/clam.py), not CLAM's "
                  "softmax"])
 

@@ -301,13 +301,15 @@ def _acmil_struct():
                 sys.modules[k] = v
 
 
-def _save_acmil_container(path, model, arch):
+def _save_acmil_container(path, net, arch, **conf_over):
     """As ACMIL's ``utils.utils.save_model`` (Step3_WSI_classification.py --arch <arch>)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
     with _acmil_struct() as Struct:
-        conf = Struct(D_feat=12, D_inner=16, n_class=3, arch=arch, pretrain="medical_ssl",
+        fields = dict(D_feat=12, D_inner=16, n_class=3, arch=arch, pretrain="medical_ssl",
                       dataset="bracs")
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3,
+        fields.update(conf_over)
+        conf = Struct(**{k: v for k, v in fields.items() if v is not None})
+        torch.save({"model": net.state_dict(), "optimizer": opt.state_dict(), "epoch": 3,
                     "config": conf}, path)
 
 
@@ -331,6 +333,17 @@ def test_acmil_container_selects_softmax_one(tmp_path):
     assert model.attention_norm == "softmax" and "attention_norm" not in card.hparams
     assert "as given, although the container suggests 'softmax_one'" in card.notes
     _same_outputs(_acmil_mb("softmax"), model, torch.randn(7, 12))
+
+
+def test_acmil_mhim_container_stays_softmax(tmp_path):
+    """Step3_WSI_classification_MHIM.py --model clam_mb: same container, config without
+    ``arch``, ACMIL's other CLAM copy (modules/clam.py) with plain softmax."""
+    ref = _acmil_mb("softmax")
+    _save_acmil_container(tmp_path / "mhim.pth", ref, None, model="clam_mb")
+    model, card = load_model(tmp_path / "mhim.pth")
+    assert card.arch == "clam_mb" and model.attention_norm == "softmax"
+    assert "attention_norm='softmax_one'" not in card.notes
+    _same_outputs(ref, model, torch.randn(7, 12))
 
 
 def test_acmil_container_leaves_clam_sb_alone(tmp_path):
