@@ -257,6 +257,23 @@ class MILModel(nn.Module):
         raise NotImplementedError
 
     @classmethod
+    def hparams_from_checkpoint(cls, meta: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Hyper-parameters that a checkpoint's container shows and its tensors cannot.
+
+        ``meta`` is :func:`napari_milview._weights.read_state_dict`'s metadata (``format``,
+        ``config`` as plain values ...). The values are defaults: a stored card, sidecar or
+        ``hparams`` argument overrides them. The base version returns none (CLAM-MB: ACMIL's
+        container selects ``attention_norm="softmax_one"``).
+
+        Returns
+        -------
+        hparams : dict
+        notes : list of str
+            Why, one line per value (for the model card).
+        """
+        return {}, []
+
+    @classmethod
     def remap_keys(cls, sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
         """Map this architecture's legacy / official key layouts onto the class's names.
 

@@ -243,14 +243,15 @@ def _architecture(ck: _Checkpoint, arch: str | None) -> tuple[str, type[MILModel
                 break
     if arch is None and ck.config:
         # a training config's model name is a hint only: used when the layout agrees
-        cand = _arch_from_config(ck.config)
-        if cand is not None:
+        cands = _arch_from_config(ck.config)
+        for cand in cands:
             cls_c = base.MODELS[base.resolve_arch(cand)[0]]
             if cls_c.matches_state_dict(cls_c.remap_state_dict(ck.sd)):
                 arch, src = cand, "stored config"
-            else:
-                ck.notes.append(f"stored config names {cand!r} but the weights do not have "
-                                "that layout; detecting from the weights")
+                break
+        if cands and arch is None:
+            ck.notes.append(f"stored config names {' or '.join(map(repr, cands))} but the "
+                            "weights do not have that layout; detecting from the weights")
     if arch is None:
         arch, src = _arch_from_layout(ck.sd), "detected from the weights"
         if arch is None:
@@ -280,7 +281,9 @@ def _hyperparameters(ck: _Checkpoint, arch: str, cls: type[MILModel],
     ``cls.hparams_from_state_dict(ck.sd)`` gives what the weights determine (e.g.
     ``in_dim`` = ``dimreduction.fc1.weight`` [inner, in_dim] ``.shape[1]``). The stored card,
     the sidecar and ``hparams`` (in that order) may add the others (dropout, STKIM
-    settings, ``legacy_nystrom_slice`` ...) but never contradict the inferred ones; a stored
+    settings, ``legacy_nystrom_slice`` ...) but never contradict the inferred ones;
+    ``cls.hparams_from_checkpoint(ck.meta)`` adds what the container shows (ACMIL's
+    container -> CLAM-MB ``attention_norm="softmax_one"``) unless one of those set it; a stored
     training config is cross-checked field by field (:data:`_CONFIG_FIELDS`) and gives the
     STKIM settings the weights cannot show (:data:`_TRAINING_ONLY_FIELDS`).
 
@@ -307,6 +310,13 @@ def _hyperparameters(ck: _Checkpoint, arch: str, cls: type[MILModel],
                     raise CheckpointError(f"{ck.name}: {src} has {k}={v!r}, which "
                                           f"{cls.__name__} does not accept")
                 hp[k] = v
+    from_container, why = cls.hparams_from_checkpoint(ck.meta)
+    for k, v in from_container.items():
+        if k in hp and not _same(hp[k], v):
+            ck.notes.append(f"{k}={hp[k]!r} as given, although the container suggests {v!r}")
+            continue
+        hp[k] = v
+        ck.notes += [n for n in why if n not in ck.notes]
     if ck.config:
         extra, used = _cross_check(inferred, ck.config, accepted, ck.name,
                                    f"the stored {ck.meta.get('config_key', 'config')}")
@@ -498,8 +508,10 @@ _CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
 #: to the constructor when the architecture takes them
 _TRAINING_ONLY_FIELDS = ("n_masked_patch", "mask_drop")
 
-#: ACMIL's ``--arch`` values
-_CONFIG_ARCH = {"ga": "acmil_ga", "mha": "acmil_mha"}
+#: ACMIL's ``--arch`` values -> the architectures they may name, in order: ``mha`` is
+#: ACMIL-MHA in ``Step3_WSI_classification_ACMIL.py`` but the single-query ``MHA`` in
+#: ``Step3_WSI_classification.py`` and AEM's ``main.py`` (the layout decides)
+_CONFIG_ARCH = {"ga": ("acmil_ga",), "mha": ("acmil_mha", "mha")}
 
 
 def _config_views(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -512,20 +524,24 @@ def _config_views(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return views
 
 
-def _arch_from_config(config: Mapping[str, Any]) -> str | None:
-    """An architecture name stored in a training config, if it names a known model."""
+def _arch_from_config(config: Mapping[str, Any]) -> list[str]:
+    """The architectures a training config's model name may mean (known ones; empty when
+    it names none)."""
     for view in _config_views(config):
         for key in ("arch", "model_name", "name", "model_type"):
             val = view.get(key)
             if not isinstance(val, str) or not val.strip():
                 continue
-            cand = _CONFIG_ARCH.get(val.strip().lower(), val)
-            try:
-                base.resolve_arch(cand)
-            except ValueError:
-                continue
-            return cand
-    return None
+            known = []
+            for cand in _CONFIG_ARCH.get(val.strip().lower(), (val,)):
+                try:
+                    base.resolve_arch(cand)
+                except ValueError:
+                    continue
+                known.append(cand)
+            if known:
+                return known
+    return []
 
 
 def _constructor_params(cls: type) -> set[str]:

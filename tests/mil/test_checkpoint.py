@@ -227,6 +227,22 @@ def test_acmil_mha_container(tmp_path):
     assert card.arch == "acmil_mha" and card.hparams["n_masked_patch"] == 7
 
 
+def test_config_arch_mha_may_be_the_single_query_mha(tmp_path):
+    """``--arch mha`` of Step3_WSI_classification.py / AEM's main.py is ``MHA``, not
+    ACMIL-MHA: the layout decides, without a contradiction note."""
+    model = _model("mha")
+    path = tmp_path / "mha.pth"
+    _save_acmil(path, model, arch="mha", n_token=1)
+    loaded, card = load_model(path)
+    _assert_same(model, loaded)
+    assert card.arch == "mha" and "from the stored config" in card.notes
+    assert "do not have that layout" not in card.notes
+    _save_acmil(path, _model("abmil"), arch="mha", n_class=3, n_token=1)
+    _, card = load_model(path)
+    assert card.arch == "abmil"
+    assert "stored config names 'acmil_mha' or 'mha' but the weights do not" in card.notes
+
+
 # ----------------------------------------------------------------------------------------
 # CLAM layouts
 # ----------------------------------------------------------------------------------------
