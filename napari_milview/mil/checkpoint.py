@@ -209,6 +209,9 @@ def _read(path: Path, sidecar: Any) -> _Checkpoint:
         notes.insert(0, f"container: {meta['format']} (state_dict under "
                         f"'{meta.get('state_dict_key')}'"
                         + (f", epoch {meta['epoch']}" if "epoch" in meta else "") + ")")
+    if meta.get("rebuilt"):
+        notes.insert(1 if notes and notes[0].startswith("container:") else 0,
+                     f"config objects rebuilt as plain data: {', '.join(meta['rebuilt'])}")
     return _Checkpoint(path.name, sd, meta, side, side_src, notes)
 
 
