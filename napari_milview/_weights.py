@@ -135,7 +135,23 @@ def _attribute_state(what: str, state: Any) -> dict[str, Any]:
     return state
 
 
-class _TypeName:
+class _InstanceStandIn:
+    """Base of the stand-ins registered as *instances* (not classes).
+
+    A NEWOBJ on one (``obj.__new__(obj, ...)``) is refused in its own words instead of
+    failing inside :meth:`object.__new__`.
+    """
+
+    __slots__ = ()
+    name = "?"
+
+    def __new__(cls, *args: Any) -> Any:  # noqa: D102 - documented on the class
+        if not isinstance(cls, type):
+            raise _refuse(getattr(cls, "name", "?"), "not a class, refused as NEWOBJ's class")
+        return super().__new__(cls)
+
+
+class _TypeName(_InstanceStandIn):
     """A type or typing name that configs store as *data* (omegaconf's ``ref_type`` ...).
 
     Registered in place of ``builtins.dict``, ``typing.Any`` ...: the unpickler hands out
@@ -155,7 +171,7 @@ class _TypeName:
         return f"<type name {self.name}>"
 
 
-class _PathStandIn:
+class _PathStandIn(_InstanceStandIn):
     """``pathlib.*Path`` reduced as ``(cls, parts)``: joined as a str, nothing touched.
 
     Each part must be a str; :func:`posixpath.join` or :func:`ntpath.join` (pure string
@@ -178,7 +194,7 @@ class _PathStandIn:
         return f"<inert {self.name}>"
 
 
-class _DefaultDictStandIn:
+class _DefaultDictStandIn(_InstanceStandIn):
     """``collections.defaultdict(factory)`` (omegaconf's ``resolver_cache``): a plain dict.
 
     The factory must be None or a :class:`_TypeName`; it is never called.
