@@ -11,11 +11,17 @@ Loading rules (``DESIGN.md`` section 4, ``style.md`` B.3)
   decoded).
 * ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin`` / ``.tar`` files are read **only** with
   ``torch.load(path, map_location="cpu", weights_only=True)`` inside
-  :class:`torch.serialization.safe_globals` with a minimal allowlist (:data:`SAFE_GLOBALS`):
-  ``argparse.Namespace`` (``args`` saved by many training scripts) and :class:`ACMILStruct`,
-  an inert attribute bag registered under the name ``utils.utils.Struct`` so ACMIL's
-  ``{'model', 'optimizer', 'epoch', 'config'}`` container loads without importing ACMIL's
-  code. ``collections.OrderedDict`` is already allowed by torch.
+  :class:`torch.serialization.safe_globals` with an allowlist of inert stand-ins
+  (:data:`SAFE_GLOBALS`) registered as ``(stand-in, "module.name")``: torch's restricted
+  unpickler matches globals by that string and never imports them. The stand-ins rebuild the
+  training-config objects that scripts save next to the weights as plain data (dict, list,
+  str, numbers): ``addict.Dict`` (TransMIL's YAML config in Lightning ``hyper_parameters``)
+  and ``easydict.EasyDict`` -> dict; ``argparse.Namespace`` and ``utils.utils.Struct``
+  (:class:`ACMILStruct`: ACMIL's and AEM's ``{'model', 'optimizer', 'epoch', 'config'}``)
+  -> dict of attributes; omegaconf ``DictConfig`` / ``ListConfig`` and their nodes -> dict /
+  list / values; ``pathlib`` paths -> str (the full list: :func:`torch_load`). A stand-in
+  only checks and stores the data it is handed and refuses anything else; nothing named in
+  a file is ever called. ``collections.OrderedDict`` is already allowed by torch.
 * When the restricted unpickler refuses a file, :class:`WeightsError` names the file and the
   globals it would have imported (:func:`unsafe_globals`, a static :mod:`pickletools` scan):
   "refused: loading it would run code from ...; no unsafe fallback". There is **no**
@@ -62,6 +68,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ACMILStruct",
+    "AddictDict",
+    "ConfigStruct",
+    "EasyDictStandIn",
+    "NamespaceStandIn",
+    "OmegaDictConfig",
+    "OmegaListConfig",
     "SAFE_GLOBALS",
     "TORCH_SUFFIXES",
     "WeightsError",
@@ -309,7 +321,8 @@ class ACMILStruct(ConfigStruct):
     *name* ``utils.utils.Struct`` to this class: it matches globals by the string
     ``"{module}.{name}"`` and never imports the module, so no ACMIL code runs. The unpickler
     creates the instance with ``__new__`` and hands the saved ``__dict__`` to
-    :meth:`__setstate__`, which accepts only a dict with string keys.
+    :meth:`__setstate__`, which accepts only a dict with string keys; :func:`torch_load`
+    then returns those attributes as a plain dict. AEM (same authors) saves the same class.
     """
 
     name = "utils.utils.Struct"
@@ -382,7 +395,15 @@ _TYPE_NAMES = ("typing.Any", "builtins.dict", "builtins.list", "builtins.int",
                "builtins.object", "builtins.tuple")
 
 #: the allowlist handed to :class:`torch.serialization.safe_globals`: ``(stand-in, name)``
-#: pairs, matched by name; nothing named here is ever imported
+#: pairs, matched by name; nothing named here is ever imported. ``utils.utils.Struct``
+#: (ACMIL, AEM) and ``argparse.Namespace`` -> attribute bags; ``addict.addict.Dict``
+#: (``addict.Dict``) and ``easydict.EasyDict`` -> mappings; omegaconf ``DictConfig``,
+#: ``ListConfig``, ``omegaconf.nodes.*Node`` (Any, String, Integer, Float, Boolean, Bytes,
+#: Path, None, InterpolationResult), ``omegaconf.base.Metadata`` / ``ContainerMetadata``;
+#: ``collections.defaultdict`` (-> an empty dict, its factory never called); the type
+#: names :data:`_TYPE_NAMES` (data only, never called); ``pathlib`` / ``pathlib._local``
+#: ``PosixPath``, ``PurePosixPath``, ``Path``, ``PurePath``, ``WindowsPath``,
+#: ``PureWindowsPath`` -> str. :func:`torch_load` turns what they made into plain data.
 SAFE_GLOBALS: list[Any] = [
     (ACMILStruct, ACMILStruct.name),
     (NamespaceStandIn, NamespaceStandIn.name),
@@ -938,7 +959,9 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         ``"model_state_dict"``, ``"model"`` or ``"net"``); optionally ``card`` (our own
         model card), ``config`` (ACMIL config / Lightning ``hyper_parameters`` / ``args``
         as plain values, with ``config_key``), ``state_dict_key``, ``epoch``,
-        ``ignored_keys`` (e.g. ``optimizer``) and ``safetensors_metadata``.
+        ``ignored_keys`` (e.g. ``optimizer``), ``safetensors_metadata`` and ``rebuilt``
+        (the config objects :func:`torch_load` rebuilt as plain data, e.g.
+        ``["addict.addict.Dict", "pathlib.PosixPath"]``).
 
     Raises
     ------
