@@ -46,18 +46,16 @@ import argparse
 import functools
 import io
 import json
-import ntpath
 import os
 import pickle
 import pickletools
-import posixpath
 import warnings
 import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 from zlib import error as zlib_error
 
@@ -184,10 +182,12 @@ class _TypeName(_InstanceStandIn):
 
 
 class _PathStandIn(_InstanceStandIn):
-    """``pathlib.*Path`` reduced as ``(cls, parts)``: joined as a str, nothing touched.
+    """``pathlib.*Path`` reduced as ``(cls, parts)``: the path's str, nothing touched.
 
-    Each part must be a str; :func:`posixpath.join` or :func:`ntpath.join` (pure string
-    functions) make the path. Rebuilt as that str.
+    Each part must be a str (Python <= 3.12 pickles the parts, ``('/', 'runs', 'x')``;
+    3.13 the raw strings, ``('/runs/x',)``, under ``pathlib._local``). The str is that of
+    :class:`pathlib.PurePosixPath` or :class:`pathlib.PureWindowsPath` of the parts (pure
+    string parsing, no file system), so it reads as the saved path did.
     """
 
     __slots__ = ("name", "flavour")
@@ -200,7 +200,7 @@ class _PathStandIn(_InstanceStandIn):
         if bad:
             raise _refuse(self.name, f"path parts must be str, got {bad[0]}")
         _record(self.name)
-        return self.flavour.join(*parts) if parts else "."
+        return str(self.flavour(*parts))
 
     def __repr__(self) -> str:
         return f"<inert {self.name}>"
@@ -386,8 +386,9 @@ _OMEGA_META = tuple(_named(_OmegaMetadata, f"omegaconf.base.{n}")
                     for n in ("Metadata", "ContainerMetadata"))
 
 _PATH_NAMES = {
-    "PosixPath": posixpath, "PurePosixPath": posixpath, "Path": posixpath,
-    "PurePath": posixpath, "WindowsPath": ntpath, "PureWindowsPath": ntpath,
+    "PosixPath": PurePosixPath, "PurePosixPath": PurePosixPath, "Path": PurePosixPath,
+    "PurePath": PurePosixPath, "WindowsPath": PureWindowsPath,
+    "PureWindowsPath": PureWindowsPath,
 }
 #: type names configs store as data (omegaconf metadata, Lightning's ``hparams_type``)
 _TYPE_NAMES = ("typing.Any", "builtins.dict", "builtins.list", "builtins.int",
@@ -765,6 +766,9 @@ def torch_load(path: str | os.PathLike, rebuilt: list[str] | None = None) -> Any
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         if rec.made:
             obj = _plain_config(obj, rec)
+    except RecursionError:
+        raise WeightsError(f"{path}: refused: its config objects nest deeper than Python's "
+                           "recursion limit; nothing was run") from None
     except _TORCH_LOAD_ERRORS as exc:
         bad = unsafe_globals(path)
         if bad:

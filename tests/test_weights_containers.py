@@ -273,6 +273,36 @@ def test_an_empty_addict_and_a_shared_one(tmp_path):
     assert rebuilt == ["addict.addict.Dict", "pathlib._local.PureWindowsPath"]
 
 
+@pytest.mark.parametrize(("module", "cls", "parts", "expected"), [
+    ("pathlib", "PosixPath", ("/", "runs", "x", "fold0"), "/runs/x/fold0"),  # <= 3.12
+    ("pathlib._local", "PosixPath", ("/runs/x/fold0",), "/runs/x/fold0"),  # 3.13
+    ("pathlib", "PurePosixPath", ("logs", "Camelyon"), "logs/Camelyon"),
+    ("pathlib", "Path", (), "."),
+    ("pathlib", "PureWindowsPath", ("C:\\", "data", "x"), "C:\\data\\x"),
+    ("pathlib._local", "WindowsPath", ("C:/data/x",), "C:\\data\\x"),
+])
+def test_paths_as_each_python_pickles_them(tmp_path, module, cls, parts, expected):
+    cfg = G(module, cls) + MARK + b"".join(S(p) for p in parts) + TUPLE + REDUCE
+    rebuilt: list[str] = []
+    assert torch_load(checkpoint(tmp_path, cfg), rebuilt)["cfg"] == expected
+    assert rebuilt == [f"{module}.{cls}"]
+
+
+def test_deep_nesting_is_refused_not_a_crash(tmp_path):
+    """Config objects nested past the recursion limit: a WeightsError, nothing else."""
+    def nested(depth: int) -> bytes:  # {'a': {'a': ... {}}} as addict pickles it
+        return ((G("addict.addict", "Dict") + S("a")) * depth + G("addict.addict", "Dict")
+                + EMPTY_TUPLE + NEWOBJ + (TUPLE2 + TUPLE1 + NEWOBJ) * depth)
+
+    cfg = torch_load(checkpoint(tmp_path, nested(200), "ok.ckpt"))["cfg"]
+    for _ in range(200):
+        cfg = cfg["a"]
+    assert cfg == {}
+    with pytest.raises(WeightsError, match="evil.ckpt: refused: its config objects nest "
+                                           "deeper than Python's recursion limit"):
+        torch_load(checkpoint(tmp_path, nested(sys.getrecursionlimit() + 100)))
+
+
 def test_every_allowlisted_name_is_inert():
     """The allowlist holds stand-ins only: no real class or function of the named modules."""
     for obj, name in SAFE_GLOBALS:
