@@ -372,6 +372,20 @@ def test_omegaconf_checkpoint():
     _assert_plain(cfg)
 
 
+@pytest.mark.parametrize("version", ["2.0.6", "2.1.2"])
+def test_older_omegaconf_checkpoints(version):
+    """DictConfig pickles of omegaconf 2.0 / 2.1 (Hydra 1.0 / 1.1 era) rebuild alike."""
+    sd, meta = _load(f"omegaconf_{version}.ckpt")
+    assert meta["config"] == {
+        "model": {"name": "TransMIL", "n_classes": 2, "dims": [64, 32],
+                  "tag": "${model.name}", "dropout": 0.25, "bias": True, "ckpt": None},
+        "data": {"fold": 0, "missing": "???"},
+    }
+    assert meta["rebuilt"] == ["omegaconf.dictconfig.DictConfig",
+                               "omegaconf.listconfig.ListConfig"]
+    _assert_plain(meta["config"])
+
+
 def test_namespace_checkpoint():
     sd, meta = _load("namespace_args.pth")
     assert meta["config_key"] == "args" and meta["config"]["n_classes"] == 2

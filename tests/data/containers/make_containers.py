@@ -6,6 +6,10 @@ environment; reading the files needs none of them)::
     python3 -m venv /tmp/penv && /tmp/penv/bin/pip install torch==2.13.0 numpy addict \
         omegaconf easydict pytorch-lightning==1.9.5
     /tmp/penv/bin/python tests/data/containers/make_containers.py
+    # older omegaconf pickles (Hydra 1.0 / 1.1 era), each in its own environment:
+    python3 -m venv /tmp/penv20 && /tmp/penv20/bin/pip install torch==2.13.0 numpy \
+        omegaconf==2.0.6   # likewise 2.1.2
+    /tmp/penv20/bin/python tests/data/containers/make_containers.py --omegaconf-only
 
 Files (a few KB each, tiny random weights):
 
@@ -24,6 +28,9 @@ Files (a few KB each, tiny random weights):
     Lightning with an ``omegaconf.DictConfig`` as hyper-parameters (Hydra-style): a
     ``ListConfig``, an interpolation, a ``PathNode``; Lightning
     also stores ``hparams_type`` (the DictConfig class itself).
+``omegaconf_2.0.6.ckpt``, ``omegaconf_2.1.2.ckpt`` (``--omegaconf-only``)
+    ``{'state_dict': ..., 'hyper_parameters': DictConfig}`` written with that omegaconf
+    version (no Lightning): nested sections, a list, an interpolation, ``???``, None.
 ``namespace_args.pth``
     ``{'model': state_dict, 'args': argparse.Namespace(...)}`` (argparse training scripts).
 ``easydict_config.pth``
@@ -35,15 +42,21 @@ from __future__ import annotations
 import argparse
 import pathlib
 import shutil
+import sys
 import tempfile
 import warnings
 
-import addict
-import easydict
-import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 from torch import nn
+
+if "--omegaconf-only" not in sys.argv:
+    import addict
+    import easydict
+    import pytorch_lightning as pl
+    _Module = pl.LightningModule
+else:
+    _Module = nn.Module
 
 OUT = pathlib.Path(__file__).resolve().parent
 SEED = 0
@@ -66,7 +79,7 @@ class _Bags(torch.utils.data.Dataset):
         return x[0], y[0]
 
 
-class ModelInterface(pl.LightningModule):
+class ModelInterface(_Module):
     """Shaped like TransMIL's ``models/model_interface.py`` (a tiny network inside)."""
 
     def __init__(self, model, loss, optimizer, **kargs):
@@ -121,7 +134,26 @@ def _fit(module, work: pathlib.Path, weights_only: bool) -> tuple[pl.Trainer, pa
     return trainer, pathlib.Path(ckpt.best_model_path)
 
 
+def omegaconf_only() -> None:
+    """``omegaconf_<version>.ckpt`` with the omegaconf installed here."""
+    import omegaconf
+
+    g = torch.Generator().manual_seed(SEED)
+    sd = {"model.fc.weight": torch.randn(2, 8, generator=g)}
+    cfg = OmegaConf.create({
+        "model": {"name": "TransMIL", "n_classes": 2, "dims": [64, 32],
+                  "tag": "${model.name}", "dropout": 0.25, "bias": True, "ckpt": None},
+        "data": {"fold": 0, "missing": "???"},
+    })
+    name = f"omegaconf_{omegaconf.__version__}.ckpt"
+    torch.save({"epoch": 1, "state_dict": sd, "hyper_parameters": cfg}, OUT / name)
+    print(f"{name}: {(OUT / name).stat().st_size} bytes")
+
+
 def main() -> None:
+    if "--omegaconf-only" in sys.argv:
+        omegaconf_only()
+        return
     warnings.filterwarnings("ignore")
     pl.seed_everything(SEED)
     yaml_cfg = {
