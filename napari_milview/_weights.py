@@ -29,7 +29,10 @@ Loading rules (``DESIGN.md`` section 4, ``style.md`` B.3)
 
 Containers understood (:func:`read_state_dict`): a bare state_dict; ACMIL
 ``{'model', 'optimizer', 'epoch', 'config'}``; PyTorch Lightning
-``{'state_dict', 'hyper_parameters', ...}``; ``{'model_state_dict': ...}``; ``{'net': ...}``.
+``{'state_dict', 'hyper_parameters', ...}``; ``{'model_state_dict': ...}``; ``{'net': ...}``;
+a dict of several module state_dicts (DTFD-MIL's ``{'classifier': ..., 'dim_reduction': ...,
+'attention': ..., 'att_classifier': ...}``), joined into one state_dict as
+``<module>.<key>``.
 
 Generic key handling: :func:`strip_prefixes` removes a prefix shared by **all** keys
 (Lightning ``model.``, DataParallel ``module.``, ``torch.compile``'s ``_orig_mod.``);
@@ -921,13 +924,37 @@ def _unwrap(obj: Any, name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
             meta["state_dict_key"] = key
             break
     else:
-        # a bare state_dict with non-tensor leftovers, or an unknown container
-        _check_state_dict(obj, name, "the file")
-        raise AssertionError("unreachable")  # pragma: no cover
+        modules = _module_dicts(obj)
+        if modules is None:
+            # a bare state_dict with non-tensor leftovers, or an unknown container
+            _check_state_dict(obj, name, "the file")
+            raise AssertionError("unreachable")  # pragma: no cover
+        sd = {f"{m}.{k}": v for m in modules for k, v in obj[m].items()}
+        meta["format"] = "modules"
+        meta["state_dict_key"] = ", ".join(modules)
+        meta["modules"] = modules
     meta.update(_container_extras(obj))
-    used = {meta["state_dict_key"], meta.get("config_key"), "epoch"}
+    used = {meta["state_dict_key"], meta.get("config_key"), "epoch", *meta.get("modules", ())}
     meta["ignored_keys"] = sorted(str(k) for k in obj if k not in used)
     return sd, meta
+
+
+def _module_dicts(obj: Mapping) -> list[str] | None:
+    """The keys of a dict of several module state_dicts (DTFD-MIL saves
+    ``{'classifier': sd, 'dim_reduction': sd, 'attention': sd, 'att_classifier': sd}``):
+    every mapping value but a training config maps str to tensors, and there are at least
+    two. None otherwise."""
+    import torch
+
+    names = [k for k, v in obj.items() if isinstance(v, Mapping) and k not in _CONFIG_KEYS]
+    if len(names) < 2 or not all(isinstance(k, str) and "." not in k for k in names):
+        return None
+    for k in names:
+        inner = obj[k]
+        if not inner or not all(isinstance(kk, str) and isinstance(v, torch.Tensor)
+                                for kk, v in inner.items()):
+            return None
+    return names
 
 
 def _container_extras(obj: Mapping) -> dict[str, Any]:
@@ -960,7 +987,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         The raw state_dict (keys as stored, prefixes not stripped), on the CPU.
     metadata : dict
         ``format`` (``"safetensors"``, ``"state_dict"``, ``"acmil"``, ``"lightning"``,
-        ``"model_state_dict"``, ``"model"`` or ``"net"``); optionally ``card`` (our own
+        ``"model_state_dict"``, ``"model"``, ``"net"`` or ``"modules"``: a dict of module
+        state_dicts, whose names are listed under ``modules``); optionally ``card`` (our own
         model card), ``config`` (ACMIL config / Lightning ``hyper_parameters`` / ``args``
         as plain values, with ``config_key``), ``state_dict_key``, ``epoch``,
         ``ignored_keys`` (e.g. ``optimizer``), ``safetensors_metadata`` and ``rebuilt``
@@ -1184,16 +1212,20 @@ def read_sidecar(sidecar: str | os.PathLike | Mapping[str, Any] | None,
     FileNotFoundError
         A sidecar path that was named explicitly does not exist.
     WeightsError
-        The sidecar is not a readable JSON object.
+        The sidecar is not a regular file (a folder, a named pipe, a broken link: refused
+        unopened), or not a readable JSON object.
     """
     if isinstance(sidecar, Mapping):
         return dict(sidecar), "sidecar argument"
     if sidecar is None:
         cand = sidecar_path(weights)
-        if not cand.is_file():
+        if not os.path.lexists(cand):
             return {}, None
         sidecar = cand
     sidecar = Path(sidecar)
-    if not sidecar.is_file():
+    problem = file_problem(sidecar)
+    if problem == "no such file or folder":
         raise FileNotFoundError(f"sidecar not found: {sidecar}")
+    if problem:  # a folder, a FIFO, a broken link ...: refused by type, never opened
+        raise WeightsError(f"{sidecar}: the sidecar {problem}")
     return read_json_object(sidecar), str(sidecar)
