@@ -767,8 +767,7 @@ def torch_load(path: str | os.PathLike, rebuilt: list[str] | None = None) -> Any
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             with torch.serialization.safe_globals(SAFE_GLOBALS):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
-        if rec.made:
-            obj = _plain_config(obj, rec)
+        obj = _plain_config(obj, rec)  # also a type name or stand-in class stored alone
     except RecursionError:
         raise WeightsError(f"{path}: refused: its config objects nest deeper than Python's "
                            "recursion limit; nothing was run") from None

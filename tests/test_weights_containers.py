@@ -303,6 +303,16 @@ def test_deep_nesting_is_refused_not_a_crash(tmp_path):
         torch_load(checkpoint(tmp_path, nested(sys.getrecursionlimit() + 100)))
 
 
+def test_names_stored_as_data_come_back_as_names(tmp_path):
+    """A type name or a stand-in class stored as a value (no instance made) is its name."""
+    cfg = (EMPTY_DICT + S("ref_type") + G("typing", "Any") + SETITEM + S("hparams_type")
+           + G("addict.addict", "Dict") + SETITEM + S("cls") + G("pathlib", "PosixPath")
+           + SETITEM + S("elem") + G("__builtin__", "long") + SETITEM)
+    assert torch_load(checkpoint(tmp_path, cfg))["cfg"] == {
+        "ref_type": "typing.Any", "hparams_type": "addict.addict.Dict",
+        "cls": "pathlib.PosixPath", "elem": "builtins.int"}
+
+
 def test_every_allowlisted_name_is_inert():
     """The allowlist holds stand-ins only: no real class or function of the named modules."""
     for obj, name in SAFE_GLOBALS:
