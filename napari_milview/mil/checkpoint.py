@@ -214,6 +214,9 @@ def _read(path: Path, sidecar: Any) -> _Checkpoint:
                         + (f", epoch {meta['epoch']}" if "epoch" in meta else "")
                         + (f"; not loaded: {', '.join(meta['ignored_keys'])}"
                            if meta.get("ignored_keys") else "") + ")")
+    if meta.get("rebuilt"):
+        notes.insert(1 if notes and notes[0].startswith("container:") else 0,
+                     f"config objects rebuilt as plain data: {', '.join(meta['rebuilt'])}")
     return _Checkpoint(path.name, sd, meta, side, side_src, notes)
 
 
