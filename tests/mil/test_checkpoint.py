@@ -303,7 +303,8 @@ def test_acmil_clam_copy_is_recognised(tmp_path):
 
 
 def test_transmil_lightning_ckpt(tmp_path):
-    model = _model("transmil")
+    # the official Lightning layout: nystrom 0.0.9 (the official repository's pin) by default
+    model = _model("transmil", nystrom="0.0.9")
     ckpt = {
         "epoch": 12,
         "global_step": 3456,
@@ -322,6 +323,7 @@ def test_transmil_lightning_ckpt(tmp_path):
     _assert_same(model, loaded)
     assert card.arch == "transmil"
     assert "Lightning 'model.' prefix" in card.notes and "n_classes" in card.notes
+    assert card.nystrom == "0.0.9" and "official TransMIL PyTorch Lightning" in card.notes
 
     bad = dict(ckpt, hyper_parameters={"model": {"name": "TransMIL", "n_classes": 3}})
     torch.save(bad, path)
@@ -364,7 +366,7 @@ def test_hparams_argument_is_cross_checked(tmp_path):
     model = _model("transmil")
     torch.save(_clone_sd(model), tmp_path / "w.pt")
     loaded, card = load_model(tmp_path / "w.pt", hparams={"legacy_nystrom_slice": True})
-    assert card.hparams["legacy_nystrom_slice"] is True
+    assert card.hparams["nystrom"] == card.nystrom == "0.0.9" and loaded.legacy_nystrom_slice
     with pytest.raises(CheckpointError, match="dim=128"):
         load_model(tmp_path / "w.pt", hparams={"dim": 128})
 
