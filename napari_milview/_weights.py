@@ -37,14 +37,20 @@ from __future__ import annotations
 
 import _compat_pickle
 import argparse
+import functools
 import io
 import json
+import ntpath
 import os
 import pickle
 import pickletools
+import posixpath
 import warnings
 import zipfile
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from zlib import error as zlib_error
@@ -82,7 +88,217 @@ class WeightsError(ValueError):
     """A weights file that cannot be read, is refused, or does not fit the network."""
 
 
-class ACMILStruct:
+# ----------------------------------------------------------------------------------------
+# inert stand-ins for configuration objects (registered by name, never imported)
+# ----------------------------------------------------------------------------------------
+
+#: the prefix of every refusal raised by a stand-in (torch re-wraps UnpicklingError's text)
+_REFUSED = "inert config: "
+#: key types a rebuilt mapping may hold
+_PLAIN_KEYS = (str, int, float, bool, type(None))
+
+
+def _refuse(what: str, problem: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(f"{_REFUSED}{what}: {problem}")
+
+
+@dataclass
+class _LoadRecord:
+    """What the stand-ins made during one :func:`torch_load` (for the post-pass and notes)."""
+
+    names: dict[str, None] = field(default_factory=dict)  # rebuilt global names, in order
+    made: dict[int, tuple[str, Any]] = field(default_factory=dict)  # id -> (name, object)
+
+
+_LOAD: ContextVar[_LoadRecord | None] = ContextVar("_milview_inert_load", default=None)
+
+
+def _record(name: str, obj: Any = None, note: bool = True) -> None:
+    rec = _LOAD.get()
+    if rec is None:
+        return
+    if note:
+        rec.names.setdefault(name, None)
+    if obj is not None:
+        rec.made[id(obj)] = (name, obj)  # the reference keeps the id unique
+
+
+def _attribute_state(what: str, state: Any) -> dict[str, Any]:
+    """The ``__dict__`` a BUILD hands over: a dict with str keys (``(dict, None)`` too)."""
+    if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
+        state = state[0]
+    if type(state) is not dict:
+        raise _refuse(what, f"expected a dict of attributes, got {type(state).__name__}")
+    bad = [type(k).__name__ for k in state if type(k) is not str]
+    if bad:
+        raise _refuse(what, f"attribute names must be str, got {bad[0]}")
+    return state
+
+
+class _InstanceStandIn:
+    """Base of the stand-ins registered as *instances* (not classes).
+
+    A NEWOBJ on one (``obj.__new__(obj, ...)``) is refused in its own words instead of
+    failing inside :meth:`object.__new__`.
+    """
+
+    __slots__ = ()
+    name = "?"
+
+    def __new__(cls, *args: Any) -> Any:  # noqa: D102 - documented on the class
+        if not isinstance(cls, type):
+            raise _refuse(getattr(cls, "name", "?"), "not a class, refused as NEWOBJ's class")
+        return super().__new__(cls)
+
+
+class _TypeName(_InstanceStandIn):
+    """A type or typing name that configs store as *data* (omegaconf's ``ref_type`` ...).
+
+    Registered in place of ``builtins.dict``, ``typing.Any`` ...: the unpickler hands out
+    this marker, never the real object, and calling it (a REDUCE or NEWOBJ on it) is
+    refused. Rebuilt as its name, e.g. ``"typing.Any"``.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __call__(self, *args: Any) -> Any:
+        raise _refuse(self.name, "a type name, allowed as data only, not called")
+
+    def __repr__(self) -> str:
+        return f"<type name {self.name}>"
+
+
+class _PathStandIn(_InstanceStandIn):
+    """``pathlib.*Path`` reduced as ``(cls, parts)``: joined as a str, nothing touched.
+
+    Each part must be a str; :func:`posixpath.join` or :func:`ntpath.join` (pure string
+    functions) make the path. Rebuilt as that str.
+    """
+
+    __slots__ = ("name", "flavour")
+
+    def __init__(self, name: str, flavour: Any) -> None:
+        self.name, self.flavour = name, flavour
+
+    def __call__(self, *parts: Any) -> str:
+        bad = [type(p).__name__ for p in parts if type(p) is not str]
+        if bad:
+            raise _refuse(self.name, f"path parts must be str, got {bad[0]}")
+        _record(self.name)
+        return self.flavour.join(*parts) if parts else "."
+
+    def __repr__(self) -> str:
+        return f"<inert {self.name}>"
+
+
+class _DefaultDictStandIn(_InstanceStandIn):
+    """``collections.defaultdict(factory)`` (omegaconf's ``resolver_cache``): a plain dict.
+
+    The factory must be None or a :class:`_TypeName`; it is never called.
+    """
+
+    __slots__ = ()
+    name = "collections.defaultdict"
+
+    def __call__(self, *args: Any) -> dict:
+        if len(args) > 1 or any(a is not None and not isinstance(a, _TypeName) for a in args):
+            raise _refuse(self.name, "expected one type name as its factory, got "
+                          + ", ".join(type(a).__name__ for a in args))
+        return {}
+
+    def __repr__(self) -> str:
+        return f"<inert {self.name}>"
+
+
+class _MappingStandIn:
+    """Base of the stand-ins for ``dict`` subclasses (``addict.Dict``, ``easydict.EasyDict``).
+
+    Pickles of a dict subclass create the object (NEWOBJ with ``(key, value)`` pairs for
+    ``addict``, none for ``easydict``), fill it with SETITEMS and hand it a state (BUILD):
+    ``addict`` the object itself, ``easydict`` the same entries as attributes. torch's
+    restricted unpickler fills only ``dict`` / ``OrderedDict`` / ``Counter`` objects, so
+    ``__new__`` returns a :class:`collections.Counter` whose instance attribute
+    ``__setstate__`` checks the state (the unpickler calls the instance's
+    ``__setstate__`` for an allowlisted type such as ``Counter``); :func:`torch_load`'s
+    post-pass turns it into a plain dict. Keys must be str / int / float / bool / None;
+    nothing stored is ever called.
+    """
+
+    name = "?"
+
+    def __new__(cls, *pairs: Any) -> Any:  # noqa: D102 - documented on the class
+        out: Counter = Counter()
+        for p in pairs:
+            if type(p) is not tuple or len(p) != 2:
+                raise _refuse(cls.name, f"expected (key, value) pairs, got {type(p).__name__}")
+            if type(p[0]) not in _PLAIN_KEYS:
+                raise _refuse(cls.name, f"keys must be plain values, got {type(p[0]).__name__}")
+            dict.__setitem__(out, p[0], p[1])
+        out.__setstate__ = functools.partial(_mapping_setstate, cls.name, out)
+        _record(cls.name, out)
+        return out
+
+
+def _mapping_setstate(name: str, inst: Counter, state: Any) -> None:
+    """BUILD of a :class:`_MappingStandIn` object: its own entries, or a dict of attributes."""
+    if state is inst:
+        return
+    _attribute_state(name, state)
+
+
+class AddictDict(_MappingStandIn):
+    """Inert stand-in for ``addict.Dict`` (pickled as ``addict.addict.Dict``): a plain dict."""
+
+    name = "addict.addict.Dict"
+
+
+class EasyDictStandIn(_MappingStandIn):
+    """Inert stand-in for ``easydict.EasyDict``: a plain dict."""
+
+    name = "easydict.EasyDict"
+
+
+class ConfigStruct:
+    """Base of the inert attribute bags: ``argparse.Namespace``-like config objects.
+
+    A plain class pickles as NEWOBJ ``(cls, ())`` then BUILD with its ``__dict__``; the
+    stand-in accepts no constructor arguments and, in :meth:`__setstate__`, only a dict with
+    str keys. :func:`torch_load` rebuilds it as a plain dict of those attributes.
+    """
+
+    name = "?"
+    #: the attributes kept (None: all of them)
+    keep: tuple[str, ...] | None = None
+    #: said in the card's notes (omegaconf's helper objects are not)
+    note = True
+
+    def __new__(cls, *args: Any) -> Any:  # noqa: D102 - documented on the class
+        if args:
+            raise _refuse(cls.name, "takes no constructor arguments, got "
+                          + ", ".join(type(a).__name__ for a in args))
+        obj = super().__new__(cls)
+        _record(cls.name, obj, cls.note)
+        return obj
+
+    def __setstate__(self, state: Any) -> None:
+        state = _attribute_state(self.name, state)
+        if self.keep is not None:
+            state = {k: v for k, v in state.items() if k in self.keep}
+        self.__dict__.update(state)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the attributes as a plain dict."""
+        return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
+        return f"{type(self).__name__}({inner})"
+
+
+class ACMILStruct(ConfigStruct):
     """Inert stand-in for ACMIL's ``utils.utils.Struct`` configuration object.
 
     ACMIL saves its training configuration as an instance of ``utils.utils.Struct``
@@ -96,27 +312,184 @@ class ACMILStruct:
     :meth:`__setstate__`, which accepts only a dict with string keys.
     """
 
-    def __setstate__(self, state: Any) -> None:
-        if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
-            state = state[0]
-        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-            raise pickle.UnpicklingError(
-                "utils.utils.Struct: expected a dict of attributes, got "
-                f"{type(state).__name__}"
-            )
-        self.__dict__.update(state)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the attributes as a plain dict."""
-        return dict(self.__dict__)
-
-    def __repr__(self) -> str:
-        inner = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items())
-        return f"ACMILStruct({inner})"
+    name = "utils.utils.Struct"
 
 
-#: the allowlist handed to :class:`torch.serialization.safe_globals`
-SAFE_GLOBALS: list[Any] = [argparse.Namespace, (ACMILStruct, "utils.utils.Struct")]
+class NamespaceStandIn(ConfigStruct):
+    """Inert stand-in for ``argparse.Namespace`` (``args`` of many training scripts)."""
+
+    name = "argparse.Namespace"
+
+
+class _OmegaContainer(ConfigStruct):
+    """``omegaconf`` ``DictConfig`` / ``ListConfig``: only ``_content`` is kept.
+
+    Rebuilt as a dict (``DictConfig``) or list (``ListConfig``) of the plain values of its
+    nodes; ``None`` or a str (``"???"``, an interpolation) stays as it is. The parent link,
+    metadata and flags are dropped.
+    """
+
+    keep = ("_content",)
+
+
+class OmegaDictConfig(_OmegaContainer):
+    """Inert stand-in for ``omegaconf.dictconfig.DictConfig``."""
+
+    name = "omegaconf.dictconfig.DictConfig"
+
+
+class OmegaListConfig(_OmegaContainer):
+    """Inert stand-in for ``omegaconf.listconfig.ListConfig``."""
+
+    name = "omegaconf.listconfig.ListConfig"
+
+
+class _OmegaNode(ConfigStruct):
+    """An ``omegaconf.nodes`` value node: only ``_val`` is kept; rebuilt as that value."""
+
+    keep = ("_val",)
+    note = False
+
+
+class _OmegaMetadata(ConfigStruct):
+    """``omegaconf.base.Metadata`` / ``ContainerMetadata``: checked, nothing kept."""
+
+    keep = ()
+    note = False
+
+
+def _named(base: type, name: str) -> type:
+    """A subclass of ``base`` that says ``name`` (one class per registered name)."""
+    return type(name.rsplit(".", 1)[1], (base,), {"name": name, "__module__": __name__,
+                                                  "__doc__": f"Inert stand-in for ``{name}``."})
+
+
+_OMEGA_NODES = tuple(
+    _named(_OmegaNode, f"omegaconf.nodes.{n}")
+    for n in ("AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode",
+              "BytesNode", "PathNode", "NoneNode", "InterpolationResultNode")
+)
+_OMEGA_META = tuple(_named(_OmegaMetadata, f"omegaconf.base.{n}")
+                    for n in ("Metadata", "ContainerMetadata"))
+
+_PATH_NAMES = {
+    "PosixPath": posixpath, "PurePosixPath": posixpath, "Path": posixpath,
+    "PurePath": posixpath, "WindowsPath": ntpath, "PureWindowsPath": ntpath,
+}
+#: type names configs store as data (omegaconf metadata, Lightning's ``hparams_type``)
+_TYPE_NAMES = ("typing.Any", "builtins.dict", "builtins.list", "builtins.int",
+               "builtins.float", "builtins.str", "builtins.bool", "builtins.bytes",
+               "builtins.object", "builtins.tuple")
+
+#: the allowlist handed to :class:`torch.serialization.safe_globals`: ``(stand-in, name)``
+#: pairs, matched by name; nothing named here is ever imported
+SAFE_GLOBALS: list[Any] = [
+    (ACMILStruct, ACMILStruct.name),
+    (NamespaceStandIn, NamespaceStandIn.name),
+    (AddictDict, "addict.addict.Dict"),
+    (AddictDict, "addict.Dict"),
+    (EasyDictStandIn, "easydict.EasyDict"),
+    (OmegaDictConfig, OmegaDictConfig.name),
+    (OmegaListConfig, OmegaListConfig.name),
+    *((c, c.name) for c in _OMEGA_NODES + _OMEGA_META),
+    (_DefaultDictStandIn(), "collections.defaultdict"),
+    *((_TypeName(n), n) for n in _TYPE_NAMES),
+    *((_PathStandIn(f"{m}.{n}", f), f"{m}.{n}")
+      for m in ("pathlib", "pathlib._local") for n, f in _PATH_NAMES.items()),
+]
+
+#: stand-in classes by identity, for the post-pass (a class stored as data becomes its name)
+_STAND_IN_CLASSES: dict[int, str] = {}
+for _g in SAFE_GLOBALS:
+    if isinstance(_g[0], type):
+        _STAND_IN_CLASSES.setdefault(id(_g[0]), _g[1])
+del _g
+
+
+def _plain_config(obj: Any, rec: _LoadRecord) -> Any:
+    """Replace what the stand-ins made in a loaded object by plain dicts, lists and strs.
+
+    Containers that hold none are kept as they are (a state_dict's ``OrderedDict`` with its
+    ``_metadata``); tensors are not visited. Shared and cyclic references are followed once.
+
+    Raises
+    ------
+    pickle.UnpicklingError
+        A rebuilt mapping with a key that is not a plain value.
+    """
+    import torch
+
+    memo: dict[int, Any] = {}
+
+    def conv(o: Any) -> Any:
+        oid = id(o)
+        if oid in memo:
+            return memo[oid]
+        if isinstance(o, (str, bytes, int, float, bool, type(None), torch.Tensor)):
+            return o
+        if oid in rec.made and isinstance(o, Counter):  # a _MappingStandIn's dict
+            name = rec.made[oid][0]
+            out: dict[Any, Any] = {}
+            memo[oid] = out
+            for k, v in o.items():
+                if type(k) not in _PLAIN_KEYS:
+                    raise _refuse(name, f"keys must be plain values, got {type(k).__name__}")
+                out[k] = conv(v)
+            return out
+        if isinstance(o, _OmegaContainer):
+            content = o.__dict__.get("_content")
+            if isinstance(o, OmegaListConfig) and type(content) is list:
+                lst: list[Any] = []
+                memo[oid] = lst
+                lst.extend(conv(v) for v in content)
+                return lst
+            if isinstance(o, OmegaDictConfig) and type(content) is dict:
+                out = {}
+                memo[oid] = out
+                out.update((k, conv(v)) for k, v in content.items())
+                return out
+            if content is None or type(content) is str:
+                memo[oid] = content
+                return content
+            raise _refuse(o.name, f"unexpected content {type(content).__name__}")
+        if isinstance(o, _OmegaNode):
+            memo[oid] = None
+            memo[oid] = conv(o.__dict__.get("_val"))
+            return memo[oid]
+        if isinstance(o, _OmegaMetadata):
+            memo[oid] = None
+            return None
+        if isinstance(o, ConfigStruct):
+            out = {}
+            memo[oid] = out
+            out.update((k, conv(v)) for k, v in o.__dict__.items())
+            return out
+        if isinstance(o, (_TypeName, _PathStandIn, _DefaultDictStandIn)):
+            return o.name
+        if isinstance(o, type) and id(o) in _STAND_IN_CLASSES:
+            return _STAND_IN_CLASSES[id(o)]
+        if type(o) in (dict, OrderedDict, Counter):
+            memo[oid] = o
+            for k, v in list(o.items()):
+                nv = conv(v)
+                if nv is not v:
+                    o[k] = nv
+            return o
+        if type(o) is list:
+            memo[oid] = o
+            for i, v in enumerate(o):
+                nv = conv(v)
+                if nv is not v:
+                    o[i] = nv
+            return o
+        if type(o) is tuple:
+            items = [conv(v) for v in o]
+            res = tuple(items) if any(a is not b for a, b in zip(items, o)) else o
+            memo[oid] = res
+            return res
+        return o
+
+    return conv(obj)
 
 
 # ----------------------------------------------------------------------------------------
@@ -310,35 +683,67 @@ def _check_zip(path: Path) -> None:
                            "check (the bytes changed after it was written)")
 
 
-def torch_load(path: str | os.PathLike) -> Any:
+def torch_load(path: str | os.PathLike, rebuilt: list[str] | None = None) -> Any:
     """``torch.load(path, map_location="cpu", weights_only=True)`` with :data:`SAFE_GLOBALS`.
+
+    Configuration objects that training scripts pickle next to the weights are rebuilt as
+    plain data by inert stand-ins registered **by name** (torch's restricted unpickler
+    matches ``"module.name"`` strings and never imports them; no code of the named
+    modules runs, and a stand-in only checks and stores the data it is handed):
+
+    * ``addict.addict.Dict`` (``addict.Dict``) and ``easydict.EasyDict`` -> dict;
+    * ``argparse.Namespace`` and ACMIL's ``utils.utils.Struct`` -> dict of the attributes;
+    * ``omegaconf.dictconfig.DictConfig`` -> dict, ``omegaconf.listconfig.ListConfig`` ->
+      list, their ``omegaconf.nodes`` value nodes (``AnyNode``, ``StringNode``,
+      ``IntegerNode``, ``FloatNode``, ``BooleanNode``, ``BytesNode``, ``PathNode``,
+      ``NoneNode``, ``InterpolationResultNode``) -> their values; the helpers their pickles
+      name (``omegaconf.base.Metadata`` / ``ContainerMetadata``, ``collections.defaultdict``,
+      ``typing.Any`` and the ``builtins`` types ``dict list int float str bool bytes object
+      tuple`` as data) are accepted and dropped or kept as their names;
+    * ``pathlib`` ``PosixPath``, ``WindowsPath``, ``PurePosixPath``, ``PureWindowsPath``,
+      ``Path``, ``PurePath`` (and ``pathlib._local.*``, Python 3.13) -> str;
+    * a stand-in class stored as data (Lightning's ``hparams_type``) -> its name.
+
+    Anything else is refused as before; a stand-in handed anything but data of the
+    expected shape (``(key, value)`` pairs with plain keys, a dict of str-named
+    attributes, str path parts, no constructor arguments) is refused too.
 
     Parameters
     ----------
     path : str or os.PathLike
         A zip or legacy ``torch.save`` file, or a plain pickle.
+    rebuilt : list of str, optional
+        Extended with the names of the configuration objects that were rebuilt (e.g.
+        ``["addict.addict.Dict", "pathlib.PosixPath"]``).
 
     Returns
     -------
     object
-        What the file holds: tensors on the CPU, containers, allowlisted config objects.
+        What the file holds: tensors on the CPU, containers, and plain dict / list / str /
+        number data where the file held allowlisted config objects.
 
     Raises
     ------
     WeightsError
         Refused (the message names the globals it would import: ``"refused: loading it
-        would run code from posix.system; no unsafe fallback ..."``) or unreadable. There is
-        no retry with ``weights_only=False``.
+        would run code from posix.system; no unsafe fallback ..."``, or what a stand-in
+        would not accept: ``"refused: addict.addict.Dict: expected (key, value) pairs, got
+        int; nothing was run ..."``) or unreadable. There is no retry with
+        ``weights_only=False``.
     """
     import torch
 
     path = Path(path)
     _check_zip(path)
+    rec = _LoadRecord()
+    token = _LOAD.set(rec)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pickle protocol.*")
             with torch.serialization.safe_globals(SAFE_GLOBALS):
-                return torch.load(path, map_location="cpu", weights_only=True)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        if rec.made:
+            obj = _plain_config(obj, rec)
     except _TORCH_LOAD_ERRORS as exc:
         bad = unsafe_globals(path)
         if bad:
@@ -348,9 +753,26 @@ def torch_load(path: str | os.PathLike) -> Any:
                 "environment that wrote it (save its state_dict with safetensors) and "
                 "load that instead."
             ) from None
+        detail = _stand_in_problem(exc)
+        if detail:
+            raise WeightsError(f"{path}: refused: {detail}; nothing was run, and there is "
+                               "no unsafe fallback") from None
         raise WeightsError(
             f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {_short(exc)})"
         ) from None
+    finally:
+        _LOAD.reset(token)
+    if rebuilt is not None:
+        rebuilt.extend(n for n in rec.names if n not in rebuilt)
+    return obj
+
+
+def _stand_in_problem(exc: BaseException) -> str:
+    """What a stand-in refused (its message after :data:`_REFUSED`), else ``""``."""
+    msg = str(exc)
+    if _REFUSED not in msg:
+        return ""
+    return msg.split(_REFUSED, 1)[1].strip().splitlines()[0][:300]
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -401,15 +823,15 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
 def to_plain(obj: Any, depth: int = 0) -> Any:
     """Turn a loaded config object into JSON-friendly Python values.
 
-    Allowlisted containers (:class:`ACMILStruct`, ``argparse.Namespace``) and mappings become
-    dicts, sequences lists, one-element tensors numbers, other tensors a
+    Attribute bags (:class:`ConfigStruct` stand-ins, ``argparse.Namespace``) and mappings
+    become dicts, sequences lists, one-element tensors numbers, other tensors a
     ``"<tensor (shape) dtype>"`` string, anything else its ``repr``.
     """
     import torch
 
     if depth > 8:
         return repr(obj)
-    if isinstance(obj, (ACMILStruct, argparse.Namespace)):
+    if isinstance(obj, (ConfigStruct, argparse.Namespace)):
         obj = dict(vars(obj))
     if isinstance(obj, Mapping):
         return {str(k): to_plain(v, depth + 1) for k, v in obj.items()}
@@ -543,7 +965,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
             f"{path}: unknown checkpoint type (expected .safetensors or one of "
             f"{', '.join(TORCH_SUFFIXES)})"
         )
-    sd, meta = _unwrap(torch_load(path), str(path))
+    rebuilt: list[str] = []
+    sd, meta = _unwrap(torch_load(path, rebuilt), str(path))
+    if rebuilt:
+        meta["rebuilt"] = rebuilt
     check_finite(sd, str(path))
     return sd, meta
 

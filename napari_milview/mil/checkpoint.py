@@ -214,6 +214,9 @@ def _read(path: Path, sidecar: Any) -> _Checkpoint:
         notes.insert(0, f"container: {meta['format']} (state_dict under "
                         f"'{meta.get('state_dict_key')}'"
                         + (f", epoch {meta['epoch']}" if "epoch" in meta else "") + ")")
+    if meta.get("rebuilt"):
+        notes.insert(1 if notes and notes[0].startswith("container:") else 0,
+                     f"config objects rebuilt as plain data: {', '.join(meta['rebuilt'])}")
     heads = {k.split(".", 1)[0] for k in raw}
     prefix = f"{heads.pop()}." if len(heads) == 1 and all("." in k for k in raw) else None
     return _Checkpoint(path.name, sd, meta, side, side_src, notes, prefix=prefix)
