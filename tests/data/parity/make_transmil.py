@@ -224,7 +224,11 @@ def main() -> None:
                f"{pl.__version__}'s ModelCheckpoint as train.py configures it "
                "(save_weights_only; hyper_parameters with addict.Dict sections and a "
                "PosixPath 'log'); our loader must pick nystrom 0.0.9 from the container "
-               "alone (load = {})."))
+               "alone (load = {})."
+               " Neither the official repository nor ACMIL ships a TransMIL heatmap script "
+               "(ACMIL's Step4 only visualises models that return attention scores), so the "
+               "heatmap follows the paper's description: the class token's attention row of "
+               "the last layer."))
 
 
 if __name__ == "__main__":

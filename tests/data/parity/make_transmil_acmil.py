@@ -122,7 +122,11 @@ def main() -> None:
                "the last n rows kept after front padding), D_feat 384 / D_inner 128 "
                "(medical_ssl preset). ACMIL's container {'model', 'optimizer', 'epoch', "
                "'config': utils.utils.Struct}; our loader must pick nystrom 'current' from "
-               "the container alone (load = {})."))
+               "the container alone (load = {})."
+               " Neither the official repository nor ACMIL ships a TransMIL heatmap script "
+               "(ACMIL's Step4 only visualises models that return attention scores), so the "
+               "heatmap follows the paper's description: the class token's attention row of "
+               "the last layer."))
 
 
 if __name__ == "__main__":
