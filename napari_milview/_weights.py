@@ -11,11 +11,17 @@ Loading rules (``DESIGN.md`` section 4, ``style.md`` B.3)
   decoded).
 * ``.pt`` / ``.pth`` / ``.ckpt`` / ``.bin`` / ``.tar`` files are read **only** with
   ``torch.load(path, map_location="cpu", weights_only=True)`` inside
-  :class:`torch.serialization.safe_globals` with a minimal allowlist (:data:`SAFE_GLOBALS`):
-  ``argparse.Namespace`` (``args`` saved by many training scripts) and :class:`ACMILStruct`,
-  an inert attribute bag registered under the name ``utils.utils.Struct`` so ACMIL's
-  ``{'model', 'optimizer', 'epoch', 'config'}`` container loads without importing ACMIL's
-  code. ``collections.OrderedDict`` is already allowed by torch.
+  :class:`torch.serialization.safe_globals` with an allowlist of inert stand-ins
+  (:data:`SAFE_GLOBALS`) registered as ``(stand-in, "module.name")``: torch's restricted
+  unpickler matches globals by that string and never imports them. The stand-ins rebuild the
+  training-config objects that scripts save next to the weights as plain data (dict, list,
+  str, numbers): ``addict.Dict`` (TransMIL's YAML config in Lightning ``hyper_parameters``)
+  and ``easydict.EasyDict`` -> dict; ``argparse.Namespace`` and ``utils.utils.Struct``
+  (:class:`ACMILStruct`: ACMIL's and AEM's ``{'model', 'optimizer', 'epoch', 'config'}``)
+  -> dict of attributes; omegaconf ``DictConfig`` / ``ListConfig`` and their nodes -> dict /
+  list / values; ``pathlib`` paths -> str (the full list: :func:`torch_load`). A stand-in
+  only checks and stores the data it is handed and refuses anything else; nothing named in
+  a file is ever called. ``collections.OrderedDict`` is already allowed by torch.
 * When the restricted unpickler refuses a file, :class:`WeightsError` names the file and the
   globals it would have imported (:func:`unsafe_globals`, a static :mod:`pickletools` scan):
   "refused: loading it would run code from ...; no unsafe fallback". There is **no**
@@ -23,7 +29,10 @@ Loading rules (``DESIGN.md`` section 4, ``style.md`` B.3)
 
 Containers understood (:func:`read_state_dict`): a bare state_dict; ACMIL
 ``{'model', 'optimizer', 'epoch', 'config'}``; PyTorch Lightning
-``{'state_dict', 'hyper_parameters', ...}``; ``{'model_state_dict': ...}``; ``{'net': ...}``.
+``{'state_dict', 'hyper_parameters', ...}``; ``{'model_state_dict': ...}``; ``{'net': ...}``;
+a dict of several module state_dicts (DTFD-MIL's ``{'classifier': ..., 'dim_reduction': ...,
+'attention': ..., 'att_classifier': ...}``), joined into one state_dict as
+``<module>.<key>``.
 
 Generic key handling: :func:`strip_prefixes` removes a prefix shared by **all** keys
 (Lightning ``model.``, DataParallel ``module.``, ``torch.compile``'s ``_orig_mod.``);
@@ -40,18 +49,16 @@ import argparse
 import functools
 import io
 import json
-import ntpath
 import os
 import pickle
 import pickletools
-import posixpath
 import warnings
 import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 from zlib import error as zlib_error
 
@@ -62,6 +69,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "ACMILStruct",
+    "AddictDict",
+    "ConfigStruct",
+    "EasyDictStandIn",
+    "NamespaceStandIn",
+    "OmegaDictConfig",
+    "OmegaListConfig",
     "SAFE_GLOBALS",
     "TORCH_SUFFIXES",
     "WeightsError",
@@ -172,10 +185,12 @@ class _TypeName(_InstanceStandIn):
 
 
 class _PathStandIn(_InstanceStandIn):
-    """``pathlib.*Path`` reduced as ``(cls, parts)``: joined as a str, nothing touched.
+    """``pathlib.*Path`` reduced as ``(cls, parts)``: the path's str, nothing touched.
 
-    Each part must be a str; :func:`posixpath.join` or :func:`ntpath.join` (pure string
-    functions) make the path. Rebuilt as that str.
+    Each part must be a str (Python <= 3.12 pickles the parts, ``('/', 'runs', 'x')``;
+    3.13 the raw strings, ``('/runs/x',)``, under ``pathlib._local``). The str is that of
+    :class:`pathlib.PurePosixPath` or :class:`pathlib.PureWindowsPath` of the parts (pure
+    string parsing, no file system), so it reads as the saved path did.
     """
 
     __slots__ = ("name", "flavour")
@@ -188,7 +203,7 @@ class _PathStandIn(_InstanceStandIn):
         if bad:
             raise _refuse(self.name, f"path parts must be str, got {bad[0]}")
         _record(self.name)
-        return self.flavour.join(*parts) if parts else "."
+        return str(self.flavour(*parts))
 
     def __repr__(self) -> str:
         return f"<inert {self.name}>"
@@ -309,7 +324,8 @@ class ACMILStruct(ConfigStruct):
     *name* ``utils.utils.Struct`` to this class: it matches globals by the string
     ``"{module}.{name}"`` and never imports the module, so no ACMIL code runs. The unpickler
     creates the instance with ``__new__`` and hands the saved ``__dict__`` to
-    :meth:`__setstate__`, which accepts only a dict with string keys.
+    :meth:`__setstate__`, which accepts only a dict with string keys; :func:`torch_load`
+    then returns those attributes as a plain dict. AEM (same authors) saves the same class.
     """
 
     name = "utils.utils.Struct"
@@ -373,8 +389,9 @@ _OMEGA_META = tuple(_named(_OmegaMetadata, f"omegaconf.base.{n}")
                     for n in ("Metadata", "ContainerMetadata"))
 
 _PATH_NAMES = {
-    "PosixPath": posixpath, "PurePosixPath": posixpath, "Path": posixpath,
-    "PurePath": posixpath, "WindowsPath": ntpath, "PureWindowsPath": ntpath,
+    "PosixPath": PurePosixPath, "PurePosixPath": PurePosixPath, "Path": PurePosixPath,
+    "PurePath": PurePosixPath, "WindowsPath": PureWindowsPath,
+    "PureWindowsPath": PureWindowsPath,
 }
 #: type names configs store as data (omegaconf metadata, Lightning's ``hparams_type``)
 _TYPE_NAMES = ("typing.Any", "builtins.dict", "builtins.list", "builtins.int",
@@ -382,7 +399,15 @@ _TYPE_NAMES = ("typing.Any", "builtins.dict", "builtins.list", "builtins.int",
                "builtins.object", "builtins.tuple")
 
 #: the allowlist handed to :class:`torch.serialization.safe_globals`: ``(stand-in, name)``
-#: pairs, matched by name; nothing named here is ever imported
+#: pairs, matched by name; nothing named here is ever imported. ``utils.utils.Struct``
+#: (ACMIL, AEM) and ``argparse.Namespace`` -> attribute bags; ``addict.addict.Dict``
+#: (``addict.Dict``) and ``easydict.EasyDict`` -> mappings; omegaconf ``DictConfig``,
+#: ``ListConfig``, ``omegaconf.nodes.*Node`` (Any, String, Integer, Float, Boolean, Bytes,
+#: Path, None, InterpolationResult), ``omegaconf.base.Metadata`` / ``ContainerMetadata``;
+#: ``collections.defaultdict`` (-> an empty dict, its factory never called); the type
+#: names :data:`_TYPE_NAMES` (data only, never called); ``pathlib`` / ``pathlib._local``
+#: ``PosixPath``, ``PurePosixPath``, ``Path``, ``PurePath``, ``WindowsPath``,
+#: ``PureWindowsPath`` -> str. :func:`torch_load` turns what they made into plain data.
 SAFE_GLOBALS: list[Any] = [
     (ACMILStruct, ACMILStruct.name),
     (NamespaceStandIn, NamespaceStandIn.name),
@@ -744,6 +769,9 @@ def torch_load(path: str | os.PathLike, rebuilt: list[str] | None = None) -> Any
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         if rec.made:
             obj = _plain_config(obj, rec)
+    except RecursionError:
+        raise WeightsError(f"{path}: refused: its config objects nest deeper than Python's "
+                           "recursion limit; nothing was run") from None
     except _TORCH_LOAD_ERRORS as exc:
         bad = unsafe_globals(path)
         if bad:
@@ -896,13 +924,37 @@ def _unwrap(obj: Any, name: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
             meta["state_dict_key"] = key
             break
     else:
-        # a bare state_dict with non-tensor leftovers, or an unknown container
-        _check_state_dict(obj, name, "the file")
-        raise AssertionError("unreachable")  # pragma: no cover
+        modules = _module_dicts(obj)
+        if modules is None:
+            # a bare state_dict with non-tensor leftovers, or an unknown container
+            _check_state_dict(obj, name, "the file")
+            raise AssertionError("unreachable")  # pragma: no cover
+        sd = {f"{m}.{k}": v for m in modules for k, v in obj[m].items()}
+        meta["format"] = "modules"
+        meta["state_dict_key"] = ", ".join(modules)
+        meta["modules"] = modules
     meta.update(_container_extras(obj))
-    used = {meta["state_dict_key"], meta.get("config_key"), "epoch"}
+    used = {meta["state_dict_key"], meta.get("config_key"), "epoch", *meta.get("modules", ())}
     meta["ignored_keys"] = sorted(str(k) for k in obj if k not in used)
     return sd, meta
+
+
+def _module_dicts(obj: Mapping) -> list[str] | None:
+    """The keys of a dict of several module state_dicts (DTFD-MIL saves
+    ``{'classifier': sd, 'dim_reduction': sd, 'attention': sd, 'att_classifier': sd}``):
+    every mapping value but a training config maps str to tensors, and there are at least
+    two. None otherwise."""
+    import torch
+
+    names = [k for k, v in obj.items() if isinstance(v, Mapping) and k not in _CONFIG_KEYS]
+    if len(names) < 2 or not all(isinstance(k, str) and "." not in k for k in names):
+        return None
+    for k in names:
+        inner = obj[k]
+        if not inner or not all(isinstance(kk, str) and isinstance(v, torch.Tensor)
+                                for kk, v in inner.items()):
+            return None
+    return names
 
 
 def _container_extras(obj: Mapping) -> dict[str, Any]:
@@ -935,10 +987,13 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
         The raw state_dict (keys as stored, prefixes not stripped), on the CPU.
     metadata : dict
         ``format`` (``"safetensors"``, ``"state_dict"``, ``"acmil"``, ``"lightning"``,
-        ``"model_state_dict"``, ``"model"`` or ``"net"``); optionally ``card`` (our own
+        ``"model_state_dict"``, ``"model"``, ``"net"`` or ``"modules"``: a dict of module
+        state_dicts, whose names are listed under ``modules``); optionally ``card`` (our own
         model card), ``config`` (ACMIL config / Lightning ``hyper_parameters`` / ``args``
         as plain values, with ``config_key``), ``state_dict_key``, ``epoch``,
-        ``ignored_keys`` (e.g. ``optimizer``) and ``safetensors_metadata``.
+        ``ignored_keys`` (e.g. ``optimizer``), ``safetensors_metadata`` and ``rebuilt``
+        (the config objects :func:`torch_load` rebuilt as plain data, e.g.
+        ``["addict.addict.Dict", "pathlib.PosixPath"]``).
 
     Raises
     ------
@@ -1157,16 +1212,20 @@ def read_sidecar(sidecar: str | os.PathLike | Mapping[str, Any] | None,
     FileNotFoundError
         A sidecar path that was named explicitly does not exist.
     WeightsError
-        The sidecar is not a readable JSON object.
+        The sidecar is not a regular file (a folder, a named pipe, a broken link: refused
+        unopened), or not a readable JSON object.
     """
     if isinstance(sidecar, Mapping):
         return dict(sidecar), "sidecar argument"
     if sidecar is None:
         cand = sidecar_path(weights)
-        if not cand.is_file():
+        if not os.path.lexists(cand):
             return {}, None
         sidecar = cand
     sidecar = Path(sidecar)
-    if not sidecar.is_file():
+    problem = file_problem(sidecar)
+    if problem == "no such file or folder":
         raise FileNotFoundError(f"sidecar not found: {sidecar}")
+    if problem:  # a folder, a FIFO, a broken link ...: refused by type, never opened
+        raise WeightsError(f"{sidecar}: the sidecar {problem}")
     return read_json_object(sidecar), str(sidecar)

@@ -72,6 +72,25 @@ def test_torch_legacy_format_and_containers(tmp_path):
     assert meta["config_key"] == "args" and meta["ignored_keys"] == ["optimizer"]
 
 
+def test_a_dict_of_module_state_dicts(tmp_path):
+    """DTFD-MIL saves ``{'classifier': sd, 'dim_reduction': sd, ...}``: joined as
+    ``<module>.<key>``; a training config and the epoch beside them are kept as metadata."""
+    path = tmp_path / "best_model.pth"
+    parts = {"classifier": {"fc.weight": torch.ones(2, 4)}, "dim_reduction": _sd()}
+    torch.save({**parts, "args": argparse.Namespace(mDim=4), "epoch": 7}, path)
+    sd, meta = read_state_dict(path)
+    _same(sd, {f"{m}.{k}": v for m, d in parts.items() for k, v in d.items()})
+    assert meta["format"] == "modules" and meta["modules"] == ["classifier", "dim_reduction"]
+    assert meta["state_dict_key"] == "classifier, dim_reduction"
+    assert meta["config"] == {"mDim": 4} and meta["epoch"] == 7 and meta["ignored_keys"] == []
+    # one module alone, or a module holding a non-tensor, is no such container
+    for bad in ({"classifier": _sd(), "n_iter": 3}, {"a": _sd(), "b": {"step": 1}},
+                {"a": _sd(), "b": {}}):
+        torch.save(bad, path)
+        with pytest.raises(WeightsError, match="not a state_dict of tensors"):
+            read_state_dict(path)
+
+
 def test_safetensors_file_and_metadata(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(_sd(), str(path), metadata={"format": "pt", "milview": json.dumps({"arch": "x"}),

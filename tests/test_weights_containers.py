@@ -11,10 +11,15 @@ the real ``addict`` / ``omegaconf`` / ``easydict`` / PyTorch Lightning 1.x by
 
 from __future__ import annotations
 
+import contextlib
+import json
 import pickle
 import struct
+import subprocess
+import sys
+import types
 import zipfile
-from pathlib import Path
+from pathlib import Path, PosixPath
 
 import pytest
 import torch
@@ -24,6 +29,7 @@ from napari_milview._weights import (
     AddictDict,
     WeightsError,
     read_state_dict,
+    to_plain,
     torch_load,
     unsafe_globals,
 )
@@ -267,6 +273,36 @@ def test_an_empty_addict_and_a_shared_one(tmp_path):
     assert rebuilt == ["addict.addict.Dict", "pathlib._local.PureWindowsPath"]
 
 
+@pytest.mark.parametrize(("module", "cls", "parts", "expected"), [
+    ("pathlib", "PosixPath", ("/", "runs", "x", "fold0"), "/runs/x/fold0"),  # <= 3.12
+    ("pathlib._local", "PosixPath", ("/runs/x/fold0",), "/runs/x/fold0"),  # 3.13
+    ("pathlib", "PurePosixPath", ("logs", "Camelyon"), "logs/Camelyon"),
+    ("pathlib", "Path", (), "."),
+    ("pathlib", "PureWindowsPath", ("C:\\", "data", "x"), "C:\\data\\x"),
+    ("pathlib._local", "WindowsPath", ("C:/data/x",), "C:\\data\\x"),
+])
+def test_paths_as_each_python_pickles_them(tmp_path, module, cls, parts, expected):
+    cfg = G(module, cls) + MARK + b"".join(S(p) for p in parts) + TUPLE + REDUCE
+    rebuilt: list[str] = []
+    assert torch_load(checkpoint(tmp_path, cfg), rebuilt)["cfg"] == expected
+    assert rebuilt == [f"{module}.{cls}"]
+
+
+def test_deep_nesting_is_refused_not_a_crash(tmp_path):
+    """Config objects nested past the recursion limit: a WeightsError, nothing else."""
+    def nested(depth: int) -> bytes:  # {'a': {'a': ... {}}} as addict pickles it
+        return ((G("addict.addict", "Dict") + S("a")) * depth + G("addict.addict", "Dict")
+                + EMPTY_TUPLE + NEWOBJ + (TUPLE2 + TUPLE1 + NEWOBJ) * depth)
+
+    cfg = torch_load(checkpoint(tmp_path, nested(200), "ok.ckpt"))["cfg"]
+    for _ in range(200):
+        cfg = cfg["a"]
+    assert cfg == {}
+    with pytest.raises(WeightsError, match="evil.ckpt: refused: its config objects nest "
+                                           "deeper than Python's recursion limit"):
+        torch_load(checkpoint(tmp_path, nested(sys.getrecursionlimit() + 100)))
+
+
 def test_every_allowlisted_name_is_inert():
     """The allowlist holds stand-ins only: no real class or function of the named modules."""
     for obj, name in SAFE_GLOBALS:
@@ -281,3 +317,185 @@ def test_stand_in_classes_are_plain_python():
     assert dict(made) == {"a": 1}
     with pytest.raises(Exception, match="expected a dict of attributes"):
         made.__setstate__([("a", 2)])
+
+
+# ------------------------------------------------------------------------------- real files
+def _load(name: str) -> tuple[dict, dict]:
+    path = DATA / name
+    sd, meta = read_state_dict(path)
+    return sd, meta
+
+
+def test_transmil_lightning_checkpoint():
+    """PyTorch Lightning 1.x layout with addict sections and a PosixPath (TransMIL's
+    train.py): loads, the config is plain data, the state_dict keeps its ``model.`` keys."""
+    obj = torch_load(DATA / "transmil_lightning_like.ckpt")
+    assert set(obj) == {"epoch", "global_step", "pytorch-lightning_version", "state_dict",
+                        "loops", "hparams_name", "hyper_parameters"}
+    assert obj["pytorch-lightning_version"].startswith("1.")
+    sd, meta = _load("transmil_lightning_like.ckpt")
+    assert meta["format"] == "lightning" and meta["config_key"] == "hyper_parameters"
+    assert all(k.startswith("model.") for k in sd)
+    cfg = meta["config"]
+    assert cfg["model"] == {"name": "TransMIL", "n_classes": 2}
+    assert cfg["log"] == "logs/Camelyon/TransMIL"
+    assert cfg["data"]["train_dataloader"]["batch_size"] == 1
+    assert cfg["optimizer"]["opt_eps"] is None and cfg["loss"]["base_loss"] == "CrossEntropyLoss"
+    assert meta["rebuilt"] == ["addict.addict.Dict", "pathlib.PosixPath"]
+    _assert_plain(cfg)
+
+
+def test_lightning_full_state_checkpoint():
+    """``Trainer.save_checkpoint``: optimizer, scheduler and callback states load too (plain
+    data and tensors) and are left aside by the reader."""
+    obj = torch_load(DATA / "lightning_full_state.ckpt")
+    assert {"optimizer_states", "lr_schedulers", "callbacks", "loops"} <= set(obj)
+    assert isinstance(obj["optimizer_states"][0]["state"][0]["exp_avg"], torch.Tensor)
+    assert any(k.startswith("EarlyStopping") for k in obj["callbacks"])
+    sd, meta = _load("lightning_full_state.ckpt")
+    assert {"optimizer_states", "lr_schedulers", "callbacks"} <= set(meta["ignored_keys"])
+    assert meta["config"]["model"] == {"name": "TransMIL", "n_classes": 2}
+
+
+def test_omegaconf_checkpoint():
+    sd, meta = _load("omegaconf_hparams.ckpt")
+    cfg = meta["config"]
+    assert cfg["model"]["name"] == "TransMIL" and cfg["model"]["n_classes"] == 2
+    assert cfg["model"]["dims"] == [64, 32] and cfg["optimizer"]["lr"] == 0.0002
+    assert cfg["log"] == "logs/run1"  # a PathNode holding a PosixPath
+    assert cfg["model"]["tag"] == "${model.name}"  # interpolations stay unresolved strings
+    assert meta["rebuilt"] == ["omegaconf.dictconfig.DictConfig",
+                               "omegaconf.listconfig.ListConfig", "pathlib.PosixPath"]
+    # Lightning stores the DictConfig class itself: it comes back as its name
+    assert torch_load(DATA / "omegaconf_hparams.ckpt")["hparams_type"] == \
+        "omegaconf.dictconfig.DictConfig"
+    _assert_plain(cfg)
+
+
+@pytest.mark.parametrize("version", ["2.0.6", "2.1.2"])
+def test_older_omegaconf_checkpoints(version):
+    """DictConfig pickles of omegaconf 2.0 / 2.1 (Hydra 1.0 / 1.1 era) rebuild alike."""
+    sd, meta = _load(f"omegaconf_{version}.ckpt")
+    assert meta["config"] == {
+        "model": {"name": "TransMIL", "n_classes": 2, "dims": [64, 32],
+                  "tag": "${model.name}", "dropout": 0.25, "bias": True, "ckpt": None},
+        "data": {"fold": 0, "missing": "???"},
+    }
+    assert meta["rebuilt"] == ["omegaconf.dictconfig.DictConfig",
+                               "omegaconf.listconfig.ListConfig"]
+    _assert_plain(meta["config"])
+
+
+def test_namespace_checkpoint():
+    sd, meta = _load("namespace_args.pth")
+    assert meta["config_key"] == "args" and meta["config"]["n_classes"] == 2
+    assert meta["config"]["feats_dir"] == "/data/feats"
+    assert meta["config"]["log_dir"] == "/runs/mil/fold0" and meta["epoch"] == 3
+    assert meta["rebuilt"] == ["argparse.Namespace", "pathlib.PosixPath"]
+    _assert_plain(meta["config"])
+
+
+def test_easydict_checkpoint():
+    sd, meta = _load("easydict_config.pth")
+    assert meta["config"]["model"] == {"n_classes": 2, "in_dim": 16}
+    assert meta["rebuilt"] == ["easydict.EasyDict"]
+    _assert_plain(meta["config"])
+
+
+def _assert_plain(obj) -> None:
+    if isinstance(obj, dict):
+        assert type(obj) is dict
+        for k, v in obj.items():
+            assert isinstance(k, (str, int, float, bool)) or k is None
+            _assert_plain(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            _assert_plain(v)
+    else:
+        assert obj is None or isinstance(obj, (str, int, float, bool)), type(obj)
+    assert to_plain(obj) == obj
+
+
+def test_reading_imports_none_of_the_named_modules():
+    """Loading every real file imports no addict / omegaconf / easydict / lightning / utils."""
+    names = sorted(p.name for p in DATA.glob("*") if p.suffix in (".ckpt", ".pth"))
+    code = (
+        "import sys, json\n"
+        "from napari_milview._weights import read_state_dict\n"
+        f"for n in {names!r}:\n"
+        f"    read_state_dict({str(DATA)!r} + '/' + n)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('addict', 'omegaconf', 'easydict', 'pytorch_lightning', 'lightning', 'utils')]\n"
+        "print(json.dumps(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert len(names) >= 4
+    assert json.loads(out.splitlines()[-1]) == []
+
+
+# ------------------------------------------------------------------------- through load_model
+@contextlib.contextmanager
+def _fake_addict():
+    """A stand-in *writer* for ``addict.Dict``: pickles exactly as addict does (NEWOBJ with
+    the ``(key, value)`` pairs, SETITEMS, BUILD with itself), under the name
+    ``addict.addict.Dict``; removed from ``sys.modules`` before anything is read."""
+
+    class Dict(dict):
+        def __getnewargs__(self):
+            return tuple(self.items())
+
+        def __getstate__(self):
+            return self
+
+        def __setstate__(self, state):  # pragma: no cover - never read back with it
+            self.update(state)
+
+    Dict.__module__, Dict.__qualname__ = "addict.addict", "Dict"
+    mod, parent = types.ModuleType("addict.addict"), types.ModuleType("addict")
+    mod.Dict, parent.addict = Dict, mod
+    sys.modules.update({"addict": parent, "addict.addict": mod})
+    try:
+        yield Dict
+    finally:
+        sys.modules.pop("addict.addict")
+        sys.modules.pop("addict")
+
+
+def _abmil_lightning(path: Path, n_classes_in_config: int) -> torch.nn.Module:
+    from napari_milview.mil import base
+
+    model = base.build_model("abmil", in_dim=12, n_classes=2, inner_dim=8, attn_dim=4)
+    sd = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
+    with _fake_addict() as Dict:
+        hp = {"model": Dict(name="ABMIL", n_classes=n_classes_in_config),
+              "optimizer": Dict(lr=2e-4), "log": PosixPath("logs/Camelyon/ABMIL")}
+        torch.save({"epoch": 9, "global_step": 90, "pytorch-lightning_version": "1.5.10",
+                    "state_dict": sd, "hyper_parameters": hp}, path)
+    assert "addict" not in sys.modules
+    return model
+
+
+def test_lightning_addict_config_reaches_load_model(tmp_path):
+    from napari_milview.mil.checkpoint import load_model
+
+    path = tmp_path / "epoch=09.ckpt"
+    model = _abmil_lightning(path, n_classes_in_config=2)
+    assert unsafe_globals(path) == []
+    loaded, card = load_model(path, arch="abmil")
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v, rtol=0, atol=0)
+    assert "config objects rebuilt as plain data: addict.addict.Dict, pathlib.PosixPath" \
+        in card.notes
+    assert "stored config cross-checked (n_classes)" in card.notes
+    assert "addict" not in sys.modules
+
+
+def test_lightning_addict_config_contradicting_the_weights(tmp_path):
+    from napari_milview.mil.checkpoint import CheckpointError, load_model
+
+    path = tmp_path / "bad.ckpt"
+    _abmil_lightning(path, n_classes_in_config=3)
+    with pytest.raises(CheckpointError, match=r"says n_classes=3 but the weights give "
+                                              r"n_classes=2"):
+        load_model(path, arch="abmil")

@@ -12,9 +12,12 @@ acmil_ga   :class:`ACMIL_GA`                      ``"branch/mean"``
 acmil_mha  :class:`ACMIL_MHA`                     ``"branch/mean"``
 mha        :class:`MHA` (ACMIL/AEM single query)  ``"head/mean"``
 transmil   :class:`TransMIL`                      ``"layer2/mean"``
+dtfd       :class:`DTFD` (DTFD-MIL, seeded split) ``"instance/{C-1}"``
+mhim       :class:`MHIM` (MHIM-MIL student)       ``"attention"`` / ``"layer1/mean"``
 ========== ====================================== =========================================
 
-Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``.
+Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``, ``mhim_abmil`` / ``mhim_transmil``
+-> ``mhim`` (backbone ``attn`` / ``selfattn``).
 """
 
 from .abmil import ABMIL
@@ -34,6 +37,8 @@ from .base import (
     resolve_arch,
 )
 from .clam import CLAM_MB, CLAM_SB
+from .dtfd import DTFD
+from .mhim import MHIM
 from .transmil import TransMIL
 
 __all__ = [
@@ -43,7 +48,9 @@ __all__ = [
     "ALIASES",
     "CLAM_MB",
     "CLAM_SB",
+    "DTFD",
     "MHA",
+    "MHIM",
     "MODELS",
     "MILModel",
     "MILOutput",

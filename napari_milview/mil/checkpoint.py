@@ -210,10 +210,15 @@ def _read(path: Path, sidecar: Any) -> _Checkpoint:
     raw, meta = read_state_dict(path)
     sd, notes = strip_prefixes(raw)
     side, side_src = read_sidecar(sidecar, path)
-    if meta.get("format") not in (None, "safetensors", "state_dict"):
+    if meta.get("format") == "modules":
+        notes.insert(0, f"container: {len(meta['modules'])} module state_dicts "
+                        f"({meta['state_dict_key']}) joined as '<module>.<key>'")
+    elif meta.get("format") not in (None, "safetensors", "state_dict"):
         notes.insert(0, f"container: {meta['format']} (state_dict under "
                         f"'{meta.get('state_dict_key')}'"
-                        + (f", epoch {meta['epoch']}" if "epoch" in meta else "") + ")")
+                        + (f", epoch {meta['epoch']}" if "epoch" in meta else "")
+                        + (f"; not loaded: {', '.join(meta['ignored_keys'])}"
+                           if meta.get("ignored_keys") else "") + ")")
     if meta.get("rebuilt"):
         notes.insert(1 if notes and notes[0].startswith("container:") else 0,
                      f"config objects rebuilt as plain data: {', '.join(meta['rebuilt'])}")

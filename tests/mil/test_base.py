@@ -28,14 +28,21 @@ SMALL = {
     "acmil_mha": {"in_dim": D, "n_classes": 2, "inner_dim": 16, "n_token": 2},
     "mha": {"in_dim": D, "n_classes": 2, "inner_dim": 16},
     "transmil": {"in_dim": D, "n_classes": 2, "dim": 32},
+    "dtfd": {"in_dim": D, "n_classes": 2, "m_dim": 16, "attn_dim": 8},
     "aem": {"in_dim": D, "n_classes": 2, "inner_dim": 16, "attn_dim": 8},
     "aem_mha": {"in_dim": D, "n_classes": 2, "inner_dim": 16},
+    "mhim": {"in_dim": D, "n_classes": 2, "dim": 16, "backbone": "attn", "merge": True},
+    "mhim_abmil": {"in_dim": D, "n_classes": 3, "dim": 16},
+    "mhim_transmil": {"in_dim": D, "n_classes": 2, "dim": 32},
 }
-CANONICAL = ["abmil", "clam_sb", "clam_mb", "acmil_ga", "acmil_mha", "mha", "transmil"]
+CANONICAL = ["abmil", "clam_sb", "clam_mb", "acmil_ga", "acmil_mha", "mha", "transmil", "dtfd",
+             "mhim"]
 
 def _is_softmax_source(arch: str, name: str) -> bool:
-    """Sources that are a softmax over the bag (sum to 1)."""
-    return not (name.startswith(("raw/", "instance/")) or arch == "transmil")
+    """Sources that are a softmax over the bag (sum to 1; DTFD's ``tier1/`` sums to 1 over
+    each pseudo-bag)."""
+    return not (name.startswith(("raw/", "instance/", "tier1/")) or name == "pseudo_score"
+                or arch in ("transmil", "mhim_transmil"))
 
 
 def _model(arch: str, seed: int = 0) -> MILModel:
