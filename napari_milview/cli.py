@@ -144,15 +144,16 @@ def _drive(gen, desc: str, who: str):
             bar.close()
 
 
-def _load_mil(model: str, arch: str | None):
-    """(model, card, name) for a checkpoint path or ``demo`` (the shipped demo model)."""
+def _load_mil(model: str, arch: str | None, nystrom: str | None = None):
+    """(model, card, name) for a checkpoint path or ``demo`` (the shipped demo model);
+    ``nystrom``: TransMIL's nystrom-attention variant (None: the checkpoint's)."""
     from .mil.checkpoint import load_model
 
     if model == "demo":
         from .assets import demo_model_path
 
-        return (*load_model(demo_model_path(), arch=arch), "demo")
-    return (*load_model(model, arch=arch), str(model))
+        return (*load_model(demo_model_path(), arch=arch, nystrom=nystrom), "demo")
+    return (*load_model(model, arch=arch, nystrom=nystrom), str(model))
 
 
 def _cmd_attend(args: argparse.Namespace) -> int:
@@ -166,7 +167,7 @@ def _cmd_attend(args: argparse.Namespace) -> int:
             raise ValueError(f"{dest}: folder {dest.parent} does not exist")
     bag = load_bag(args.bag, patch_size_level0=args.patch_size_level0,
                    patches_h5=args.patches_h5, slide_id=args.slide_id, mpp=args.mpp)
-    model, card, name = _load_mil(args.model, args.arch)
+    model, card, name = _load_mil(args.model, args.arch, args.nystrom)
     _, result = collect(run(None, model, card, RunSpec(bag=bag, device=args.device,
                                                       model_name=name)))
     if args.source is not None and args.source not in result.sources:
@@ -187,7 +188,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = CohortConfig(
         encoder=args.encoder, weights=args.weights, model=args.model, arch=args.arch,
-        patch_um=args.patch_um, mag=args.mag, min_tissue=args.min_tissue, mpp=args.mpp,
+        nystrom=args.nystrom, patch_um=args.patch_um, mag=args.mag,
+        min_tissue=args.min_tissue, mpp=args.mpp,
         device=args.device, source=args.source, top_k=args.top_k,
         batch_size=args.batch_size, readers=args.readers)
     bar = None
@@ -401,6 +403,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                          ) from None
 
 
+#: ``--nystrom`` (attend, run): TransMIL's nystrom-attention variant
+NYSTROM_CHOICES = ("0.0.9", "current")
+NYSTROM_HELP = ("TransMIL only: which nystrom-attention release to reproduce. 0.0.9 (the "
+                "official TransMIL repository's pin) keeps the first n rows after padding, "
+                "'current' (0.0.10 and later, e.g. ACMIL's copy) the last n: the same weights "
+                "give other probabilities and heatmaps. Default: the model card's, else the "
+                "checkpoint's layout (official Lightning .ckpt -> 0.0.9, otherwise current)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``milview`` argument parser. Long on purpose: one flat block of argparse
     declarations per subcommand, in the README's order; split up, the options of a command
@@ -462,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, metavar="CKPT_OR_demo",
                    help="checkpoint (.safetensors/.pt/.pth/.ckpt) or 'demo'")
     s.add_argument("--arch", default=None, help="architecture (default: detected)")
+    s.add_argument("--nystrom", default=None, choices=NYSTROM_CHOICES, help=NYSTROM_HELP)
     s.add_argument("--patch-size-level0", type=int, default=None, metavar="PX",
                    help="patch side in level-0 pixels, when the bag does not say")
     s.add_argument("--patches-h5", default=None, help="CLAM/TRIDENT patches h5 (extent)")
@@ -486,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, metavar="CKPT_OR_demo",
                    help="MIL checkpoint (.safetensors/.pt/.pth/.ckpt) or 'demo'")
     s.add_argument("--arch", default=None, help="architecture (default: detected)")
+    s.add_argument("--nystrom", default=None, choices=NYSTROM_CHOICES, help=NYSTROM_HELP)
     s.add_argument("--out", required=True, metavar="DIR",
                    help="output folder: per-slide files and summary.csv")
     s.add_argument("--scheduler", default=None, metavar="ADDRESS",

@@ -242,7 +242,7 @@ class MILModel(nn.Module):
 
         ``cls(**hparams_from_state_dict(sd))`` has exactly the keys and shapes of ``sd``.
         Hyper-parameters that leave no trace in the weights (dropout, STKIM settings, the
-        TransMIL legacy slice) are not returned; the constructor defaults apply.
+        TransMIL ``nystrom`` variant) are not returned; the constructor defaults apply.
 
         Raises
         ------
@@ -455,7 +455,7 @@ def build_from_state_dict(sd: Mapping[str, Tensor], arch: str | None = None,
         Passed to ``load_state_dict``.
     **overrides
         Hyper-parameters that leave no trace in the weights (e.g.
-        ``legacy_nystrom_slice=True``).
+        ``nystrom="0.0.9"``).
     """
     _ensure_builtin()
     if arch is None:
@@ -500,6 +500,11 @@ class ModelCard:
         Side of a patch in microns at which the encoder was run.
     notes : str
         Free text (provenance, legacy switches, remapped keys ...).
+    nystrom : str or None
+        TransMIL family only: the nystrom-attention release the model reproduces,
+        ``"0.0.9"`` (the official TransMIL repository's pin) or ``"current"`` (0.0.10 and
+        later); the same value as ``hparams["nystrom"]``. None for other architectures.
+        Sidecar JSON key ``"nystrom"``.
     """
 
     arch: str
@@ -509,10 +514,16 @@ class ModelCard:
     encoder: str | None = None
     patch_size_um: float | None = None
     notes: str = ""
+    nystrom: str | None = None
 
     def build(self) -> MILModel:
-        """``build_model(self.arch, **self.hparams)`` (eval mode, random weights)."""
-        return build_model(self.arch, **self.hparams)
+        """``build_model(self.arch, **self.hparams)`` (eval mode, random weights), with
+        :attr:`nystrom` when the hyper-parameters do not name the variant."""
+        hp = dict(self.hparams)
+        if self.nystrom is not None and "nystrom" not in hp \
+                and "legacy_nystrom_slice" not in hp:
+            hp["nystrom"] = self.nystrom
+        return build_model(self.arch, **hp)
 
     def check(self) -> list[str]:
         """Inconsistencies between the fields (empty when consistent)."""
@@ -524,6 +535,9 @@ class ModelCard:
         nc = self.hparams.get("n_classes")
         if self.classes and nc is not None and len(self.classes) != int(nc):
             problems.append(f"{len(self.classes)} class names for n_classes={nc}")
+        hv = self.hparams.get("nystrom")
+        if self.nystrom is not None and hv is not None and str(hv) != str(self.nystrom):
+            problems.append(f"nystrom {self.nystrom!r} != hparams nystrom {hv!r}")
         return problems
 
     def to_dict(self) -> dict[str, Any]:

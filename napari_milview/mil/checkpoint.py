@@ -22,7 +22,9 @@ Each architecture's key remaps live in its own module, as its class's
 3. the architecture's own remaps (``cls.remap_keys``);
 4. hyper-parameters (:func:`_hyperparameters`): inferred from the tensor shapes
    (``cls.hparams_from_state_dict``), cross-checked with the stored card, the sidecar, the
-   ``hparams`` argument and a stored training config (a contradiction raises);
+   ``hparams`` argument and a stored training config (a contradiction raises); for TransMIL
+   the nystrom-attention variant (:func:`_nystrom`: the ``nystrom`` argument, the card, else
+   the container);
 5. build and load with ``strict=True`` (:func:`_build_and_load`);
 6. the card (:func:`_model_card`): classes, feature dimension, encoder, patch size, notes.
 
@@ -172,6 +174,8 @@ class _Checkpoint:
         Where the sidecar came from.
     notes : list of str
         Every remap and the provenance of each card field, in order.
+    prefix : str or None
+        The wrapper prefix every stored key carried (``"model."`` ...), if any.
     """
 
     name: str
@@ -180,6 +184,7 @@ class _Checkpoint:
     side: dict[str, Any]
     side_src: str | None
     notes: list[str] = field(default_factory=list)
+    prefix: str | None = None
 
     @property
     def card(self) -> dict[str, Any]:
@@ -217,7 +222,9 @@ def _read(path: Path, sidecar: Any) -> _Checkpoint:
     if meta.get("rebuilt"):
         notes.insert(1 if notes and notes[0].startswith("container:") else 0,
                      f"config objects rebuilt as plain data: {', '.join(meta['rebuilt'])}")
-    return _Checkpoint(path.name, sd, meta, side, side_src, notes)
+    heads = {k.split(".", 1)[0] for k in raw}
+    prefix = f"{heads.pop()}." if len(heads) == 1 and all("." in k for k in raw) else None
+    return _Checkpoint(path.name, sd, meta, side, side_src, notes, prefix=prefix)
 
 
 def _architecture(ck: _Checkpoint, arch: str | None) -> tuple[str, type[MILModel], str]:
@@ -284,7 +291,7 @@ def _hyperparameters(ck: _Checkpoint, arch: str, cls: type[MILModel],
     ``cls.hparams_from_state_dict(ck.sd)`` gives what the weights determine (e.g.
     ``in_dim`` = ``dimreduction.fc1.weight`` [inner, in_dim] ``.shape[1]``). The stored card,
     the sidecar and ``hparams`` (in that order) may add the others (dropout, STKIM
-    settings, ``legacy_nystrom_slice`` ...) but never contradict the inferred ones;
+    settings, TransMIL's ``nystrom`` ...) but never contradict the inferred ones;
     ``cls.hparams_from_checkpoint(ck.meta)`` adds what the container shows (ACMIL's
     container -> CLAM-MB ``attention_norm="softmax_one"``) unless one of those set it; a stored
     training config is cross-checked field by field (:data:`_CONFIG_FIELDS`) and gives the
@@ -342,6 +349,63 @@ def _infer_hparams(ck: _Checkpoint, arch: str, cls: type[MILModel],
         except (TypeError, ValueError, RuntimeError):
             report = ""
         raise CheckpointError(f"{ck.name}: not a {arch} checkpoint ({exc}){report}") from None
+
+
+def _nystrom(ck: _Checkpoint, cls: type[MILModel], hp: dict[str, Any],
+             nystrom: str | None, hparams: Mapping[str, Any] | None) -> None:
+    """Step 4b, TransMIL family (constructors taking ``nystrom``): the nystrom-attention
+    variant, into ``hp["nystrom"]``, and why, into the notes.
+
+    The first of: the ``nystrom`` argument; ``hparams``; the sidecar's ``"nystrom"`` key
+    (or its hparams); the stored card's; else what the container shows
+    (``cls.nystrom_from_container``: the official TransMIL Lightning checkpoint -> 0.0.9,
+    otherwise current). The older hyper-parameter ``legacy_nystrom_slice`` counts too.
+
+    Raises
+    ------
+    CheckpointError
+        ``nystrom`` given for an architecture without the setting, an unknown value, or a
+        sidecar / card whose ``nystrom`` and ``hparams`` disagree.
+    """
+    from .transmil import nystrom_variant
+
+    if "nystrom" not in _constructor_params(cls):
+        if nystrom is not None:
+            raise CheckpointError(f"{ck.name}: the nystrom setting ({nystrom!r}) applies to "
+                                  f"TransMIL models only, not {cls.arch}")
+        return
+
+    def declared(d: Any) -> str | None:
+        if not isinstance(d, Mapping):
+            return None
+        if d.get("nystrom") is not None:
+            return nystrom_variant(d["nystrom"])
+        if d.get("legacy_nystrom_slice") is not None:
+            return "0.0.9" if d["legacy_nystrom_slice"] else "current"
+        return None
+
+    try:
+        found: tuple[str, str] | None = None
+        if nystrom is not None:
+            found = nystrom_variant(nystrom), "chosen explicitly"
+        elif declared(hparams) is not None:
+            found = declared(hparams), "from the hparams argument"
+        for src, d in (("sidecar", ck.side), ("stored card", ck.card)):
+            top, inner = declared(d), declared(d.get("hparams"))
+            if top is not None and inner is not None and top != inner:
+                raise CheckpointError(f"{ck.name}: the {src} says nystrom={top!r} but its "
+                                      f"hparams say {inner!r}")
+            if found is None and (top or inner) is not None:
+                found = top or inner, f"from the {src}"
+        if found is None:
+            found = cls.nystrom_from_container(ck.meta, ck.prefix)
+        variant, why = found
+        variant = nystrom_variant(variant)
+    except ValueError as exc:
+        raise CheckpointError(f"{ck.name}: {exc}") from None
+    hp.pop("legacy_nystrom_slice", None)
+    hp["nystrom"] = variant
+    ck.notes.append(why if why.startswith("nystrom ") else f"nystrom {variant} {why}")
 
 
 def _build_and_load(ck: _Checkpoint, arch: str, hp: Mapping[str, Any]) -> MILModel:
@@ -426,6 +490,7 @@ def _model_card(ck: _Checkpoint, arch: str, arch_src: str, model: MILModel) -> M
         encoder=None if encoder is None else str(encoder),
         patch_size_um=None if patch_um is None else float(patch_um),
         notes="; ".join(stored + [n for n in notes if n not in stored]),
+        nystrom=model.hparams.get("nystrom"),
     )
 
 
@@ -436,6 +501,7 @@ def load_model(
     hparams: Mapping[str, Any] | None = None,
     sidecar: str | os.PathLike | Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    nystrom: str | None = None,
 ) -> tuple[MILModel, ModelCard]:
     """Load a MIL model from a checkpoint file, safely, with ``strict=True``.
 
@@ -450,13 +516,18 @@ def load_model(
         :func:`napari_milview.mil.base.detect_arch` on the key names and shapes.
     hparams : mapping, optional
         Constructor hyper-parameters. Those the weights determine are cross-checked
-        (a contradiction raises); the others (``legacy_nystrom_slice``, dropout ...)
-        are passed on.
+        (a contradiction raises); the others (``nystrom``, dropout ...) are passed on.
     sidecar : path or mapping, optional
         Model-card JSON ``{"classes": [...], "feature_dim", "patch_size_um", "encoder",
-        "arch"}``. Default: ``<stem>.json`` next to the weights, when present.
+        "arch", "nystrom"}``. Default: ``<stem>.json`` next to the weights, when present.
     device : str or torch.device
         Where the model is moved.
+    nystrom : {"0.0.9", "current"}, optional
+        TransMIL family only (an error for other architectures): the nystrom-attention
+        release to reproduce. It wins over the sidecar, the stored card and ``hparams``.
+        Default: what those say, else what the container shows (the official TransMIL
+        Lightning checkpoint -> ``"0.0.9"``, anything else -> ``"current"``); the card's
+        notes say which and why.
 
     Returns
     -------
@@ -482,6 +553,7 @@ def load_model(
     ck.sd, remapped = cls.remap_keys(ck.sd)
     ck.notes += [n for n in remapped if n not in ck.notes]
     hp = _hyperparameters(ck, arch, cls, hparams)
+    _nystrom(ck, cls, hp, nystrom, hparams)
     model = _build_and_load(ck, arch, hp).to(device).eval()
     return model, _model_card(ck, arch, arch_src, model)
 
