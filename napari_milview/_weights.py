@@ -1169,6 +1169,14 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.stem + ".json")
 
 
+def _read_json(path: Path) -> Any:
+    """Any JSON value from ``path``; WeightsError ``"not a readable JSON sidecar"``."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WeightsError(f"{path}: not a readable JSON sidecar ({exc})") from None
+
+
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     """Read a JSON sidecar that must hold an object.
 
@@ -1179,17 +1187,15 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
         JSON object"``.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WeightsError(f"{path}: not a readable JSON sidecar ({exc})") from None
+    data = _read_json(path)
     if not isinstance(data, dict):
         raise WeightsError(f"{path}: a sidecar must be a JSON object")
     return data
 
 
 def read_sidecar(sidecar: str | os.PathLike | Mapping[str, Any] | None,
-                 weights: str | os.PathLike) -> tuple[dict[str, Any], str | None]:
+                 weights: str | os.PathLike, allow_list: bool = False,
+                 ) -> tuple[dict[str, Any] | list[Any], str | None]:
     """The sidecar of a weights file: given as a mapping, a path, or ``<stem>.json``.
 
     Parameters
@@ -1199,10 +1205,13 @@ def read_sidecar(sidecar: str | os.PathLike | Mapping[str, Any] | None,
         :func:`sidecar_path` of ``weights`` and returns ``({}, None)`` when there is none.
     weights : str or os.PathLike
         The weights file the sidecar belongs to.
+    allow_list : bool
+        Return a JSON list as it is (DSMIL's training script writes its per-class thresholds
+        as a list beside the weights; the caller decides whether the architecture takes one).
 
     Returns
     -------
-    data : dict
+    data : dict, or list when ``allow_list`` and the file holds a list
     source : str or None
         ``"sidecar argument"``, the sidecar's path, or None when there is no sidecar.
 
@@ -1227,4 +1236,8 @@ def read_sidecar(sidecar: str | os.PathLike | Mapping[str, Any] | None,
         raise FileNotFoundError(f"sidecar not found: {sidecar}")
     if problem:  # a folder, a FIFO, a broken link ...: refused by type, never opened
         raise WeightsError(f"{sidecar}: the sidecar {problem}")
+    if allow_list:
+        data = _read_json(sidecar)
+        if isinstance(data, (list, dict)):
+            return data, str(sidecar)
     return read_json_object(sidecar), str(sidecar)

@@ -628,6 +628,9 @@ def attend(bag: Bag, model: MILModel, card: ModelCard, *, device: Any = "auto",
     classes = list(card.classes) or [f"class_{i}" for i in range(len(logits))]
     meta = {"bag_source": bag.source, "dropped": bag.dropped}
     meta.update(model_provenance(card))
+    if "positive" in out.aux:  # DSMIL: each class decided against the training thresholds
+        meta["positive"] = [c for c, v in zip(classes, out.aux["positive"].tolist()) if v]
+        meta["thresholds"] = [float(t) for t in out.aux["thresholds"].tolist()]
     if notes:
         meta["notes"] = notes
     for k in ("bad_tiles", "extent_source", "mpp_source"):

@@ -295,6 +295,15 @@ def test_sidecars(tmp_path):
     sidecar_path(w).write_text("[1, 2]")
     with pytest.raises(WeightsError, match="a sidecar must be a JSON object"):
         read_json_object(sidecar_path(w))
+    with pytest.raises(WeightsError, match="a sidecar must be a JSON object"):
+        read_sidecar(None, w)
+    # a list only when the caller asks (DSMIL's thresholds); anything else is still refused
+    assert read_sidecar(None, w, allow_list=True) == ([1, 2], str(sidecar_path(w)))
+    sidecar_path(w).write_text(json.dumps({"encoder": "uni"}))
+    assert read_sidecar(None, w, allow_list=True) == ({"encoder": "uni"}, str(sidecar_path(w)))
+    sidecar_path(w).write_text("0.5")
+    with pytest.raises(WeightsError, match="a sidecar must be a JSON object"):
+        read_sidecar(None, w, allow_list=True)
     sidecar_path(w).write_text("{broken")
     with pytest.raises(WeightsError, match="not a readable JSON sidecar"):
         read_sidecar(None, w)

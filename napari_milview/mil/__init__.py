@@ -14,6 +14,7 @@ mha        :class:`MHA` (ACMIL/AEM single query)  ``"head/mean"``
 transmil   :class:`TransMIL`                      ``"layer2/mean"``
 dtfd       :class:`DTFD` (DTFD-MIL, seeded split) ``"instance/{C-1}"``
 mhim       :class:`MHIM` (MHIM-MIL student)       ``"attention"`` / ``"layer1/mean"``
+dsmil      :class:`DSMIL` (and AEM's copy)        ``"class/{positive class}"``
 ========== ====================================== =========================================
 
 Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``, ``mhim_abmil`` / ``mhim_transmil``
@@ -37,6 +38,7 @@ from .base import (
     resolve_arch,
 )
 from .clam import CLAM_MB, CLAM_SB
+from .dsmil import DSMIL
 from .dtfd import DTFD
 from .mhim import MHIM
 from .transmil import TransMIL
@@ -48,6 +50,7 @@ __all__ = [
     "ALIASES",
     "CLAM_MB",
     "CLAM_SB",
+    "DSMIL",
     "DTFD",
     "MHA",
     "MHIM",

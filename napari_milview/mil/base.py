@@ -1,6 +1,6 @@
 """The one contract every MIL model follows, the model registry and the model card.
 
-Every architecture module (``abmil``, ``clam``, ``acmil``, ``transmil``) defines
+Every architecture module (``abmil``, ``clam``, ``acmil``, ``transmil``, ``dsmil``) defines
 :class:`MILModel` subclasses whose ``state_dict`` key names are the official ones, so an
 official checkpoint loads with ``load_state_dict(strict=True)`` once any container prefix
 (``model.``, ``module.``) has been removed and the architecture's own legacy layouts have been
@@ -21,7 +21,7 @@ Attention source names (shared by all models)
 ``"branch/{k}"``, ``"branch/mean"``
     per-branch softmax attention and the mean over branches (ACMIL).
 ``"class/{c}"``
-    the softmax attention branch of class ``c`` (CLAM-MB).
+    the softmax attention branch of class ``c`` (CLAM-MB; DSMIL's B-classifier attention).
 ``"head/{h}"``, ``"head/mean"``
     per-head softmax attention and the mean over heads (multi-head models).
 ``"branch/{k}/head/{h}"``
@@ -31,8 +31,9 @@ Attention source names (shared by all models)
 ``"rollout"``
     TransMIL attention rollout of both layers (an approximation, see ``transmil``).
 ``"instance/{c}"``
-    CLAM instance-classifier probability that an instance is positive for class ``c``
-    (not an attention; CLAM's training-time instance branch used as an extra overlay).
+    instance-classifier probability that an instance is positive for class ``c``
+    (not an attention: CLAM's training-time instance branch used as an extra overlay;
+    DSMIL's instance stream).
 ``"raw/..."``
     pre-softmax logits of the corresponding source (``"raw/attention"``,
     ``"raw/class/{c}"``, ``"raw/branch/{k}"``, ...), where such logits exist.
@@ -274,6 +275,20 @@ class MILModel(nn.Module):
         return {}, []
 
     @classmethod
+    def hparams_from_sidecar_list(cls, values: list[Any]) -> tuple[dict[str, Any], str]:
+        """Hyper-parameters from a JSON *list* found where the sidecar is (and a note).
+
+        Only an architecture whose training code writes a list there accepts one (DSMIL:
+        its per-class thresholds); the base version refuses it.
+
+        Raises
+        ------
+        ValueError
+            This architecture has no JSON-list sidecar.
+        """
+        raise ValueError("a sidecar must be a JSON object")
+
+    @classmethod
     def remap_keys(cls, sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
         """Map this architecture's legacy / official key layouts onto the class's names.
 
@@ -337,7 +352,7 @@ MODELS: dict[str, type[MILModel]] = {}
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 """Alias -> (canonical architecture, fixed hyper-parameters)."""
 
-_BUILTIN_MODULES = ("abmil", "clam", "acmil", "transmil", "dtfd", "mhim")
+_BUILTIN_MODULES = ("abmil", "clam", "acmil", "transmil", "dtfd", "mhim", "dsmil")
 
 
 def _ensure_builtin() -> None:

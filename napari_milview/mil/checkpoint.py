@@ -176,6 +176,9 @@ class _Checkpoint:
         Every remap and the provenance of each card field, in order.
     prefix : str or None
         The wrapper prefix every stored key carried (``"model."`` ...), if any.
+    side_list : list or None
+        A JSON list found where the sidecar is (DSMIL's per-class thresholds); only an
+        architecture whose ``hparams_from_sidecar_list`` takes it accepts it.
     """
 
     name: str
@@ -185,6 +188,7 @@ class _Checkpoint:
     side_src: str | None
     notes: list[str] = field(default_factory=list)
     prefix: str | None = None
+    side_list: list[Any] | None = None
 
     @property
     def card(self) -> dict[str, Any]:
@@ -209,7 +213,20 @@ def _read(path: Path, sidecar: Any) -> _Checkpoint:
     """Step 1: the tensors (wrapper prefixes stripped), container metadata and sidecar."""
     raw, meta = read_state_dict(path)
     sd, notes = strip_prefixes(raw)
-    side, side_src = read_sidecar(sidecar, path)
+    side_list = None
+    if isinstance(sidecar, (list, tuple)):
+        side, side_src, side_list = {}, "sidecar argument", list(sidecar)
+    else:
+        if sidecar is None and not os.path.lexists(sidecar_path(path)):
+            # DSMIL's standalone-test scheme: test/mil_threshold_fold_<k>.json beside
+            # test/mil_weights_fold_<k>.pth
+            alt = path.with_name(path.stem.replace("mil_weights_fold_", "mil_threshold_fold_")
+                                 + ".json")
+            if path.stem.startswith("mil_weights_fold_") and alt.is_file():
+                sidecar = alt
+        side, side_src = read_sidecar(sidecar, path, allow_list=True)
+        if isinstance(side, list):
+            side, side_list = {}, side
     if meta.get("format") == "modules":
         notes.insert(0, f"container: {len(meta['modules'])} module state_dicts "
                         f"({meta['state_dict_key']}) joined as '<module>.<key>'")
@@ -224,7 +241,30 @@ def _read(path: Path, sidecar: Any) -> _Checkpoint:
                      f"config objects rebuilt as plain data: {', '.join(meta['rebuilt'])}")
     heads = {k.split(".", 1)[0] for k in raw}
     prefix = f"{heads.pop()}." if len(heads) == 1 and all("." in k for k in raw) else None
-    return _Checkpoint(path.name, sd, meta, side, side_src, notes, prefix=prefix)
+    return _Checkpoint(path.name, sd, meta, side, side_src, notes, prefix=prefix,
+                       side_list=side_list)
+
+
+def _sidecar_list(ck: _Checkpoint, arch: str, cls: type[MILModel]) -> None:
+    """A JSON list where the sidecar is: the architecture's hyper-parameters (DSMIL's
+    per-class thresholds), put into ``ck.side["hparams"]``; refused for any other one.
+
+    Raises
+    ------
+    CheckpointError
+        The architecture takes no list, or the list is not what it expects.
+    """
+    if ck.side_list is None:
+        return
+    try:
+        extra, note = cls.hparams_from_sidecar_list(list(ck.side_list))
+    except ValueError as exc:
+        raise CheckpointError(f"{ck.side_src}: {exc} (a JSON list is read only beside a DSMIL "
+                              f"checkpoint, as its per-class thresholds; this is {arch})"
+                              ) from None
+    ck.side = {"hparams": dict(extra)}
+    if note:
+        ck.notes.append(f"{note} (from {ck.side_src})")
 
 
 def _architecture(ck: _Checkpoint, arch: str | None) -> tuple[str, type[MILModel], str]:
@@ -499,7 +539,7 @@ def load_model(
     *,
     arch: str | None = None,
     hparams: Mapping[str, Any] | None = None,
-    sidecar: str | os.PathLike | Mapping[str, Any] | None = None,
+    sidecar: str | os.PathLike | Mapping[str, Any] | list[float] | None = None,
     device: str | torch.device = "cpu",
     nystrom: str | None = None,
 ) -> tuple[MILModel, ModelCard]:
@@ -517,9 +557,11 @@ def load_model(
     hparams : mapping, optional
         Constructor hyper-parameters. Those the weights determine are cross-checked
         (a contradiction raises); the others (``nystrom``, dropout ...) are passed on.
-    sidecar : path or mapping, optional
+    sidecar : path, mapping or list, optional
         Model-card JSON ``{"classes": [...], "feature_dim", "patch_size_um", "encoder",
-        "arch", "nystrom"}``. Default: ``<stem>.json`` next to the weights, when present.
+        "arch", "nystrom"}``. Default: ``<stem>.json`` next to the weights, when present. A
+        JSON list (a file, or a list given here) is accepted beside a DSMIL checkpoint only:
+        its training script's per-class thresholds (``card.hparams["thresholds"]``).
     device : str or torch.device
         Where the model is moved.
     nystrom : {"0.0.9", "current"}, optional
@@ -552,6 +594,7 @@ def load_model(
     arch, cls, arch_src = _architecture(ck, arch)
     ck.sd, remapped = cls.remap_keys(ck.sd)
     ck.notes += [n for n in remapped if n not in ck.notes]
+    _sidecar_list(ck, arch, cls)
     hp = _hyperparameters(ck, arch, cls, hparams)
     _nystrom(ck, cls, hp, nystrom, hparams)
     model = _build_and_load(ck, arch, hp).to(device).eval()
