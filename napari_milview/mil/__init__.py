@@ -12,6 +12,7 @@ acmil_ga   :class:`ACMIL_GA`                      ``"branch/mean"``
 acmil_mha  :class:`ACMIL_MHA`                     ``"branch/mean"``
 mha        :class:`MHA` (ACMIL/AEM single query)  ``"head/mean"``
 transmil   :class:`TransMIL`                      ``"layer2/mean"``
+ins        :class:`INS` (instance classifier)     ``"instance/1"`` (instance scores)
 ========== ====================================== =========================================
 
 Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``.
@@ -34,6 +35,7 @@ from .base import (
     resolve_arch,
 )
 from .clam import CLAM_MB, CLAM_SB
+from .ins import INS
 from .transmil import TransMIL
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "ALIASES",
     "CLAM_MB",
     "CLAM_SB",
+    "INS",
     "MHA",
     "MODELS",
     "MILModel",
