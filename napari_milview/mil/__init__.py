@@ -13,6 +13,7 @@ acmil_mha  :class:`ACMIL_MHA`                     ``"branch/mean"``
 mha        :class:`MHA` (ACMIL/AEM single query)  ``"head/mean"``
 transmil   :class:`TransMIL`                      ``"layer2/mean"``
 ins        :class:`INS` (instance classifier)     ``"instance/1"`` (instance scores)
+packmil    :class:`PackMIL` (ABMIL aggregator)    ``"attention"``
 ========== ====================================== =========================================
 
 Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``.
@@ -36,6 +37,7 @@ from .base import (
 )
 from .clam import CLAM_MB, CLAM_SB
 from .ins import INS
+from .packmil import PackMIL
 from .transmil import TransMIL
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "MILModel",
     "MILOutput",
     "ModelCard",
+    "PackMIL",
     "TransMIL",
     "available_models",
     "build_from_state_dict",

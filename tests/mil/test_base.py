@@ -29,10 +29,12 @@ SMALL = {
     "mha": {"in_dim": D, "n_classes": 2, "inner_dim": 16},
     "transmil": {"in_dim": D, "n_classes": 2, "dim": 32},
     "ins": {"in_dim": D, "n_classes": 2, "encoder": "mlp", "width": 16},
+    "packmil": {"in_dim": D, "n_classes": 3, "inner_dim": 16, "mil_norm": "ln"},
     "aem": {"in_dim": D, "n_classes": 2, "inner_dim": 16, "attn_dim": 8},
     "aem_mha": {"in_dim": D, "n_classes": 2, "inner_dim": 16},
 }
-CANONICAL = ["abmil", "clam_sb", "clam_mb", "acmil_ga", "acmil_mha", "mha", "transmil", "ins"]
+CANONICAL = ["abmil", "clam_sb", "clam_mb", "acmil_ga", "acmil_mha", "mha", "transmil", "ins",
+             "packmil"]
 
 def _is_softmax_source(arch: str, name: str) -> bool:
     """Sources that are a softmax over the bag (sum to 1)."""
