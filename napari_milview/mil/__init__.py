@@ -15,6 +15,8 @@ transmil   :class:`TransMIL`                      ``"layer2/mean"``
 dtfd       :class:`DTFD` (DTFD-MIL, seeded split) ``"instance/{C-1}"``
 mhim       :class:`MHIM` (MHIM-MIL student)       ``"attention"`` / ``"layer1/mean"``
 dsmil      :class:`DSMIL` (and AEM's copy)        ``"class/{positive class}"``
+ins        :class:`INS` (instance classifier)     ``"instance/1"`` (instance scores)
+packmil    :class:`PackMIL` (ABMIL aggregator)    ``"attention"``
 ========== ====================================== =========================================
 
 Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``, ``mhim_abmil`` / ``mhim_transmil``
@@ -40,7 +42,9 @@ from .base import (
 from .clam import CLAM_MB, CLAM_SB
 from .dsmil import DSMIL
 from .dtfd import DTFD
+from .ins import INS
 from .mhim import MHIM
+from .packmil import PackMIL
 from .transmil import TransMIL
 
 __all__ = [
@@ -52,12 +56,14 @@ __all__ = [
     "CLAM_SB",
     "DSMIL",
     "DTFD",
+    "INS",
     "MHA",
     "MHIM",
     "MODELS",
     "MILModel",
     "MILOutput",
     "ModelCard",
+    "PackMIL",
     "TransMIL",
     "available_models",
     "build_from_state_dict",

@@ -352,7 +352,8 @@ MODELS: dict[str, type[MILModel]] = {}
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 """Alias -> (canonical architecture, fixed hyper-parameters)."""
 
-_BUILTIN_MODULES = ("abmil", "clam", "acmil", "transmil", "dtfd", "mhim", "dsmil")
+_BUILTIN_MODULES = ("abmil", "clam", "acmil", "transmil", "dtfd", "mhim", "dsmil", "ins",
+                    "packmil")
 
 
 def _ensure_builtin() -> None:
