@@ -14,8 +14,8 @@ Exact definitions (the tests compare them with hand-computed values):
   ``average_precision_score``);
 * :func:`topk_precision`: share of positives among the K highest scores (K default: the
   number of positives, i.e. R-precision);
-* :func:`otsu_threshold`: Otsu on a 256-bin histogram of the scores (scikit-image's
-  ``threshold_otsu`` convention: positive = score > threshold);
+* :func:`otsu_threshold`: Otsu on a 256-bin histogram of the scores (positive = score >=
+  the lower edge of the first upper-class bin);
 * :func:`dice`: ``2 |P & G| / (|P| + |G|)``;
 * :func:`concentration`: entropy ``H = -sum a log a`` (natural log) of the attention
   normalised to sum 1, effective number of instances ``exp(H)``, mass of the top 1 % and of
@@ -150,9 +150,12 @@ def topk_precision(scores: Any, positive: Any, k: int | None = None) -> tuple[fl
 
 
 def otsu_threshold(scores: Any, nbins: int = 256) -> float:
-    """Otsu's threshold of the scores: the bin centre of a ``nbins``-bin histogram over
-    [min, max] that maximises the between-class variance (scikit-image's
-    ``threshold_otsu``; positive = score > threshold). A constant map returns its value."""
+    """Otsu's threshold of the scores: the split of a ``nbins``-bin histogram over [min, max]
+    that maximises the between-class variance (the criterion of scikit-image's
+    ``threshold_otsu``), returned as the lower edge of the first upper-class bin, so that
+    positive = ``score >= threshold`` is exactly the histogram's split (scikit-image returns
+    the last lower bin's centre, which puts the top of that bin on the wrong side). A constant
+    map returns its value."""
     s = _scores(scores)
     lo, hi = float(s.min()), float(s.max())
     if lo == hi:
@@ -166,7 +169,7 @@ def otsu_threshold(scores: Any, nbins: int = 256) -> float:
     m2 = (np.cumsum((hist * centres)[::-1]) / w2[::-1])[::-1]
     with np.errstate(invalid="ignore"):
         var = w1[:-1] * w2[1:] * (m1[:-1] - m2[1:]) ** 2
-    return float(centres[:-1][int(np.nanargmax(var))])
+    return float(edges[int(np.nanargmax(var)) + 1])
 
 
 def dice(predicted: Any, positive: Any) -> float:
@@ -208,7 +211,7 @@ def _predicted(s: np.ndarray, y: np.ndarray, rule: Any) -> tuple[np.ndarray, flo
     if isinstance(rule, str):
         if rule == "otsu":
             t = otsu_threshold(s)
-            return s > t, t, "otsu"
+            return (s >= t) if s.min() < s.max() else np.zeros(s.size, bool), t, "otsu"
         if rule == "top_fraction":
             m = int(y.sum())
             pred = np.zeros(s.size, bool)
@@ -239,8 +242,8 @@ def localisation(scores: Any, positive: Any, *, overlap: Any = None, k: int | No
     k : int, optional
         K of the top-K precision (default: the number of positives).
     dice_rule : "otsu", "top_fraction" or float
-        Threshold of the map for Dice: Otsu on the scores; the top ``n_positive`` patches;
-        or ``score > value``.
+        Threshold of the map for Dice: Otsu on the scores (``score >= threshold``; nothing
+        on a constant map); the top ``n_positive`` patches; or ``score > value``.
 
     Returns
     -------
