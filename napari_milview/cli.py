@@ -1,4 +1,5 @@
-"""The ``milview`` command: info, synth, extract, attend, run, stain, robustness, demo."""
+"""The ``milview`` command: info, synth, extract, attend, run, stain, robustness, evaluate,
+demo."""
 
 from __future__ import annotations
 
@@ -344,6 +345,103 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_inputs(target: Path) -> list[Path]:
+    """RESULT.h5, or every ``*.result.h5`` of a folder (``milview run``'s output)."""
+    if target.is_dir():
+        found = sorted(target.glob("*.result.h5"))
+        if not found:
+            raise ValueError(f"{target}: no *.result.h5 in the folder")
+        return found
+    if not target.is_file():
+        raise FileNotFoundError(f"{target}: no such result file or folder")
+    return [target]
+
+
+def _annotation_for(ann: Path, stem: str, single: bool) -> Path | None:
+    """The annotation file of a slide: ``ann`` itself, or ``<stem>.geojson|.json|.xml`` in
+    the folder ``ann``; None when the folder has none."""
+    if ann.is_file():
+        if not single:
+            raise ValueError(f"--annotations {ann}: a file, for several results; give a "
+                             "folder with <slide>.geojson or <slide>.xml per slide")
+        return ann
+    if not ann.is_dir():
+        raise FileNotFoundError(f"{ann}: no such annotation file or folder")
+    for ext in (".geojson", ".json", ".xml"):
+        if (ann / f"{stem}{ext}").is_file():
+            return ann / f"{stem}{ext}"
+    return None
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .evidence import report as ev
+    from .evidence.plots import curves_png, roc_pr_png
+    from .result import load_result
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ValueError(f"{out}: folder {out.parent} does not exist")
+    dice_rule = args.dice_rule
+    if dice_rule not in ("otsu", "top_fraction"):
+        try:
+            dice_rule = float(dice_rule)
+        except ValueError:
+            raise ValueError(f"--dice-rule must be otsu, top_fraction or a number, got "
+                             f"{args.dice_rule!r}") from None
+    paths = _evaluate_inputs(Path(args.input))
+    ann_root = Path(args.annotations)
+    labels = None if not args.labels else {x.strip() for x in args.labels.split(",") if x.strip()}
+    sources = None if not args.sources else [x.strip() for x in args.sources.split(",")
+                                             if x.strip()]
+    out.mkdir(exist_ok=True)
+    models: dict[str, tuple] = {}
+    reports = []
+    for path in paths:
+        result = load_result(path)
+        stem = ev.slide_stem(result, path)
+        ann = _annotation_for(ann_root, stem, len(paths) == 1)
+        if ann is None:
+            if args.missing == "error":
+                raise ValueError(f"{ann_root}: no {stem}.geojson / {stem}.xml for {path}")
+            if args.missing == "skip":
+                print(f"milview evaluate: {path}: no annotation {stem}.geojson|.xml in "
+                      f"{ann_root}; skipped", file=sys.stderr)
+                continue
+            annotation = np.zeros(result.n)  # "negative": no lesion on the slide
+        else:
+            annotation = ann
+        model = bag = None
+        if not args.no_faithfulness:
+            key = args.model or result.model or ""
+            if key not in models:
+                models[key] = ev.model_for(result, args.model)
+            model = models[key][0]
+            bag = ev.bag_for(result, path, args.bag)
+        rep = ev.evaluate(result, annotation, model=model, bag=bag, fraction=args.fraction,
+                       k=args.k, steps=args.steps, random_orders=args.random_orders,
+                       seed=args.seed, dice_rule=dice_rule, sources=sources, labels=labels)
+        if ann is None:
+            rep.notes.append("no annotation file: every patch negative")
+        rep.to_csv(out / f"{stem}.evidence.csv")
+        shown = rep.sources[rep.default_source]
+        title = f"{stem} - {rep.default_source}"
+        (out / f"{stem}.roc_pr.png").write_bytes(roc_pr_png(shown["localisation"], title))
+        if shown["faithfulness"] is not None:
+            (out / f"{stem}.curves.png").write_bytes(curves_png(shown["faithfulness"], title))
+        reports.append(rep)
+        print(json.dumps(rep.json_row()), flush=True)
+    if not reports:
+        raise ValueError(f"no result had an annotation in {ann_root} (use --missing negative "
+                         "for slides without lesion)")
+    summary = ev.summarise(reports)
+    csv_path, json_path = ev.write_summary(summary, out / "summary.csv", out / "summary.json")
+    print(json.dumps({"slides": summary["slides"], "summary_csv": str(csv_path),
+                      "summary_json": str(json_path)}))
+    return 0
+
+
 def _demo_under_xvfb(args: argparse.Namespace) -> int | None:
     """Rerun ``milview demo --screenshot`` under ``xvfb-run`` when there is no display.
 
@@ -566,6 +664,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reader threads (default: min(8, CPU cores), at least 2)")
     s.add_argument("--device", default="auto", help="auto (cuda, then cpu), cpu, cuda, cuda:N")
     s.set_defaults(func=_cmd_robustness)
+
+    s = sub.add_parser("evaluate", help="measure heatmaps against annotations: localisation "
+                                        "(AUROC, AP, top-K, Dice), concentration, deletion/"
+                                        "insertion faithfulness (CSV, JSON lines, PNG)")
+    s.add_argument("input", metavar="RESULT.h5|RESULTS_DIR",
+                   help="a result h5, or a `milview run` output folder (*.result.h5)")
+    s.add_argument("--annotations", required=True, metavar="FILE|DIR",
+                   help="GeoJSON / ASAP XML, or a folder of <slide>.geojson|.xml")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for <slide>.evidence.csv, plots and summary.csv/.json")
+    s.add_argument("--fraction", type=float, default=0.5,
+                   help="a patch is positive when this share of it is annotated (default "
+                        "0.5; 0 = any overlap)")
+    s.add_argument("--labels", default=None, metavar="A,B",
+                   help="annotation classes counted as lesion (default: every non-excluded)")
+    s.add_argument("--k", type=int, default=None,
+                   help="top-K (default: the number of positive patches for the top-K "
+                        "precision, 20 for the mass and the top-K prediction)")
+    s.add_argument("--dice-rule", default="otsu",
+                   help="otsu (default), top_fraction, or a threshold on the scores")
+    s.add_argument("--sources", default=None, metavar="A,B",
+                   help="attention sources to measure (default: all)")
+    s.add_argument("--steps", type=int, default=50, help="deletion/insertion steps")
+    s.add_argument("--random-orders", type=int, default=5, help="random orders (default 5)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random orders")
+    s.add_argument("--model", default=None, metavar="CKPT|demo",
+                   help="the model (default: the one the result names)")
+    s.add_argument("--bag", default=None, metavar="BAG.h5",
+                   help="the feature bag (default: the result's, or <id>.bag.h5 beside it)")
+    s.add_argument("--no-faithfulness", action="store_true",
+                   help="localisation and concentration only (no model, no bag)")
+    s.add_argument("--missing", choices=("skip", "negative", "error"), default="skip",
+                   help="a slide without annotation file: skip it (default), count every "
+                        "patch negative (CAMELYON normals), or fail")
+    s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("demo", help="napari on the bundled synthetic slide: the demo model "
                                     "runs and shows heatmap, top-K and prediction")
