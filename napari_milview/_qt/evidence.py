@@ -428,6 +428,8 @@ class EvidenceBox(QGroupBox):
         self.orders_spin.setRange(0, 10_000)
         self.orders_spin.setValue(5)
         self.orders_spin.setToolTip("Random orders averaged as the baseline")
+        self.orders_spin.setKeyboardTracking(False)
+        self.orders_spin.valueChanged.connect(lambda *_: self.update_numbers())
         self.faith_button = QPushButton("Faithfulness")
         self.faith_button.setToolTip("Deletion / insertion on the run's cached features, every "
                                      "source (background job)")
