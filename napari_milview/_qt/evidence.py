@@ -360,8 +360,7 @@ class EvidenceBox(QGroupBox):
         self.viewer.layers.events.inserted.connect(self._on_layers)
         self.viewer.layers.events.removed.connect(self._on_layers)
         self.destroyed.connect(partial(stop_jobs, self._jobs))
-        dock.result_ready.connect(self.refresh)
-        dock.slide_combo.currentIndexChanged.connect(self.refresh)
+        dock.result_ready.connect(self.refresh)  # the dock's _show_panel calls refresh too
         self._what_if_timer = QTimer(self)
         self._what_if_timer.setSingleShot(True)
         self._what_if_timer.setInterval(150)
@@ -793,7 +792,7 @@ class EvidenceBox(QGroupBox):
         nums["faithfulness"] = st.faithfulness.get(src) if st.faith_key == self._faith_key() \
             else None
         self.numbers = nums
-        self.numbers_label.setText(_numbers_html(nums, self.fraction.value()))
+        self.numbers_label.setText(_numbers_html(nums, self.fraction.value(), r.classes))
         loc = nums["localisation"]
         self._roc_png = None
         if loc is not None:
@@ -1166,7 +1165,7 @@ def _f(v, digits: int = 3) -> str:
     return "n/a" if not np.isfinite(v) else f"{v:.{digits}f}"
 
 
-def _numbers_html(n: dict, fraction: float) -> str:
+def _numbers_html(n: dict, fraction: float, classes: list[str]) -> str:
     lines = []
     loc, con, fa = n["localisation"], n["concentration"], n.get("faithfulness")
     if loc is not None:
@@ -1185,7 +1184,9 @@ def _numbers_html(n: dict, fraction: float) -> str:
         lines.append(f"&nbsp;&nbsp;{b}: effective N {_f(c['effective_n'], 1)}, top-{c.get('k')}"
                      f" mass {_f(c['topk_mass'])}")
     if fa is not None:
-        lines.append(f"<b>Faithfulness</b> (p class {fa['target']}) deletion AUC "
+        t = fa["target"]
+        lines.append(f"<b>Faithfulness</b> (p({classes[t] if t < len(classes) else t})) "
+                     f"deletion AUC "
                      f"{_f(fa['deletion_auc'])} (random {_f(fa['random_deletion_auc'])}) "
                      f"\u00b7 insertion AUC {_f(fa['insertion_auc'])} (random "
                      f"{_f(fa['random_insertion_auc'])}) \u00b7 top-{fa['k']} alone "

@@ -287,6 +287,7 @@ class MILWidget(JobDock):
                 self.display.fill_sources(shown)
             self.prediction.set_result(shown, partial=shown is not ov.result, ended=ov.ended)
         self._set_display_enabled(ov.result is not None and shown is ov.result)
+        self.evidence.refresh()
 
     # ------------------------------------------------------------------ features
     def _on_feature_choice(self, checked: bool = True) -> None:
