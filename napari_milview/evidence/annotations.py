@@ -902,8 +902,10 @@ def write_asap_xml(ann: Annotations, path: str | os.PathLike) -> Path:
     ``Coordinates/Coordinate Order X Y`` (rings open, exact shortest decimals) and an
     ``AnnotationGroups`` list. ASAP has no holes: each hole becomes its own annotation in
     group ``_2`` (an exclusion), so :func:`patch_overlap` gives the same values after
-    :func:`read_asap_xml`. An exclusion keeps its label when it is an ASAP exclusion group,
-    else goes to ``_2``. Atomic."""
+    :func:`read_asap_xml`, except for a positive region lying inside another one's hole: an
+    exclusion cuts every positive region (as ASAP's own mask conversion paints ``_2`` last),
+    so that island is lost (GeoJSON keeps it). An exclusion keeps its label when it is an
+    ASAP exclusion group, else goes to ``_2``. Atomic."""
     out = ['<?xml version="1.0"?>', "<ASAP_Annotations>", "\t<Annotations>"]
     groups: dict[str, str] = {}
     n = 0
@@ -1059,6 +1061,29 @@ def _boundary_rings(mask: np.ndarray):
     return rings, areas, ring_comp
 
 
+def _split_pinches(ring: np.ndarray) -> list[np.ndarray]:
+    """Cut a traced ring into simple loops at the vertices it visits twice (where background
+    reaches in by a corner): the outer loop keeps its orientation, a loop that encloses such
+    background comes out negative (a hole touching the outline at one point, as JTS and
+    QuPath allow); the areas add up to the ring's."""
+    _, inv, cnt = np.unique(ring, axis=0, return_inverse=True, return_counts=True)
+    if (cnt == 1).all():
+        return [ring]
+    loops, path, seen = [], [], {}
+    for i, key in enumerate(inv.ravel().tolist()):
+        if key in seen:
+            j = seen[key]
+            loops.append(np.array(path[j:]))
+            for q in path[j + 1:]:
+                seen.pop(q[2], None)
+            del path[j + 1:]
+            continue
+        seen[key] = len(path)
+        path.append((ring[i, 0], ring[i, 1], key))
+    loops.append(np.array(path))
+    return [lp[:, :2].astype(np.float64) for lp in loops if len(lp) >= 3]
+
+
 def from_mask(mask: np.ndarray, level0_per_px: float, label: str = "tumor", *,
               origin: tuple[float, float] = (0.0, 0.0),
               slide_size: tuple[int, int] | None = None) -> Annotations:
@@ -1078,19 +1103,28 @@ def from_mask(mask: np.ndarray, level0_per_px: float, label: str = "tumor", *,
     if not (math.isfinite(s) and s > 0):
         raise AnnotationError("mask", f"level0_per_px must be a positive number, got "
                                       f"{level0_per_px!r}")
-    rings, areas, comp = _boundary_rings(m.astype(bool))
+    rings, _, comp = _boundary_rings(m.astype(bool))
     ox, oy = float(origin[0]), float(origin[1])
-    ext: dict[int, np.ndarray] = {}
+    ext: dict[int, list[np.ndarray]] = {}
     holes: dict[int, list[np.ndarray]] = {}
-    for ring, a, k in zip(rings, areas, comp):
-        ring = ring * s + (ox, oy)
-        if a > 0:
-            ext[int(k)] = ring
-        else:
-            holes.setdefault(int(k), []).append(ring)
-    regions = [Region(ext[k], holes.get(k, []), label=label, name=f"{label} {i + 1}",
-                      object_type="annotation")
-               for i, k in enumerate(sorted(ext))]
+    for ring, k in zip(rings, comp):
+        for loop in _split_pinches(ring):
+            loop = loop * s + (ox, oy)
+            (ext if _signed_area(loop) > 0 else holes).setdefault(int(k), []).append(loop)
+    regions = []
+    for k in sorted(ext):
+        outs, hs = ext[k], holes.get(k, [])
+        if len(outs) == 1:
+            groups = [hs]
+        else:  # lobes that met at a corner: each hole goes to the lobe around it
+            groups = [[] for _ in outs]
+            for h in hs:
+                mid = 0.5 * (h + np.roll(h, -1, axis=0))
+                votes = [int(_point_in_ring(mid, o).sum()) for o in outs]
+                groups[int(np.argmax(votes))].append(h)
+        for o, g in zip(outs, groups):
+            regions.append(Region(o, g, label=label, name=f"{label} {len(regions) + 1}",
+                                  object_type="annotation"))
     ann = Annotations(regions, source="mask")
     _check_slide(ann, slide_size, "mask")
     return ann

@@ -418,6 +418,20 @@ def test_from_mask_connectivity_and_holes():
     assert from_mask(np.zeros((4, 4), bool), 1.0).regions == []
 
 
+def test_from_mask_pinches_give_simple_rings(tmp_path):
+    # background reaching in by a corner: the outline would touch itself at (3, 2)
+    m = np.array([[0, 0, 0, 0, 0], [0, 1, 1, 0, 0], [0, 1, 0, 1, 0], [0, 1, 1, 1, 0],
+                  [0, 0, 0, 0, 0]], bool)
+    (reg,) = from_mask(m, 1.0).regions
+    assert len(reg.holes) == 1 and reg.area() == 7
+    assert A.self_intersection(reg.exterior) is None
+    rng = np.random.default_rng(0)
+    for t in range(15):  # random masks are full of pinches; GeoJSON keeps them exactly
+        r = rng.random((25, 31)) < 0.55
+        back = read_geojson(write_geojson(from_mask(r, 2.0), tmp_path / f"{t}.geojson"))
+        assert (to_mask(back, r.shape, 2.0) == r).all()
+
+
 def test_from_labels():
     lab = np.zeros((6, 6), np.int32)
     lab[0:3, 0:3] = 1
