@@ -201,10 +201,12 @@ class MILJob(Job):
     """One MIL run (:class:`Job`) driving :func:`napari_milview.pipeline.run`.
 
     ``calls`` counts what ran: ``batches`` (encoded), ``partial`` (partial heatmaps),
-    ``attend`` (the final model run).
+    ``attend`` (the final model run). ``bag`` is the run's bag once done (its cached
+    features: the MIL dock's Evidence section re-runs the model on them).
     """
 
     config: MILConfig
+    bag: Any = None
 
     def _steps(self) -> Generator[Progress, None, Any]:
         """The run with torch on all cores but one: napari draws and answers on the other."""
@@ -220,8 +222,8 @@ class MILJob(Job):
 
         cfg = self.config
         with torch_threads(gui_torch_threads()):
-            _, result = yield from tap(run(cfg.slide, cfg.model, cfg.card, cfg.spec,
-                                           self.cancel), count)
+            self.bag, result = yield from tap(run(cfg.slide, cfg.model, cfg.card, cfg.spec,
+                                                  self.cancel), count)
         # loaded here, off the GUI thread: 'rank' normalisation needs scipy.stats, and napari
         # builds the top-K layer's features table with pandas (~0.3 s to import the first
         # time, which would stall the viewer at the moment the result is shown)

@@ -4,7 +4,8 @@ Sections, top to bottom: Slide (which slide layer), Features (extract them with 
 or load a bag file), Model (the bundled demo or a checkpoint, with what was inferred from
 it), Device and Run / Cancel, Prediction (class probabilities, predicted class, bag size,
 seconds per stage, device), Display (attention source, normalisation, colormap, opacity,
-interpolation, top-K) and Export.
+interpolation, top-K), Export and Evidence (annotations, localisation, concentration,
+faithfulness, what-if and fold disagreement: :mod:`.evidence`).
 
 Threads
 -------
@@ -56,6 +57,7 @@ from ..pipeline import PAUSED, Progress
 from ._common import JobDock, slide_mpp
 from ._common import stop_jobs as _stop_jobs
 from .display import DisplayBox
+from .evidence import EvidenceBox
 from .exports import ExportBox, write_view
 from .overlays import SlideOverlays, install_status, raw_score_at, same_file
 from .parts import path_field, pick_file, scrolled
@@ -208,6 +210,8 @@ class MILWidget(JobDock):
                                  if self.result is not None else "result")
         self.export_buttons = self.exports.buttons
         layout.addWidget(self.exports)
+        self.evidence = EvidenceBox(self)
+        layout.addWidget(self.evidence)
         layout.addStretch(1)
 
         scrolled(self, content, 320)
@@ -283,6 +287,7 @@ class MILWidget(JobDock):
                 self.display.fill_sources(shown)
             self.prediction.set_result(shown, partial=shown is not ov.result, ended=ov.ended)
         self._set_display_enabled(ov.result is not None and shown is ov.result)
+        self.evidence.refresh()
 
     # ------------------------------------------------------------------ features
     def _on_feature_choice(self, checked: bool = True) -> None:
@@ -379,7 +384,10 @@ class MILWidget(JobDock):
                 pbar.update(u.done - pbar.n)
 
     def _show_done(self, job: MILJob) -> None:
-        self.show_result(job.result, ov=job.overlays)
+        ov = job.overlays  # the run's features and model, for the Evidence section
+        ov.bag, ov.model, ov.bag_result = job.bag, (job.config.model, job.config.card), \
+            job.result
+        self.show_result(job.result, ov=ov)
 
     def _run_ended(self, job: MILJob) -> None:
         """A run that did not finish: its pending heatmap layer goes (later, see
@@ -412,6 +420,11 @@ class MILWidget(JobDock):
             pbar.close()
         if self.gallery is not None:
             self.gallery.stop()
+        self.evidence.stop_all(wait=wait)
+
+    def teardown(self) -> None:
+        super().teardown()
+        self.evidence.teardown()
 
     # ------------------------------------------------------------------ results
     def show_result(self, result, partial: bool = False, ov: SlideOverlays | None = None

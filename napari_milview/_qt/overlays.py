@@ -65,6 +65,9 @@ class SlideOverlays:
         Why a partial result stays on screen: ``""`` or "cancelled after 32 of 539 patches".
     restored_from : str
         The sidecar its layers were restored from (``""``: made here).
+    bag, model, bag_result : the last run's bag (its cached features), ``(model, card)`` and
+        the result they made (the Evidence section re-runs the model on them while
+        ``bag_result is result``); None for a result opened from a file.
     """
 
     def __init__(self, viewer, slide_layer, place: Callable[[Any, Any], None]):
@@ -79,6 +82,7 @@ class SlideOverlays:
         self.bag_source: str | None = None
         self.ended = ""
         self.restored_from = ""
+        self.bag = self.model = self.bag_result = None
 
     # ------------------------------------------------------------------ names, units
     def name(self, what: str) -> str:
