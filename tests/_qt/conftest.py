@@ -117,11 +117,17 @@ def shown_child(tmp_path):
     import subprocess
     import sys
     import textwrap
+    from pathlib import Path
 
     def run(script: str, timeout: float = 180) -> tuple[str, list[dict]]:
         path = tmp_path / "child.py"
         path.write_text(CHILD_PRELUDE + "\n" + textwrap.dedent(script) + "\nfinish()\n")
-        env = {**os.environ, "QT_QPA_PLATFORM": "xcb"}
+        # the child imports the tree under test (a worktree, an unpacked sdist), not
+        # whichever copy happens to be installed
+        root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "QT_QPA_PLATFORM": "xcb",
+               "PYTHONPATH": os.pathsep.join(filter(None, [root,
+                                                           os.environ.get("PYTHONPATH")]))}
         proc = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
                               timeout=timeout, env=env, cwd=str(tmp_path))
         out = proc.stdout + proc.stderr

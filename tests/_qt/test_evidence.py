@@ -383,19 +383,11 @@ def draw(ms=600):
 '''
 
 
-def test_failure_paths_in_a_shown_viewer(shown_child, svs, lesion_geojson, tmp_path,
-                                         monkeypatch):
+def test_failure_paths_in_a_shown_viewer(shown_child, svs, lesion_geojson, tmp_path):
     """Shown viewer: a malformed file (notification, nothing crashes); the annotation layer
     removed by hand, then numbers, a new load and draws; the dock closed while the
     faithfulness job runs: the job is cancelled and joined, napari draws on, no thread
     left, exit 0."""
-    from pathlib import Path
-
-    import napari_milview
-
-    # the child imports the package this test imports (a worktree, not the installed one)
-    root = str(Path(napari_milview.__file__).resolve().parents[1])
-    monkeypatch.setenv("PYTHONPATH", root + ":" + __import__("os").environ.get("PYTHONPATH", ""))
     bad = tmp_path / "bad.xml"
     bad.write_text("<ASAP_Annotations><Annotations><Annotation Name='a' Type='Polygon'>"
                    "<Coordinates><Coordinate Order='0' X='1' Y='nope'/>")
