@@ -262,9 +262,14 @@ class MILModel(nn.Module):
         """Hyper-parameters that a checkpoint's container shows and its tensors cannot.
 
         ``meta`` is :func:`napari_milview._weights.read_state_dict`'s metadata (``format``,
-        ``config`` as plain values ...). The values are defaults: a stored card, sidecar or
-        ``hparams`` argument overrides them. The base version returns none (CLAM-MB: ACMIL's
-        container selects ``attention_norm="softmax_one"``).
+        ``config`` as plain values ...) plus ``prefix``, the wrapper prefix every stored key
+        carried (``"model."`` ...) or None. The values are defaults: a stored card, sidecar,
+        ``hparams`` argument (or TransMIL's ``nystrom`` argument) overrides them, and the
+        notes then say which (and that the container suggests otherwise). A value None says
+        the container does not show it: the constructor's default applies, with the notes.
+        The base version returns none (CLAM-MB: ACMIL's container selects
+        ``attention_norm="softmax_one"``; DSMIL: AEM's scoring; TransMIL: the
+        nystrom-attention variant).
 
         Returns
         -------

@@ -22,9 +22,10 @@ Each architecture's key remaps live in its own module, as its class's
 3. the architecture's own remaps (``cls.remap_keys``);
 4. hyper-parameters (:func:`_hyperparameters`): inferred from the tensor shapes
    (``cls.hparams_from_state_dict``), cross-checked with the stored card, the sidecar, the
-   ``hparams`` argument and a stored training config (a contradiction raises); for TransMIL
-   the nystrom-attention variant (:func:`_nystrom`: the ``nystrom`` argument, the card, else
-   the container);
+   ``hparams`` argument, the ``nystrom`` argument (TransMIL) and a stored training config (a
+   contradiction raises); what the container shows and the tensors cannot
+   (``cls.hparams_from_checkpoint``: ACMIL's CLAM-MB attention, AEM's scoring, TransMIL's
+   nystrom-attention variant) where none of those set it;
 5. build and load with ``strict=True`` (:func:`_build_and_load`);
 6. the card (:func:`_model_card`): classes, feature dimension, encoder, patch size, notes.
 
@@ -174,8 +175,6 @@ class _Checkpoint:
         Where the sidecar came from.
     notes : list of str
         Every remap and the provenance of each card field, in order.
-    prefix : str or None
-        The wrapper prefix every stored key carried (``"model."`` ...), if any.
     side_list : list or None
         A JSON list found where the sidecar is (DSMIL's per-class thresholds); only an
         architecture whose ``hparams_from_sidecar_list`` takes it accepts it.
@@ -187,7 +186,6 @@ class _Checkpoint:
     side: dict[str, Any]
     side_src: str | None
     notes: list[str] = field(default_factory=list)
-    prefix: str | None = None
     side_list: list[Any] | None = None
 
     @property
@@ -210,7 +208,9 @@ class _Checkpoint:
 
 
 def _read(path: Path, sidecar: Any) -> _Checkpoint:
-    """Step 1: the tensors (wrapper prefixes stripped), container metadata and sidecar."""
+    """Step 1: the tensors (wrapper prefixes stripped), container metadata (with
+    ``meta["prefix"]``: the wrapper prefix every stored key carried, ``"model."`` ..., or
+    None) and sidecar."""
     raw, meta = read_state_dict(path)
     sd, notes = strip_prefixes(raw)
     side_list = None
@@ -240,9 +240,9 @@ def _read(path: Path, sidecar: Any) -> _Checkpoint:
         notes.insert(1 if notes and notes[0].startswith("container:") else 0,
                      f"config objects rebuilt as plain data: {', '.join(meta['rebuilt'])}")
     heads = {k.split(".", 1)[0] for k in raw}
-    prefix = f"{heads.pop()}." if len(heads) == 1 and all("." in k for k in raw) else None
-    return _Checkpoint(path.name, sd, meta, side, side_src, notes, prefix=prefix,
-                       side_list=side_list)
+    meta["prefix"] = (f"{heads.pop()}." if len(heads) == 1 and all("." in k for k in raw)
+                      else None)
+    return _Checkpoint(path.name, sd, meta, side, side_src, notes, side_list=side_list)
 
 
 def _sidecar_list(ck: _Checkpoint, arch: str, cls: type[MILModel]) -> None:
@@ -325,33 +325,42 @@ def _why_unknown(sd: Mapping[str, Tensor]) -> str:
 
 
 def _hyperparameters(ck: _Checkpoint, arch: str, cls: type[MILModel],
-                     hparams: Mapping[str, Any] | None) -> dict[str, Any]:
+                     hparams: Mapping[str, Any] | None,
+                     nystrom: str | None = None) -> dict[str, Any]:
     """Step 4: constructor hyper-parameters, inferred from shapes and cross-checked.
 
     ``cls.hparams_from_state_dict(ck.sd)`` gives what the weights determine (e.g.
     ``in_dim`` = ``dimreduction.fc1.weight`` [inner, in_dim] ``.shape[1]``). The stored card,
-    the sidecar and ``hparams`` (in that order) may add the others (dropout, STKIM
-    settings, TransMIL's ``nystrom`` ...) but never contradict the inferred ones;
-    ``cls.hparams_from_checkpoint(ck.meta)`` adds what the container shows (ACMIL's
-    container -> CLAM-MB ``attention_norm="softmax_one"``) unless one of those set it; a stored
-    training config is cross-checked field by field (:data:`_CONFIG_FIELDS`) and gives the
-    STKIM settings the weights cannot show (:data:`_TRAINING_ONLY_FIELDS`).
+    the sidecar, ``hparams`` and ``nystrom`` (rising priority; read by :func:`_declared`)
+    may add the others (dropout, STKIM settings, TransMIL's ``nystrom`` ...) but never
+    contradict the inferred ones; ``cls.hparams_from_checkpoint(ck.meta)`` adds what the
+    container shows (ACMIL's container -> CLAM-MB ``attention_norm="softmax_one"``, the
+    official TransMIL checkpoint -> ``nystrom="0.0.9"``) and why, unless one of those set it
+    (the notes then say which: ``"nystrom 0.0.9 chosen explicitly"``, and that the container
+    suggests otherwise); a stored training config is cross-checked field by field
+    (:data:`_CONFIG_FIELDS`) and gives the STKIM settings the weights cannot show
+    (:data:`_TRAINING_ONLY_FIELDS`).
 
     Raises
     ------
     CheckpointError
-        Not this architecture's layout (with a key report), a contradiction, or a
-        hyper-parameter the constructor does not take.
+        Not this architecture's layout (with a key report), a contradiction, a
+        hyper-parameter the constructor does not take (``nystrom``: TransMIL models only), or
+        an unknown nystrom variant.
     """
     accepted = _constructor_params(cls)
+    if nystrom is not None and "nystrom" not in accepted:
+        raise CheckpointError(f"{ck.name}: the nystrom setting ({nystrom!r}) applies to "
+                              f"TransMIL models only, not {cls.arch}")
     inferred = _infer_hparams(ck, arch, cls, hparams)
     hp = dict(inferred)
-    for src, values in (("stored card", ck.card.get("hparams")),
-                        ("sidecar", ck.side.get("hparams")),
-                        ("hparams argument", hparams)):
-        if not isinstance(values, Mapping):
-            continue
-        for k, v in values.items():
+    given: dict[str, str] = {}  # hyper-parameter -> where it was set, for the notes
+    for src, how, card in (("stored card", "from the stored card", ck.card),
+                           ("sidecar", "from the sidecar", ck.side),
+                           ("hparams argument", "from the hparams argument",
+                            {"hparams": hparams}),
+                           ("nystrom argument", "chosen explicitly", {"nystrom": nystrom})):
+        for k, v in _declared(ck, src, card, accepted).items():
             if k in inferred and not _same(v, inferred[k]):
                 raise CheckpointError(f"{ck.name}: {src} says {k}={v!r} but the weights give "
                                       f"{k}={inferred[k]!r}")
@@ -359,14 +368,18 @@ def _hyperparameters(ck: _Checkpoint, arch: str, cls: type[MILModel],
                 if k not in accepted:
                     raise CheckpointError(f"{ck.name}: {src} has {k}={v!r}, which "
                                           f"{cls.__name__} does not accept")
-                hp[k] = v
+                hp[k], given[k] = v, how
     from_container, why = cls.hparams_from_checkpoint(ck.meta)
     for k, v in from_container.items():
-        if k in hp and not _same(hp[k], v):
-            ck.notes.append(f"{k}={hp[k]!r} as given, although the container suggests {v!r}")
+        if k not in hp:
+            if v is not None:
+                hp[k] = v
+            ck.notes += [n for n in why if n not in ck.notes]
             continue
-        hp[k] = v
-        ck.notes += [n for n in why if n not in ck.notes]
+        if k in given:
+            ck.notes.append(f"{k} {hp[k]} {given[k]}")
+        if v is not None and not _same(hp[k], v):
+            ck.notes.append(f"{k}={hp[k]!r} as given, although the container suggests {v!r}")
     if ck.config:
         extra, used = _cross_check(inferred, ck.config, accepted, ck.name,
                                    f"the stored {ck.meta.get('config_key', 'config')}")
@@ -375,6 +388,40 @@ def _hyperparameters(ck: _Checkpoint, arch: str, cls: type[MILModel],
         if used:
             ck.notes.append(f"stored config cross-checked ({', '.join(used)})")
     return hp
+
+
+def _declared(ck: _Checkpoint, src: str, card: Mapping[str, Any],
+              accepted: set[str]) -> dict[str, Any]:
+    """The hyper-parameters one source sets: a card-like mapping's ``hparams`` and, for a
+    constructor taking it (TransMIL), its top-level ``"nystrom"``, normalised here and only
+    here (:func:`~napari_milview.mil.transmil.nystrom_variant`; the older
+    ``legacy_nystrom_slice`` True / False -> ``"0.0.9"`` / ``"current"`` unless ``nystrom``).
+
+    Raises
+    ------
+    CheckpointError
+        An unknown nystrom variant, or a top-level ``nystrom`` and ``hparams`` that disagree.
+    """
+    values = dict(card["hparams"]) if isinstance(card.get("hparams"), Mapping) else {}
+    if "nystrom" not in accepted:
+        return values
+    from .transmil import nystrom_variant
+
+    legacy = values.pop("legacy_nystrom_slice", None)
+    inner = values.pop("nystrom", None)
+    if inner is None and legacy is not None:
+        inner = "0.0.9" if legacy else "current"
+    try:
+        top, inner = (None if v is None else nystrom_variant(v)
+                      for v in (card.get("nystrom"), inner))
+    except ValueError as exc:
+        raise CheckpointError(f"{ck.name}: {exc}") from None
+    if top and inner and top != inner:
+        raise CheckpointError(f"{ck.name}: the {src} says nystrom={top!r} but its hparams "
+                              f"say {inner!r}")
+    if top or inner:
+        values["nystrom"] = top or inner
+    return values
 
 
 def _infer_hparams(ck: _Checkpoint, arch: str, cls: type[MILModel],
@@ -389,63 +436,6 @@ def _infer_hparams(ck: _Checkpoint, arch: str, cls: type[MILModel],
         except (TypeError, ValueError, RuntimeError):
             report = ""
         raise CheckpointError(f"{ck.name}: not a {arch} checkpoint ({exc}){report}") from None
-
-
-def _nystrom(ck: _Checkpoint, cls: type[MILModel], hp: dict[str, Any],
-             nystrom: str | None, hparams: Mapping[str, Any] | None) -> None:
-    """Step 4b, TransMIL family (constructors taking ``nystrom``): the nystrom-attention
-    variant, into ``hp["nystrom"]``, and why, into the notes.
-
-    The first of: the ``nystrom`` argument; ``hparams``; the sidecar's ``"nystrom"`` key
-    (or its hparams); the stored card's; else what the container shows
-    (``cls.nystrom_from_container``: the official TransMIL Lightning checkpoint -> 0.0.9,
-    otherwise current). The older hyper-parameter ``legacy_nystrom_slice`` counts too.
-
-    Raises
-    ------
-    CheckpointError
-        ``nystrom`` given for an architecture without the setting, an unknown value, or a
-        sidecar / card whose ``nystrom`` and ``hparams`` disagree.
-    """
-    from .transmil import nystrom_variant
-
-    if "nystrom" not in _constructor_params(cls):
-        if nystrom is not None:
-            raise CheckpointError(f"{ck.name}: the nystrom setting ({nystrom!r}) applies to "
-                                  f"TransMIL models only, not {cls.arch}")
-        return
-
-    def declared(d: Any) -> str | None:
-        if not isinstance(d, Mapping):
-            return None
-        if d.get("nystrom") is not None:
-            return nystrom_variant(d["nystrom"])
-        if d.get("legacy_nystrom_slice") is not None:
-            return "0.0.9" if d["legacy_nystrom_slice"] else "current"
-        return None
-
-    try:
-        found: tuple[str, str] | None = None
-        if nystrom is not None:
-            found = nystrom_variant(nystrom), "chosen explicitly"
-        elif declared(hparams) is not None:
-            found = declared(hparams), "from the hparams argument"
-        for src, d in (("sidecar", ck.side), ("stored card", ck.card)):
-            top, inner = declared(d), declared(d.get("hparams"))
-            if top is not None and inner is not None and top != inner:
-                raise CheckpointError(f"{ck.name}: the {src} says nystrom={top!r} but its "
-                                      f"hparams say {inner!r}")
-            if found is None and (top or inner) is not None:
-                found = top or inner, f"from the {src}"
-        if found is None:
-            found = cls.nystrom_from_container(ck.meta, ck.prefix)
-        variant, why = found
-        variant = nystrom_variant(variant)
-    except ValueError as exc:
-        raise CheckpointError(f"{ck.name}: {exc}") from None
-    hp.pop("legacy_nystrom_slice", None)
-    hp["nystrom"] = variant
-    ck.notes.append(why if why.startswith("nystrom ") else f"nystrom {variant} {why}")
 
 
 def _build_and_load(ck: _Checkpoint, arch: str, hp: Mapping[str, Any]) -> MILModel:
@@ -595,8 +585,7 @@ def load_model(
     ck.sd, remapped = cls.remap_keys(ck.sd)
     ck.notes += [n for n in remapped if n not in ck.notes]
     _sidecar_list(ck, arch, cls)
-    hp = _hyperparameters(ck, arch, cls, hparams)
-    _nystrom(ck, cls, hp, nystrom, hparams)
+    hp = _hyperparameters(ck, arch, cls, hparams, nystrom)
     model = _build_and_load(ck, arch, hp).to(device).eval()
     return model, _model_card(ck, arch, arch_src, model)
 

@@ -43,7 +43,7 @@ The ``nystrom`` hyper-parameter names which ``nystrom-attention`` release the we
 trained with: ``"0.0.9"`` (pinned by the official repository) or ``"current"`` (0.0.10 and
 later, e.g. ACMIL's copy pins 0.0.12). Both pad the sequence at the front; 0.0.9 then keeps
 the first n output rows (the pad rows), later releases the last n (the real tokens). The
-weights cannot show which one was used; :meth:`TransMIL.nystrom_from_container` picks a
+weights cannot show which one was used; :meth:`TransMIL.hparams_from_checkpoint` picks a
 default from the checkpoint's container and the loader records why in the card's notes.
 """
 
@@ -267,41 +267,30 @@ class TransMIL(MILModel):
         self.legacy_nystrom_slice = nystrom_variant(value) == "0.0.9"
 
     @classmethod
-    def nystrom_from_container(cls, meta: Mapping[str, Any], prefix: str | None
-                               ) -> tuple[str, str]:
-        """The variant a checkpoint's container points to, and why.
+    def hparams_from_checkpoint(cls, meta: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """``nystrom``: the variant the checkpoint's container points to, and why.
 
-        Parameters
-        ----------
-        meta : mapping
-            :func:`napari_milview._weights.read_state_dict`'s metadata (``format``,
-            ``config_key``, ``ignored_keys`` ...).
-        prefix : str or None
-            The wrapper prefix every key carried (``"model."``), if any.
-
-        Returns
-        -------
-        variant : str
-            ``"0.0.9"`` for the official repository's PyTorch Lightning checkpoint (a
-            ``state_dict`` whose keys carry ``model.``, with ``hyper_parameters`` and
-            ``pytorch-lightning_version``), ``"current"`` otherwise.
-        reason : str
-            One line for the card's notes.
+        ``"0.0.9"`` for the official repository's PyTorch Lightning checkpoint (``format``
+        ``"lightning"``, every key under ``meta["prefix"] == "model."``, with
+        ``hyper_parameters`` and ``pytorch-lightning_version``), ``"current"`` for ACMIL's
+        container; None (the container does not show it: the constructor's ``"current"``,
+        with a note saying it is assumed) for anything else.
         """
         fmt = meta.get("format")
         extra = set(meta.get("ignored_keys") or ()) | {meta.get("config_key")}
-        if (fmt == "lightning" and prefix == "model." and "hyper_parameters" in extra
-                and "pytorch-lightning_version" in extra):
-            return "0.0.9", ("nystrom 0.0.9: an official TransMIL PyTorch Lightning checkpoint "
-                             "(state_dict 'model.*', hyper_parameters, "
-                             "pytorch-lightning_version); szc19990412/TransMIL pins "
-                             "nystrom-attention 0.0.9")
+        if (fmt == "lightning" and meta.get("prefix") == "model."
+                and {"hyper_parameters", "pytorch-lightning_version"} <= extra):
+            return {"nystrom": "0.0.9"}, [
+                "nystrom 0.0.9: an official TransMIL PyTorch Lightning checkpoint (state_dict "
+                "'model.*', hyper_parameters, pytorch-lightning_version); "
+                "szc19990412/TransMIL pins nystrom-attention 0.0.9"]
         if fmt == "acmil":
-            return "current", ("nystrom current: an ACMIL checkpoint container (ACMIL pins "
-                               "nystrom-attention 0.0.12)")
-        return "current", ("nystrom current: the checkpoint does not show the "
-                           "nystrom-attention release (nystrom-attention >= 0.0.10 assumed; "
-                           "choose 0.0.9 for weights trained with the official repository)")
+            return {"nystrom": "current"}, ["nystrom current: an ACMIL checkpoint container "
+                                            "(ACMIL pins nystrom-attention 0.0.12)"]
+        return {"nystrom": None}, [
+            "nystrom current: the checkpoint does not show the nystrom-attention release "
+            "(nystrom-attention >= 0.0.10 assumed; choose 0.0.9 for weights trained with the "
+            "official repository)"]
 
     # -- geometry helpers ----------------------------------------------------------------------
     def token_layout(self, n_instances: int) -> dict[str, int]:

@@ -571,6 +571,7 @@ def test_nystrom_choice_order_and_errors(tmp_path):
     side.write_text(json.dumps({"nystrom": "current"}))
     m_side, c_side = load_model(path, sidecar=side)
     assert c_side.nystrom == "current" and "nystrom current from the sidecar" in c_side.notes
+    assert "nystrom='current' as given, although the container suggests '0.0.9'" in c_side.notes
     assert _variant_differs(auto, m_side)
     _, c_old = load_model(path, sidecar={"hparams": {"legacy_nystrom_slice": False}})
     assert c_old.nystrom == "current" and "legacy_nystrom_slice" not in c_old.hparams
@@ -598,6 +599,7 @@ def test_nystrom_survives_save_and_load(tmp_path):
     assert json.loads((tmp_path / "t.json").read_text())["nystrom"] == "0.0.9"
     loaded, back = load_model(tmp_path / "t.safetensors")
     assert back.nystrom == "0.0.9" and loaded.legacy_nystrom_slice
+    assert "nystrom 0.0.9 from the sidecar" in back.notes and "as given" not in back.notes
     _assert_same(model, loaded)
     bad = ModelCard(arch="transmil", hparams=dict(model.hparams), nystrom="current")
     assert bad.check() == ["nystrom 'current' != hparams nystrom '0.0.9'"]
