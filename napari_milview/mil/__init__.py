@@ -12,6 +12,7 @@ acmil_ga   :class:`ACMIL_GA`                      ``"branch/mean"``
 acmil_mha  :class:`ACMIL_MHA`                     ``"branch/mean"``
 mha        :class:`MHA` (ACMIL/AEM single query)  ``"head/mean"``
 transmil   :class:`TransMIL`                      ``"layer2/mean"``
+mambamil   :class:`MambaMIL` (SR-Mamba, pure torch)   ``"attention"``
 ========== ====================================== =========================================
 
 Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``.
@@ -34,6 +35,7 @@ from .base import (
     resolve_arch,
 )
 from .clam import CLAM_MB, CLAM_SB
+from .mambamil import MambaMIL
 from .transmil import TransMIL
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "MODELS",
     "MILModel",
     "MILOutput",
+    "MambaMIL",
     "ModelCard",
     "TransMIL",
     "available_models",

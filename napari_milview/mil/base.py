@@ -320,7 +320,7 @@ MODELS: dict[str, type[MILModel]] = {}
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 """Alias -> (canonical architecture, fixed hyper-parameters)."""
 
-_BUILTIN_MODULES = ("abmil", "clam", "acmil", "transmil")
+_BUILTIN_MODULES = ("abmil", "clam", "acmil", "transmil", "mambamil")
 
 
 def _ensure_builtin() -> None:
