@@ -36,7 +36,6 @@ import sys
 import types
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -146,7 +145,7 @@ def main() -> None:
         folder.mkdir(exist_ok=True)
         torch.save(model.state_dict(), folder / "s_0_checkpoint.pt")
         raw: list[torch.Tensor] = []
-        hook = model.attention.register_forward_hook(lambda _m, _i, out: raw.append(out))
+        hook = model.attention.register_forward_hook(lambda _m, _i, out, sink=raw: sink.append(out))
         probs, refs = [], []
         with torch.no_grad():
             for x in bags:
