@@ -12,7 +12,7 @@ acmil_ga   :class:`ACMIL_GA`                      ``"branch/mean"``
 acmil_mha  :class:`ACMIL_MHA`                     ``"branch/mean"``
 mha        :class:`MHA` (ACMIL/AEM single query)  ``"head/mean"``
 transmil   :class:`TransMIL`                      ``"layer2/mean"``
-mambamil   :class:`MambaMIL` (SR-Mamba, pure torch)   ``"attention"``
+mambamil   :class:`MambaMIL` (SR/Bi/plain Mamba)  ``"attention"``
 ========== ====================================== =========================================
 
 Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``.

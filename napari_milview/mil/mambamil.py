@@ -60,6 +60,7 @@ from .base import MILModel, MILOutput, _count_indexed, _shape, register_model
 __all__ = [
     "MambaMIL",
     "MambaMixer",
+    "causal_conv1d",
     "reorder",
     "selective_scan",
     "selective_scan_sequential",
@@ -169,28 +170,44 @@ def _selective_scan_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
                            block: int) -> Tensor:
     u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias)
     L, E = u.shape
-    grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (u, delta, A, B, C))
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (u, delta, A, B, C)):
+        return _scan_output(_scan_blocks_autograd(u, delta, A, B, C, block), u, D, z)
+    du = delta * u  # [L, E]
+    y = u.new_empty((L, E))
     state = u.new_zeros(A.shape)  # [E, S]
-    ys = []
+    # one pair of block buffers, reused (fresh big allocations cost a page fault per page)
+    dA_buf = u.new_empty((min(block, L), *A.shape))
+    st_buf = torch.empty_like(dA_buf)
     for b0 in range(0, L, block):
         b1 = min(L, b0 + block)
-        dA = torch.exp(delta[b0:b1, :, None] * A)  # [n, E, S]
-        dBu = (delta[b0:b1] * u[b0:b1])[:, :, None] * B[b0:b1, None, :]  # [n, E, S]
-        if grad:  # out of place, so autograd keeps every state
-            states = []
-            for t in range(b1 - b0):
-                state = torch.addcmul(dBu[t], dA[t], state)
-                states.append(state)
-            ys.append((torch.stack(states) * C[b0:b1, None, :]).sum(-1))
-        else:  # dBu becomes the states, in place
-            for t in range(b1 - b0):
-                dBu[t].addcmul_(dA[t], state)
-                state = dBu[t]
-            state = state.clone()
-            ys.append(dBu.mul_(C[b0:b1, None, :]).sum(-1))
-    y = torch.cat(ys) if ys else u.new_zeros((0, E))
+        n = b1 - b0
+        dA, states = dA_buf[:n], st_buf[:n]
+        torch.mul(delta[b0:b1, :, None], A, out=dA)
+        dA.exp_()  # exp(delta_t A)             [n, E, S]
+        torch.mul(du[b0:b1, :, None], B[b0:b1, None, :], out=states)  # delta_t u_t B_t
+        states[0].addcmul_(dA[0], state)
+        for t in range(1, n):
+            states[t].addcmul_(dA[t], states[t - 1])
+        state.copy_(states[n - 1])
+        torch.bmm(states, C[b0:b1, :, None], out=y[b0:b1, :, None])  # s_t C_t
     return _scan_output(y, u, D, z)
+
+
+def _scan_blocks_autograd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                          block: int) -> Tensor:
+    """:func:`_selective_scan_blocks` out of place, so autograd keeps every state."""
+    state = u.new_zeros(A.shape)
+    ys = []
+    for b0 in range(0, u.shape[0], block):
+        b1 = min(u.shape[0], b0 + block)
+        dA = torch.exp(delta[b0:b1, :, None] * A)
+        dBu = (delta[b0:b1] * u[b0:b1])[:, :, None] * B[b0:b1, None, :]
+        states = []
+        for t in range(b1 - b0):
+            state = torch.addcmul(dBu[t], dA[t], state)
+            states.append(state)
+        ys.append((torch.stack(states) * C[b0:b1, None, :]).sum(-1))
+    return torch.cat(ys)
 
 
 def _mamba_ssm_scan() -> Any:
@@ -214,6 +231,31 @@ def _scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, 
                      delta_softplus=True)
             return out[0].t()
     return selective_scan(u, delta, A, B, C, D, z, delta_bias)
+
+
+def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Causal depthwise convolution in time-major layout (``nn.Conv1d(E, E, W, groups=E,
+    padding=W - 1)`` cut to the first ``L`` outputs): ``out_t = bias + sum_k W[:, k]
+    x_{t - W + 1 + k}``, zeros before the first instance.
+
+    Parameters
+    ----------
+    x : Tensor, shape [L, E]
+    weight : Tensor, shape [E, 1, W]
+    bias : Tensor, shape [E], optional
+
+    Returns
+    -------
+    Tensor, shape [L, E]
+    """
+    L, w = x.shape[0], weight.shape[-1]
+    xp = F.pad(x, (0, 0, w - 1, 0))  # [L + W - 1, E]
+    out = xp[w - 1:] * weight[:, 0, w - 1]
+    for k in range(w - 1):
+        out.addcmul_(xp[k:k + L], weight[:, 0, k])
+    if bias is not None:
+        out += bias
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,9 +362,8 @@ class MambaMixer(nn.Module):
         dt_proj: nn.Linear = getattr(self, f"dt_proj{s}")
         A_log = self.A_log if not s else self.A_b_log
         D = getattr(self, f"D{s}")
-        L = xz.shape[0]
         x, z = xz.chunk(2, dim=1)
-        u = F.silu(conv(x.t()[None])[0, :, :L].t())  # causal: left context only
+        u = F.silu(causal_conv1d(x, conv.weight, conv.bias))
         dt, B, C = torch.split(x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=1)
         delta = dt @ dt_proj.weight.t()
         A = -torch.exp(A_log.float())

@@ -16,6 +16,7 @@ from napari_milview.mil.mambamil import (
     MambaMixer,
     _mamba_ssm_scan,
     _scan,
+    causal_conv1d,
     reorder,
     selective_scan,
     selective_scan_sequential,
@@ -262,3 +263,13 @@ def test_load_model_mixer_type(tmp_path):
     save_model(m, ModelCard(arch="mambamil", classes=["a", "b"]), tmp_path / "bi.safetensors")
     again, _ = load_model(tmp_path / "bi.safetensors")
     assert again.hparams["type"] == "BiMamba" and again.hparams["rate"] == 5
+
+
+@pytest.mark.parametrize("L", [1, 3, 50])
+def test_causal_conv1d_equals_torch_conv(L):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
+    x = torch.randn(L, 6)
+    with torch.no_grad():
+        want = conv(x.t()[None])[0, :, :L].t()
+        torch.testing.assert_close(causal_conv1d(x, conv.weight, conv.bias), want)
