@@ -48,7 +48,9 @@ float rounding; :func:`selective_scan_sequential` is the step-by-step reference)
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -134,7 +136,7 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     Per block of ``block`` steps, the decays ``exp(delta_t A)`` and inputs
     ``delta_t u_t B_t`` (``[block, E, S]``) are computed in one call each, the recurrence is
     one fused ``addcmul`` per step written in place, and the outputs ``s_t C_t`` are one
-    reduction over the block. The state is carried exactly from block to block (no
+    batched matrix product over the block. The state is carried exactly from block to block (no
     chunk-parallel reformulation: same arithmetic as the sequential scan, up to float
     rounding). A block's buffers (``2 * block * E * S`` floats, 4 MiB at E 1024, S 16) stay
     in cache.
@@ -148,21 +150,40 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
     threads : int or None
         Intra-op threads while the scan runs (``torch.set_num_threads``, restored after);
         None leaves the setting alone. One by default: the steps are too small to gain from
-        threads, and on a busy machine the thread pool's hand-offs made the scan 15x slower
-        (measured on 2 shared cores).
+        threads, and on a busy machine the thread pool's hand-offs made the scan about 15x
+        slower (measured on 2 shared cores). Process-wide while the scan runs.
 
     Returns
     -------
     Tensor, shape [L, E], float32
     """
-    before = torch.get_num_threads()
-    if threads is not None and threads != before:
-        torch.set_num_threads(int(threads))
-    try:
+    if threads is None:
         return _selective_scan_blocks(u, delta, A, B, C, D, z, delta_bias, max(1, int(block)))
+    with _intra_op_threads(int(threads)):
+        return _selective_scan_blocks(u, delta, A, B, C, D, z, delta_bias, max(1, int(block)))
+
+
+_THREADS_LOCK = threading.Lock()
+_threads_state = {"depth": 0, "saved": 0}
+
+
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the block; the outermost of overlapping blocks (scans
+    in several Python threads) restores the setting it found."""
+    with _THREADS_LOCK:
+        if _threads_state["depth"] == 0:
+            _threads_state["saved"] = torch.get_num_threads()
+            if n != _threads_state["saved"]:
+                torch.set_num_threads(n)
+        _threads_state["depth"] += 1
+    try:
+        yield
     finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
+        with _THREADS_LOCK:
+            _threads_state["depth"] -= 1
+            if _threads_state["depth"] == 0 and torch.get_num_threads() != _threads_state["saved"]:
+                torch.set_num_threads(_threads_state["saved"])
 
 
 def _selective_scan_blocks(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,

@@ -28,10 +28,12 @@ SMALL = {
     "acmil_mha": {"in_dim": D, "n_classes": 2, "inner_dim": 16, "n_token": 2},
     "mha": {"in_dim": D, "n_classes": 2, "inner_dim": 16},
     "transmil": {"in_dim": D, "n_classes": 2, "dim": 32},
+    "mambamil": {"in_dim": D, "n_classes": 2, "d_model": 16},
     "aem": {"in_dim": D, "n_classes": 2, "inner_dim": 16, "attn_dim": 8},
     "aem_mha": {"in_dim": D, "n_classes": 2, "inner_dim": 16},
 }
-CANONICAL = ["abmil", "clam_sb", "clam_mb", "acmil_ga", "acmil_mha", "mha", "transmil"]
+CANONICAL = ["abmil", "clam_sb", "clam_mb", "acmil_ga", "acmil_mha", "mha", "transmil",
+             "mambamil"]
 
 def _is_softmax_source(arch: str, name: str) -> bool:
     """Sources that are a softmax over the bag (sum to 1)."""
