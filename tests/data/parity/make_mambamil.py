@@ -3,9 +3,10 @@
     python make_mambamil.py --checkout /tmp/authors/isyangshu+MambaMIL
 
 Environment: torch, numpy, einops (what the authors' ``models/MambaMIL.py`` and their
-``mamba/mamba_ssm`` copy import). Writes ``mambamil_srmamba/``, ``mambamil_mamba/`` and
-``mambamil_bimamba/``, each with ``s_0_checkpoint.pt`` saved as ``utils/core_utils.py`` saves
-it (``torch.save(model.state_dict(), "s_{fold}_checkpoint.pt")``).
+``mamba/mamba_ssm`` copy import). Writes ``mambamil_srmamba/``, ``mambamil_mamba/``,
+``mambamil_bimamba/`` and ``mambamil_srmamba_survival/`` (``main_survival.py``'s head), each
+with ``s_0_checkpoint.pt`` saved as ``utils/core_utils.py`` and ``survival_core_utils.py``
+save it (``torch.save(model.state_dict(), "s_{fold}_checkpoint.pt")``).
 
 The authors' model runs on CPU with only the compiled pieces replaced, here in this script:
 
@@ -49,8 +50,9 @@ N_CLASSES = 3
 D_MODEL = 64
 RATE = 10
 LAYERS = 2
-CASES = {"SRMamba": "mambamil_srmamba", "Mamba": "mambamil_mamba",
-         "BiMamba": "mambamil_bimamba"}
+#: case folder -> (type, survival head); survival as main_survival.py builds it (4 intervals)
+CASES = {"mambamil_srmamba": ("SRMamba", False), "mambamil_mamba": ("Mamba", False),
+         "mambamil_bimamba": ("BiMamba", False), "mambamil_srmamba_survival": ("SRMamba", True)}
 
 
 def _causal_conv(x, weight, bias, silu):
@@ -101,20 +103,21 @@ def _install_stand_ins() -> None:
         sys.modules[mod.__name__] = mod
 
 
-def _build(mm, kind: str, seed: int) -> torch.nn.Module:
-    """The authors' MambaMIL as core_utils builds it, its sub-modules rebuilt at D_MODEL."""
+def _build(mm, kind: str, survival: bool, n_classes: int, seed: int) -> torch.nn.Module:
+    """The authors' MambaMIL as (survival_)core_utils builds it, its sub-modules rebuilt at
+    D_MODEL."""
     from torch import nn
 
     torch.manual_seed(seed)
-    model = mm.MambaMIL(in_dim=IN_DIM, n_classes=N_CLASSES, dropout=0.25, act="gelu",
-                        layer=LAYERS, rate=RATE, type=kind)
+    model = mm.MambaMIL(in_dim=IN_DIM, n_classes=n_classes, dropout=0.25, act="gelu",
+                        survival=survival, layer=LAYERS, rate=RATE, type=kind)
     mixer_cls = {"SRMamba": mm.SRMamba, "Mamba": mm.Mamba, "BiMamba": mm.BiMamba}[kind]
     model._fc1[0] = nn.Linear(IN_DIM, D_MODEL)
     model.norm = nn.LayerNorm(D_MODEL)
     for layer in model.layers:
         layer[0] = nn.LayerNorm(D_MODEL)
         layer[1] = mixer_cls(d_model=D_MODEL, d_state=16, d_conv=4, expand=2)
-    model.classifier = nn.Linear(D_MODEL, N_CLASSES)
+    model.classifier = nn.Linear(D_MODEL, n_classes)
     model.attention[0] = nn.Linear(D_MODEL, 128)
     model.apply(mm.initialize_weights)
     with torch.no_grad():
@@ -139,8 +142,9 @@ def main() -> None:
     import models.MambaMIL as mm
 
     bags = parity_io.make_bags(IN_DIM)
-    for seed, (kind, name) in enumerate(CASES.items()):
-        model = _build(mm, kind, seed)
+    for seed, (name, (kind, survival)) in enumerate(CASES.items()):
+        n_classes = 4 if survival else N_CLASSES
+        model = _build(mm, kind, survival, n_classes, seed)
         folder = parity_io.HERE / name
         folder.mkdir(exist_ok=True)
         torch.save(model.state_dict(), folder / "s_0_checkpoint.pt")
@@ -150,15 +154,19 @@ def main() -> None:
         with torch.no_grad():
             for x in bags:
                 raw.clear()
-                _logits, y_prob, _y_hat, _a, _r = model(torch.from_numpy(x))
+                # (logits, Y_prob, ...) or, with survival=True, (hazards, S, ...)
+                first, second, *_ = model(torch.from_numpy(x))
                 a_raw = raw[-1][0, :, 0]  # [N], before their softmax over the instances
-                probs.append(y_prob[0].numpy())
+                probs.append((first if survival else second)[0].numpy())
                 refs.append({"attention": torch.softmax(a_raw, 0).numpy(),
                              "raw_attention": a_raw.numpy()})
         hook.remove()
-        load = {} if kind != "BiMamba" else {"hparams": {"type": "BiMamba"}}
+        hp = ({"type": "BiMamba"} if kind == "BiMamba" else {}) | (
+            {"survival": True} if survival else {})
+        load = {"hparams": hp} if hp else {}
         notes = (
-            f"type={kind}, layer={LAYERS}, rate={RATE}, act=gelu, dropout=0.25 (eval), "
+            f"type={kind}, survival={survival}, n_classes={n_classes}, layer={LAYERS}, "
+            f"rate={RATE}, act=gelu, dropout=0.25 (eval), "
             f"in_dim={IN_DIM}, d_model={D_MODEL} (the authors hard-code 512: the script "
             "rebuilds the sub-modules at 64 with their classes and initialize_weights, then "
             "perturbs every parameter by N(0, 0.05^2)). Run on CPU: selective_scan_cuda.fwd "
@@ -168,6 +176,10 @@ def main() -> None:
             "forward returns no attention (A_raw=None): a forward hook records the output of "
             "`attention` ([1, N, 1]) and the softmax over the instances their forward takes "
             "for pooling.")
+        if survival:
+            notes += (" Survival head (main_survival.py): the recorded probabilities are the "
+                      "per-interval hazards sigmoid(logits) their forward returns; load with "
+                      "hparams={'survival': True}.")
         if kind == "BiMamba":
             notes += (" BiMamba has the same keys as SRMamba: load with "
                       "hparams={'type': 'BiMamba'}.")
@@ -183,7 +195,8 @@ def main() -> None:
                 "raw/attention": {"key": "raw_attention", "definition":
                                   "attention(norm(h)) before the softmax"},
             },
-            heatmap_source="attention", notes=notes)
+            heatmap_source="attention", notes=notes,
+            probabilities="sigmoid (hazards)" if survival else "softmax")
         print(f"wrote {folder}")
 
 
