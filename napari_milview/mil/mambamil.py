@@ -41,8 +41,12 @@ SRMamba and BiMamba checkpoints have identical keys and shapes: a BiMamba checkp
 ``act`` ("gelu") leave no trace in the weights either.
 
 Scan backends: on CUDA, when ``mamba_ssm`` is installed, its ``selective_scan_fn`` (the
-authors' kernel); otherwise :func:`selective_scan` here, a blocked two-level scan (exact up to
-float rounding; :func:`selective_scan_sequential` is the step-by-step reference).
+authors' kernel); otherwise :func:`selective_scan` here: the recurrence step by step, its
+per-step terms vectorised over blocks of 32 steps (equal to
+:func:`selective_scan_sequential`, the plain reference, up to float rounding).
+
+The survival head of ``main_survival.py`` (``survival=True``): ``probabilities`` are the
+hazards ``sigmoid(logits)`` and ``aux["survival"] = cumprod(1 - hazards)``.
 """
 
 from __future__ import annotations
