@@ -1,4 +1,5 @@
-"""The ``milview`` command: info, synth, extract, attend, run, stain, robustness, demo."""
+"""The ``milview`` command: info, synth, extract, attend, run, stain, robustness, evaluate,
+demo."""
 
 from __future__ import annotations
 
@@ -144,15 +145,16 @@ def _drive(gen, desc: str, who: str):
             bar.close()
 
 
-def _load_mil(model: str, arch: str | None):
-    """(model, card, name) for a checkpoint path or ``demo`` (the shipped demo model)."""
+def _load_mil(model: str, arch: str | None, nystrom: str | None = None):
+    """(model, card, name) for a checkpoint path or ``demo`` (the shipped demo model);
+    ``nystrom``: TransMIL's nystrom-attention variant (None: the checkpoint's)."""
     from .mil.checkpoint import load_model
 
     if model == "demo":
         from .assets import demo_model_path
 
-        return (*load_model(demo_model_path(), arch=arch), "demo")
-    return (*load_model(model, arch=arch), str(model))
+        return (*load_model(demo_model_path(), arch=arch, nystrom=nystrom), "demo")
+    return (*load_model(model, arch=arch, nystrom=nystrom), str(model))
 
 
 def _cmd_attend(args: argparse.Namespace) -> int:
@@ -166,7 +168,7 @@ def _cmd_attend(args: argparse.Namespace) -> int:
             raise ValueError(f"{dest}: folder {dest.parent} does not exist")
     bag = load_bag(args.bag, patch_size_level0=args.patch_size_level0,
                    patches_h5=args.patches_h5, slide_id=args.slide_id, mpp=args.mpp)
-    model, card, name = _load_mil(args.model, args.arch)
+    model, card, name = _load_mil(args.model, args.arch, args.nystrom)
     _, result = collect(run(None, model, card, RunSpec(bag=bag, device=args.device,
                                                       model_name=name)))
     if args.source is not None and args.source not in result.sources:
@@ -187,7 +189,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = CohortConfig(
         encoder=args.encoder, weights=args.weights, model=args.model, arch=args.arch,
-        patch_um=args.patch_um, mag=args.mag, min_tissue=args.min_tissue, mpp=args.mpp,
+        nystrom=args.nystrom, patch_um=args.patch_um, mag=args.mag,
+        min_tissue=args.min_tissue, mpp=args.mpp,
         device=args.device, source=args.source, top_k=args.top_k,
         batch_size=args.batch_size, readers=args.readers)
     bar = None
@@ -344,6 +347,103 @@ def _cmd_robustness(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_inputs(target: Path) -> list[Path]:
+    """RESULT.h5, or every ``*.result.h5`` of a folder (``milview run``'s output)."""
+    if target.is_dir():
+        found = sorted(target.glob("*.result.h5"))
+        if not found:
+            raise ValueError(f"{target}: no *.result.h5 in the folder")
+        return found
+    if not target.is_file():
+        raise FileNotFoundError(f"{target}: no such result file or folder")
+    return [target]
+
+
+def _annotation_for(ann: Path, stem: str, single: bool) -> Path | None:
+    """The annotation file of a slide: ``ann`` itself, or ``<stem>.geojson|.json|.xml`` in
+    the folder ``ann``; None when the folder has none."""
+    if ann.is_file():
+        if not single:
+            raise ValueError(f"--annotations {ann}: a file, for several results; give a "
+                             "folder with <slide>.geojson or <slide>.xml per slide")
+        return ann
+    if not ann.is_dir():
+        raise FileNotFoundError(f"{ann}: no such annotation file or folder")
+    for ext in (".geojson", ".json", ".xml"):
+        if (ann / f"{stem}{ext}").is_file():
+            return ann / f"{stem}{ext}"
+    return None
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .evidence import report as ev
+    from .evidence.plots import curves_png, roc_pr_png
+    from .result import load_result
+
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ValueError(f"{out}: folder {out.parent} does not exist")
+    dice_rule = args.dice_rule
+    if dice_rule not in ("otsu", "top_fraction"):
+        try:
+            dice_rule = float(dice_rule)
+        except ValueError:
+            raise ValueError(f"--dice-rule must be otsu, top_fraction or a number, got "
+                             f"{args.dice_rule!r}") from None
+    paths = _evaluate_inputs(Path(args.input))
+    ann_root = Path(args.annotations)
+    labels = None if not args.labels else {x.strip() for x in args.labels.split(",") if x.strip()}
+    sources = None if not args.sources else [x.strip() for x in args.sources.split(",")
+                                             if x.strip()]
+    out.mkdir(exist_ok=True)
+    models: dict[str, tuple] = {}
+    reports = []
+    for path in paths:
+        result = load_result(path)
+        stem = ev.slide_stem(result, path)
+        ann = _annotation_for(ann_root, stem, len(paths) == 1)
+        if ann is None:
+            if args.missing == "error":
+                raise ValueError(f"{ann_root}: no {stem}.geojson / {stem}.xml for {path}")
+            if args.missing == "skip":
+                print(f"milview evaluate: {path}: no annotation {stem}.geojson|.xml in "
+                      f"{ann_root}; skipped", file=sys.stderr)
+                continue
+            annotation = np.zeros(result.n)  # "negative": no lesion on the slide
+        else:
+            annotation = ann
+        model = bag = None
+        if not args.no_faithfulness:
+            key = args.model or result.model or ""
+            if key not in models:
+                models[key] = ev.model_for(result, args.model)
+            model = models[key][0]
+            bag = ev.bag_for(result, path, args.bag)
+        rep = ev.evaluate(result, annotation, model=model, bag=bag, fraction=args.fraction,
+                       k=args.k, steps=args.steps, random_orders=args.random_orders,
+                       seed=args.seed, dice_rule=dice_rule, sources=sources, labels=labels)
+        if ann is None:
+            rep.notes.append("no annotation file: every patch negative")
+        rep.to_csv(out / f"{stem}.evidence.csv")
+        shown = rep.sources[rep.default_source]
+        title = f"{stem} - {rep.default_source}"
+        (out / f"{stem}.roc_pr.png").write_bytes(roc_pr_png(shown["localisation"], title))
+        if shown["faithfulness"] is not None:
+            (out / f"{stem}.curves.png").write_bytes(curves_png(shown["faithfulness"], title))
+        reports.append(rep)
+        print(json.dumps(rep.json_row()), flush=True)
+    if not reports:
+        raise ValueError(f"no result had an annotation in {ann_root} (use --missing negative "
+                         "for slides without lesion)")
+    summary = ev.summarise(reports)
+    csv_path, json_path = ev.write_summary(summary, out / "summary.csv", out / "summary.json")
+    print(json.dumps({"slides": summary["slides"], "summary_csv": str(csv_path),
+                      "summary_json": str(json_path)}))
+    return 0
+
+
 def _demo_under_xvfb(args: argparse.Namespace) -> int | None:
     """Rerun ``milview demo --screenshot`` under ``xvfb-run`` when there is no display.
 
@@ -399,6 +499,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise ValueError(f"no Qt binding found ({e}); install one with the viewer: pip "
                          "install \"napari-milview[pyqt6]\" (or \"napari-milview[pyqt5]\")"
                          ) from None
+
+
+#: ``--nystrom`` (attend, run): TransMIL's nystrom-attention variant
+NYSTROM_CHOICES = ("0.0.9", "current")
+NYSTROM_HELP = ("TransMIL only: which nystrom-attention release to reproduce. 0.0.9 (the "
+                "official TransMIL repository's pin) keeps the first n rows after padding, "
+                "'current' (0.0.10 and later, e.g. ACMIL's copy) the last n: the same weights "
+                "give other probabilities and heatmaps. Default: the model card's, else the "
+                "checkpoint's layout (official Lightning .ckpt -> 0.0.9, otherwise current)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, metavar="CKPT_OR_demo",
                    help="checkpoint (.safetensors/.pt/.pth/.ckpt) or 'demo'")
     s.add_argument("--arch", default=None, help="architecture (default: detected)")
+    s.add_argument("--nystrom", default=None, choices=NYSTROM_CHOICES, help=NYSTROM_HELP)
     s.add_argument("--patch-size-level0", type=int, default=None, metavar="PX",
                    help="patch side in level-0 pixels, when the bag does not say")
     s.add_argument("--patches-h5", default=None, help="CLAM/TRIDENT patches h5 (extent)")
@@ -486,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", required=True, metavar="CKPT_OR_demo",
                    help="MIL checkpoint (.safetensors/.pt/.pth/.ckpt) or 'demo'")
     s.add_argument("--arch", default=None, help="architecture (default: detected)")
+    s.add_argument("--nystrom", default=None, choices=NYSTROM_CHOICES, help=NYSTROM_HELP)
     s.add_argument("--out", required=True, metavar="DIR",
                    help="output folder: per-slide files and summary.csv")
     s.add_argument("--scheduler", default=None, metavar="ADDRESS",
@@ -566,6 +677,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reader threads (default: min(8, CPU cores), at least 2)")
     s.add_argument("--device", default="auto", help="auto (cuda, then cpu), cpu, cuda, cuda:N")
     s.set_defaults(func=_cmd_robustness)
+
+    s = sub.add_parser("evaluate", help="measure heatmaps against annotations: localisation "
+                                        "(AUROC, AP, top-K, Dice), concentration, deletion/"
+                                        "insertion faithfulness (CSV, JSON lines, PNG)")
+    s.add_argument("input", metavar="RESULT.h5|RESULTS_DIR",
+                   help="a result h5, or a `milview run` output folder (*.result.h5)")
+    s.add_argument("--annotations", required=True, metavar="FILE|DIR",
+                   help="GeoJSON / ASAP XML, or a folder of <slide>.geojson|.xml")
+    s.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for <slide>.evidence.csv, plots and summary.csv/.json")
+    s.add_argument("--fraction", type=float, default=0.5,
+                   help="a patch is positive when this share of it is annotated (default "
+                        "0.5; 0 = any overlap)")
+    s.add_argument("--labels", default=None, metavar="A,B",
+                   help="annotation classes counted as lesion (default: every non-excluded)")
+    s.add_argument("--k", type=int, default=None,
+                   help="top-K (default: the number of positive patches for the top-K "
+                        "precision, 20 for the mass and the top-K prediction)")
+    s.add_argument("--dice-rule", default="otsu",
+                   help="otsu (default), top_fraction, or a threshold on the scores")
+    s.add_argument("--sources", default=None, metavar="A,B",
+                   help="attention sources to measure (default: all)")
+    s.add_argument("--steps", type=int, default=50, help="deletion/insertion steps")
+    s.add_argument("--random-orders", type=int, default=5, help="random orders (default 5)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random orders")
+    s.add_argument("--model", default=None, metavar="CKPT|demo",
+                   help="the model (default: the one the result names)")
+    s.add_argument("--bag", default=None, metavar="BAG.h5",
+                   help="the feature bag (default: the result's, or <id>.bag.h5 beside it)")
+    s.add_argument("--no-faithfulness", action="store_true",
+                   help="localisation and concentration only (no model, no bag)")
+    s.add_argument("--missing", choices=("skip", "negative", "error"), default="skip",
+                   help="a slide without annotation file: skip it (default), count every "
+                        "patch negative (CAMELYON normals), or fail")
+    s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("demo", help="napari on the bundled synthetic slide: the demo model "
                                     "runs and shows heatmap, top-K and prediction")

@@ -113,6 +113,9 @@ class CohortConfig:
         MIL checkpoint path, or ``"demo"`` for the shipped demo model.
     arch : str, optional
         MIL architecture (default: detected from the checkpoint).
+    nystrom : {"0.0.9", "current"}, optional
+        TransMIL only: the nystrom-attention variant (default: the card's, else what the
+        checkpoint's container shows; ``mil.checkpoint.load_model``). Hashed only when set.
     patch_um, mag : float, optional
         Patch side in microns, or magnification (``patch_um`` wins); neither: the model
         card's patch size, else the encoder's own (``pipeline.resolve_patch``).
@@ -136,6 +139,7 @@ class CohortConfig:
     weights: str | None = None
     model: str = "demo"
     arch: str | None = None
+    nystrom: str | None = None
     patch_um: float | None = None
     mag: float | None = None
     min_tissue: float = 0.25
@@ -155,6 +159,8 @@ class CohortConfig:
             value = getattr(self, name)
             if value is not None and value != "demo":
                 object.__setattr__(self, name, str(Path(value).expanduser().resolve()))
+        if self.nystrom is not None and self.nystrom not in ("0.0.9", "current"):
+            raise ValueError(f"nystrom must be '0.0.9' or 'current', got {self.nystrom!r}")
         if not 0 <= self.min_tissue <= 1:
             raise ValueError(f"min_tissue must be within [0, 1], got {self.min_tissue!r}")
         if self.batch_size < 1 or self.readers < 1 or self.top_k < 0:
@@ -183,6 +189,8 @@ class CohortConfig:
         (size + end hashes) of the encoder weights and the model checkpoint: equal configs on
         equal weight files give equal hashes, on any machine."""
         d = {k: v for k, v in self.to_dict().items() if k not in self.SPEED_ONLY}
+        if d.get("nystrom") is None:  # unset: the hashes of earlier runs stay valid
+            d.pop("nystrom", None)
         d["files"] = {k: _content_id(v) for k, v in self.files().items()}
         d["format"] = COHORT_FORMAT
         text = json.dumps(d, sort_keys=True, default=str)
@@ -498,7 +506,8 @@ def _models(config: CohortConfig, key: str) -> tuple:
             from .mil.checkpoint import load_model
 
             encoder = build_encoder(config.encoder, weights=config.weights)
-            model, card = load_model(config.files()["model"], arch=config.arch)
+            model, card = load_model(config.files()["model"], arch=config.arch,
+                                     nystrom=config.nystrom)
             _MODELS.clear()  # one configuration per run: keep memory flat
             _MODELS[key] = (encoder, model, card, config.model)
         return _MODELS[key]

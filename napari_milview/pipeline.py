@@ -627,6 +627,10 @@ def attend(bag: Bag, model: MILModel, card: ModelCard, *, device: Any = "auto",
     _check_finite_output(logits, probs, sources, bag, model_name or card.arch)
     classes = list(card.classes) or [f"class_{i}" for i in range(len(logits))]
     meta = {"bag_source": bag.source, "dropped": bag.dropped}
+    meta.update(model_provenance(card))
+    if "positive" in out.aux:  # DSMIL: each class decided against the training thresholds
+        meta["positive"] = [c for c, v in zip(classes, out.aux["positive"].tolist()) if v]
+        meta["thresholds"] = [float(t) for t in out.aux["thresholds"].tolist()]
     if notes:
         meta["notes"] = notes
     for k in ("bad_tiles", "extent_source", "mpp_source"):
@@ -642,6 +646,24 @@ def attend(bag: Bag, model: MILModel, card: ModelCard, *, device: Any = "auto",
                   slide=None if slide is None else str(slide), slide_id=bag.slide_id,
                   encoder=bag.encoder, model=model_name, device=str(dev), timings=timings,
                   meta=meta)
+
+
+def model_provenance(card: ModelCard) -> dict[str, str]:
+    """What a result should record about how the model was run beyond its weights.
+
+    TransMIL family: ``{"nystrom": "0.0.9" | "current", "nystrom_why": <the card's note>}``
+    (the nystrom-attention variant changes the probabilities and the heatmap); empty for
+    other models.
+    """
+    variant = getattr(card, "nystrom", None)
+    if variant is None:
+        return {}
+    out = {"nystrom": str(variant)}
+    why = [n for n in str(getattr(card, "notes", "") or "").split("; ")
+           if n.startswith("nystrom ")]
+    if why:
+        out["nystrom_why"] = why[-1]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -962,7 +984,8 @@ def _partial(slide, model, card, spec: RunSpec, feats: np.ndarray, have: np.ndar
                   logits=r.logits, probabilities=r.probabilities, arch=r.arch, mpp=r.mpp,
                   slide=str(getattr(slide, "path", "")), encoder=bag.encoder, model=r.model,
                   device=r.device, timings=r.timings,
-                  meta={"partial": True, "n_done": int(have.sum())})
+                  meta={"partial": True, "n_done": int(have.sum()),
+                        **model_provenance(card)})
 
 
 def _name(encoder: Any) -> str:

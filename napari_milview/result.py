@@ -10,7 +10,8 @@ Layout (version 1):
   (JSON) keeps the order of ``Result.sources``;
 * root attributes: ``format = "napari-milview-result"``, ``version``, ``patch_size_level0``,
   ``default_source``, ``arch``, ``device``, ``mpp`` / ``slide`` / ``slide_id`` / ``encoder`` /
-  ``model`` when known, ``classes``, ``timings`` and ``meta`` as JSON text;
+  ``model`` when known, ``classes``, ``timings`` and ``meta`` as JSON text; ``nystrom``
+  (TransMIL's nystrom-attention variant, also in ``meta``) when the run recorded it;
   datasets ``logits`` and ``probabilities`` [C] float32.
 
 Writes go to a temporary name in the same folder and are renamed into place (atomic).
@@ -63,6 +64,9 @@ class Result:
         [C] float32 slide logits and their softmax.
     arch : str
         Model architecture (``"clam_sb"``, ``"abmil"``, ...).
+    meta : dict
+        Provenance and notes (JSON-ready): ``bag_source``, ``dropped``, ``notes`` ...;
+        TransMIL family: ``nystrom`` (``"0.0.9"`` or ``"current"``) and ``nystrom_why``.
     """
 
     coords: np.ndarray
@@ -147,10 +151,14 @@ class Result:
                            ) from None
 
     def summary(self) -> dict:
-        """``{"classes", "probabilities", "predicted", "n_instances", "arch"}`` (plain Python)."""
-        return {"classes": list(self.classes),
-                "probabilities": [float(p) for p in self.probabilities],
-                "predicted": self.predicted, "n_instances": self.n, "arch": self.arch}
+        """``{"classes", "probabilities", "predicted", "n_instances", "arch"}`` (plain Python),
+        plus ``"nystrom"`` (TransMIL's nystrom-attention variant) when the run recorded it."""
+        out = {"classes": list(self.classes),
+               "probabilities": [float(p) for p in self.probabilities],
+               "predicted": self.predicted, "n_instances": self.n, "arch": self.arch}
+        if self.meta.get("nystrom") is not None:
+            out["nystrom"] = str(self.meta["nystrom"])
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +211,8 @@ def save_result(result: Result, path: str | os.PathLike) -> Path:
                 value = getattr(result, key)
                 if value is not None:
                     a[key] = str(value)
+            if result.meta.get("nystrom") is not None:  # also in meta; here for h5 readers
+                a["nystrom"] = str(result.meta["nystrom"])
 
     return atomic_write(dest, write)
 

@@ -72,7 +72,7 @@ CORE = frozenset(MAY_IMPORT)
 MAY_IMPORT.update(dict.fromkeys(ENTRY_POINTS, CORE | ENTRY_POINTS))
 MAY_IMPORT["_qt"] = CORE | ENTRY_POINTS
 #: Units DESIGN.md plans that do not exist yet (allowed in the table, not required on disk).
-PLANNED = frozenset({"evidence"})
+PLANNED: frozenset[str] = frozenset()
 
 #: (importing module, imported module or name) -> why it is allowed. Imported inside a function.
 EXCEPTIONS = {

@@ -328,3 +328,56 @@ def test_run_equals_extract_then_attend(svs, tmp_path, capsys):
     np.testing.assert_array_equal(a.coords, b.coords)
     np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-5)
     np.testing.assert_allclose(a.attention(), b.attention(), rtol=1e-4, atol=1e-7)
+
+
+def _official_transmil_ckpt(tmp_path, dim: int = D):
+    """A TransMIL checkpoint in the official repository's Lightning layout (plain dicts)."""
+    torch.manual_seed(3)
+    model = build_model("transmil", in_dim=dim, n_classes=2, dim=32)
+    path = tmp_path / "epoch=03-val_loss=0.4100.ckpt"
+    torch.save({"epoch": 3, "global_step": 40, "pytorch-lightning_version": "1.2.3",
+                "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"model": {"name": "TransMIL", "n_classes": 2}}}, path)
+    return str(path)
+
+
+def test_attend_nystrom_variant_is_chosen_recorded_and_overridable(tmp_path, capsys):
+    from napari_milview.result import load_result
+
+    feats, coords = _bag_arrays(n=12, seed=5)
+    bag = _write_trident(tmp_path / "features_x" / "s.h5", feats, coords)
+    ckpt = _official_transmil_ckpt(tmp_path)
+    res_auto, res_cur = tmp_path / "auto.h5", tmp_path / "cur.h5"
+    assert main(["attend", str(bag), "--model", ckpt, "--out", str(res_auto)]) == 0
+    assert _json_line(capsys)["nystrom"] == "0.0.9"  # the official layout -> 0.0.9
+    assert main(["attend", str(bag), "--model", ckpt, "--out", str(res_cur),
+                 "--nystrom", "current"]) == 0
+    assert _json_line(capsys)["nystrom"] == "current"  # the explicit choice wins
+    a, b = load_result(res_auto), load_result(res_cur)
+    assert a.meta["nystrom"] == "0.0.9" and "official TransMIL" in a.meta["nystrom_why"]
+    assert b.meta["nystrom"] == "current" and "chosen explicitly" in b.meta["nystrom_why"]
+    with h5py.File(res_auto, "r") as f:
+        assert f.attrs["nystrom"] == "0.0.9"
+    assert not np.allclose(a.probabilities, b.probabilities, atol=1e-4)
+
+    abmil, _ = _checkpoint(tmp_path, D, arch="abmil")
+    assert main(["attend", str(bag), "--model", abmil, "--out", str(tmp_path / "x.h5"),
+                 "--nystrom", "0.0.9"]) == 2
+    assert "TransMIL models only" in _error_line(capsys)
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_run_takes_nystrom(tmp_path):
+    from napari_milview.cli import build_parser
+    from napari_milview.cohort import CohortConfig
+
+    args = build_parser().parse_args(["run", "s.svs", "--encoder", "demo", "--model", "demo",
+                                      "--out", str(tmp_path), "--nystrom", "0.0.9"])
+    assert args.nystrom == "0.0.9"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "s.svs", "--encoder", "demo", "--model", "demo",
+                                   "--out", str(tmp_path), "--nystrom", "0.0.11"])
+    plain, chosen = CohortConfig(), CohortConfig(nystrom="0.0.9")
+    assert plain.hash() != chosen.hash() != CohortConfig(nystrom="current").hash()
+    with pytest.raises(ValueError, match="nystrom"):
+        CohortConfig(nystrom="legacy")

@@ -462,6 +462,25 @@ def test_attend_matches_the_model(slide, grid, encoder):
     assert res.summary()["n_instances"] == bag.n and "attend" in res.timings
 
 
+def test_attend_dsmil_sigmoid_scores_and_positive_classes(slide, grid, encoder):
+    _, bag = run(extract_bag(slide, grid, encoder, device="cpu"))
+    model, card = _model(bag.dim, "dsmil")
+    with torch.inference_mode():
+        out = model.forward_attention(torch.from_numpy(bag.features))
+    p = torch.sigmoid(out.logits)
+    thr = [float(p[0]) - 1e-3, float(p[1]) + 1e-3]  # class 0 positive, class 1 not
+    from napari_milview.mil import build_model
+
+    decided = build_model("dsmil", **{**model.hparams, "thresholds": thr})
+    decided.load_state_dict(model.state_dict())
+    res = attend(bag, decided, card, device="cpu")
+    np.testing.assert_allclose(res.probabilities, p.numpy(), rtol=1e-5)
+    assert res.meta["positive"] == ["normal"]
+    np.testing.assert_allclose(res.meta["thresholds"], thr)
+    assert res.default_source == "class/0"
+    assert "positive" not in attend(bag, *_model(bag.dim), device="cpu").meta
+
+
 def test_attend_refuses_wrong_dim_and_unknown_extent(slide, grid, encoder):
     from napari_milview.features.bag import Bag
 

@@ -72,6 +72,25 @@ def test_torch_legacy_format_and_containers(tmp_path):
     assert meta["config_key"] == "args" and meta["ignored_keys"] == ["optimizer"]
 
 
+def test_a_dict_of_module_state_dicts(tmp_path):
+    """DTFD-MIL saves ``{'classifier': sd, 'dim_reduction': sd, ...}``: joined as
+    ``<module>.<key>``; a training config and the epoch beside them are kept as metadata."""
+    path = tmp_path / "best_model.pth"
+    parts = {"classifier": {"fc.weight": torch.ones(2, 4)}, "dim_reduction": _sd()}
+    torch.save({**parts, "args": argparse.Namespace(mDim=4), "epoch": 7}, path)
+    sd, meta = read_state_dict(path)
+    _same(sd, {f"{m}.{k}": v for m, d in parts.items() for k, v in d.items()})
+    assert meta["format"] == "modules" and meta["modules"] == ["classifier", "dim_reduction"]
+    assert meta["state_dict_key"] == "classifier, dim_reduction"
+    assert meta["config"] == {"mDim": 4} and meta["epoch"] == 7 and meta["ignored_keys"] == []
+    # one module alone, or a module holding a non-tensor, is no such container
+    for bad in ({"classifier": _sd(), "n_iter": 3}, {"a": _sd(), "b": {"step": 1}},
+                {"a": _sd(), "b": {}}):
+        torch.save(bad, path)
+        with pytest.raises(WeightsError, match="not a state_dict of tensors"):
+            read_state_dict(path)
+
+
 def test_safetensors_file_and_metadata(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(_sd(), str(path), metadata={"format": "pt", "milview": json.dumps({"arch": "x"}),
@@ -179,7 +198,8 @@ def test_hostile_pickle_is_refused_naming_the_callable(tmp_path, kind):
 
 
 def test_acmil_struct_is_inert(tmp_path):
-    """``utils.utils.Struct`` loads as :class:`ACMILStruct` without importing ``utils``."""
+    """``utils.utils.Struct`` loads through :class:`ACMILStruct` as a plain dict, without
+    importing ``utils``."""
 
     class Struct:
         def __init__(self, **entries):
@@ -198,8 +218,7 @@ def test_acmil_struct_is_inert(tmp_path):
         sys.modules.pop("utils")
     assert unsafe_globals(tmp_path / "a.pth") == []
     obj = torch_load(tmp_path / "a.pth")
-    assert isinstance(obj["config"], ACMILStruct)
-    assert obj["config"].to_dict() == {"D_feat": 3, "n_token": 5}
+    assert obj["config"] == {"D_feat": 3, "n_token": 5} and type(obj["config"]) is dict
     assert "utils" not in sys.modules
     _, meta = read_state_dict(tmp_path / "a.pth")
     assert meta["format"] == "acmil" and meta["config"] == {"D_feat": 3, "n_token": 5}
@@ -276,6 +295,15 @@ def test_sidecars(tmp_path):
     sidecar_path(w).write_text("[1, 2]")
     with pytest.raises(WeightsError, match="a sidecar must be a JSON object"):
         read_json_object(sidecar_path(w))
+    with pytest.raises(WeightsError, match="a sidecar must be a JSON object"):
+        read_sidecar(None, w)
+    # a list only when the caller asks (DSMIL's thresholds); anything else is still refused
+    assert read_sidecar(None, w, allow_list=True) == ([1, 2], str(sidecar_path(w)))
+    sidecar_path(w).write_text(json.dumps({"encoder": "uni"}))
+    assert read_sidecar(None, w, allow_list=True) == ({"encoder": "uni"}, str(sidecar_path(w)))
+    sidecar_path(w).write_text("0.5")
+    with pytest.raises(WeightsError, match="a sidecar must be a JSON object"):
+        read_sidecar(None, w, allow_list=True)
     sidecar_path(w).write_text("{broken")
     with pytest.raises(WeightsError, match="not a readable JSON sidecar"):
         read_sidecar(None, w)

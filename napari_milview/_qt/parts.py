@@ -32,6 +32,17 @@ __all__ = ["EncoderBox", "ModelPicker", "RunBox", "path_field", "pick_file"]
 CHECKPOINTS = "Checkpoints (*.safetensors *.pt *.pth *.ckpt *.bin);;All files (*)"
 WEIGHTS = "Weights (*.safetensors *.pt *.pth *.bin *.jit *.torchscript);;All files (*)"
 
+#: The Nystrom variant box of a TransMIL model: (shown text, ``load_model(nystrom=...)``).
+NYSTROM_ITEMS = (("0.0.9 (official TransMIL)", "0.0.9"),
+                 ("current (\u2265 0.0.10, e.g. ACMIL)", "current"))
+NYSTROM_TIP = (
+    "Which nystrom-attention release TransMIL's attention reproduces. Both pad the tokens at "
+    "the front to a multiple of the landmarks; 0.0.9 (pinned by the official TransMIL "
+    "repository) then keeps the first n output rows, 0.0.10 and later (\u2018current\u2019, "
+    "e.g. ACMIL's copy) the last n. The same weights give other probabilities (a few "
+    "hundredths) and heatmaps: pick the release the model was trained with. Default: the "
+    "model card's, else the checkpoint's layout (official Lightning .ckpt \u2192 0.0.9).")
+
 
 def pick_file(parent: QWidget, title: str, filters: str) -> str:
     """A file chosen in an open dialog ('' when cancelled)."""
@@ -59,6 +70,10 @@ class ModelPicker(QWidget):
     ``model`` is ``(model, card, name)`` or None; ``changed`` fires after every (re)load,
     with that tuple or None. :meth:`choose` loads the current choice (call it once torch is
     imported: ``JobDock._after_torch``).
+
+    A TransMIL-family model (``card.nystrom`` set) shows a *Nystrom* box with the
+    variant the loader chose; picking the other one reloads the model with that explicit
+    choice (a new file starts from its own default again).
     """
 
     changed = Signal(object)
@@ -79,6 +94,19 @@ class ModelPicker(QWidget):
         self.info = QLabel("Loading torch\u2026")
         self.info.setWordWrap(True)
         self.info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.nystrom_combo = QComboBox()
+        for text, value in NYSTROM_ITEMS:
+            self.nystrom_combo.addItem(text, value)
+        self.nystrom_combo.setToolTip(NYSTROM_TIP)
+        self.nystrom_row = QWidget()
+        nrow = QHBoxLayout(self.nystrom_row)
+        nrow.setContentsMargins(0, 0, 0, 0)
+        nlabel = QLabel("Nystr\u00f6m")
+        nlabel.setToolTip(NYSTROM_TIP)
+        nrow.addWidget(nlabel)
+        nrow.addWidget(self.nystrom_combo, 1)
+        self.nystrom_row.setVisible(False)
+        self._loaded: tuple[Path, str] | None = None
         row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.demo_radio)
@@ -87,6 +115,7 @@ class ModelPicker(QWidget):
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
         form.addRow(row)
+        form.addRow(self.nystrom_row)
         form.addRow(self.info)
         self._ready = False
 
@@ -95,7 +124,16 @@ class ModelPicker(QWidget):
         self._ready = True
         self.demo_radio.toggled.connect(self.choose)
         self.model_edit.editingFinished.connect(self.choose)
+        self.nystrom_combo.activated.connect(self._nystrom_picked)
         self.choose()
+
+    def _nystrom_picked(self, *_) -> None:
+        """The user picked a Nystrom variant: reload the same file with it."""
+        value = self.nystrom_combo.currentData()
+        card = self.model[1] if self.model is not None else None
+        if self._loaded is None or card is None or card.nystrom == value:
+            return
+        self.load(*self._loaded, nystrom=value)
 
     def pick(self) -> None:
         path = pick_file(self, "MIL checkpoint", CHECKPOINTS)
@@ -129,18 +167,25 @@ class ModelPicker(QWidget):
             return
         self.load(*chosen)
 
-    def load(self, path, name: str | None = None) -> bool:
-        """Load a checkpoint (safely) and show its card; False (and a message) on failure."""
+    def load(self, path, name: str | None = None, nystrom: str | None = None) -> bool:
+        """Load a checkpoint (safely) and show its card; False (and a message) on failure.
+
+        ``nystrom``: TransMIL's nystrom-attention variant, ``"0.0.9"`` or ``"current"``
+        (None: the card's, else what the checkpoint shows)."""
         from napari.utils.notifications import show_error
 
         from ..mil.checkpoint import load_model
 
         try:
-            model, card = load_model(path, device="cpu")
+            model, card = load_model(path, device="cpu", nystrom=nystrom)
         except Exception as e:  # noqa: BLE001 - shown as one line
+            self._loaded = None
+            self.nystrom_row.setVisible(False)
             self._set(None, f"not loaded: {one_line(e)}")
             show_error(f"Model: {one_line(e)}")
             return False
+        self._loaded = (Path(path), name or str(path))
+        self._show_nystrom(card)
         classes = ", ".join(card.classes) if card.classes else "?"
         parts = [f"<b>{card.arch}</b>", f"classes: {classes}",
                  f"{card.feature_dim}-d features" if card.feature_dim else "feature dim ?"]
@@ -148,8 +193,23 @@ class ModelPicker(QWidget):
             parts.append(f"patch {card.patch_size_um:g} \u00b5m")
         if card.encoder:
             parts.append(f"encoder {card.encoder}")
+        if card.nystrom is not None:
+            parts.append(f"Nystr\u00f6m {card.nystrom}")
         self._set((model, card, name or str(path)), " \u00b7 ".join(parts))
         return True
+
+    def _show_nystrom(self, card) -> None:
+        """Show the variant box for a TransMIL-family card (with why), hide it otherwise."""
+        shown = card.nystrom is not None
+        self.nystrom_row.setVisible(shown)
+        if not shown:
+            return
+        i = self.nystrom_combo.findData(card.nystrom)
+        self.nystrom_combo.blockSignals(True)
+        self.nystrom_combo.setCurrentIndex(max(i, 0))
+        self.nystrom_combo.blockSignals(False)
+        why = [n for n in card.notes.split("; ") if n.startswith("nystrom ")]
+        self.nystrom_combo.setToolTip(NYSTROM_TIP + (f"\n\nThis model: {why[-1]}" if why else ""))
 
     def _set(self, model, text: str) -> None:
         self.model = model

@@ -146,5 +146,7 @@ class PredictionPanel(QWidget):
         timings = sorted(result.timings.items(), key=lambda kv: order.get(kv[0], 2))
         parts += [f"{k} {v:.2f} s" for k, v in timings]
         parts.append(f"device {result.device}")
+        if result.meta.get("nystrom") is not None:
+            parts.append(f"Nystr\u00f6m {result.meta['nystrom']}")
         notes = result.meta.get("notes") or []
         self.info.setText(" \u00b7 ".join(parts) + "".join(f"<br>\u26a0 {n}" for n in notes))

@@ -6,10 +6,10 @@ patch's top-left corner (x = column, y = row, as in CLAM and TRIDENT), the patch
 level-0 pixels and the slide's microns per pixel.
 
 Construction validates and cleans: features become float32, coords int64, rows whose
-features (or coords) are not finite, or whose features exceed :data:`FEATURE_LIMIT` in
-magnitude (finite, but they overflow in a model), are dropped with a counted
-:class:`BagWarning` naming the first such row, and an
-empty bag is refused with :class:`BagError`. Qt-free; torch is imported only by
+features are not finite or exceed :data:`FEATURE_LIMIT` in magnitude (finite, but they
+overflow in a model) refuse the whole bag with :class:`BagError` naming the first such row;
+rows whose coords are not finite are dropped with a counted :class:`BagWarning`; an empty
+bag is refused. Qt-free; torch is imported only by
 :meth:`Bag.to_torch`.
 """
 
@@ -34,7 +34,7 @@ MAX_COORD = 2**40
 
 #: Feature values beyond this are no encoder's output but a damaged file: finite in float32
 #: (up to 3.4e38), they overflow to Inf/NaN in the model's first matrix product or norm.
-#: Such rows are dropped and counted like non-finite ones, never scored.
+#: A bag holding such a value is refused like a non-finite one, never scored.
 FEATURE_LIMIT = 1e8
 
 
@@ -95,7 +95,7 @@ def _as_features(features: Any, where: str) -> np.ndarray:
         raise BagError(where, f"features must be numbers, got dtype {arr.dtype}")
     if arr.shape[1] == 0:
         raise BagError(where, f"features have no dimensions (shape {tuple(arr.shape)})")
-    with np.errstate(over="ignore", invalid="ignore"):  # float64 -> float32 overflow: inf, dropped
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 -> float32 overflow: inf, refused
         return np.ascontiguousarray(arr, dtype=np.float32)
 
 
@@ -130,6 +130,36 @@ def _as_coords(coords: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
     return out, finite
 
 
+def _refuse_damaged_features(feats: np.ndarray, where: str) -> None:
+    """Refuse a bag with any non-finite feature or one beyond :data:`FEATURE_LIMIT`.
+
+    Such values are a damaged file, never an encoder's output; scoring the other rows would
+    report a prediction on a bag that is not the one the file was meant to hold.
+
+    Parameters
+    ----------
+    feats : np.ndarray
+        [N, D] float32.
+
+    Raises
+    ------
+    BagError
+        Naming how many rows are damaged, the first one and its worst value.
+    """
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(feats).all(axis=1) | (np.abs(feats) > FEATURE_LIMIT).any(axis=1)
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad)
+    first = feats[rows[0]]
+    worst = first[~np.isfinite(first)][:1] if not np.isfinite(first).all() else \
+        first[np.argmax(np.abs(first))][None]
+    raise BagError(where, f"{len(rows)} of {len(feats)} patches have damaged features "
+                          f"(non-finite, or beyond +-{FEATURE_LIMIT:g}, which overflow in a "
+                          f"model): first row {int(rows[0])} holds {float(worst[0]):.3g}; the "
+                          "bag is refused rather than scored without them")
+
+
 @dataclass(eq=False, repr=False)
 class Bag:
     """Patch features of one slide and where the patches lie.
@@ -151,7 +181,7 @@ class Bag:
     source : str
         Where it came from (path and format), used as the prefix of every message.
     dropped : int
-        Rows dropped because their features or coords were not finite.
+        Rows dropped because their coords were not finite.
     meta : dict
         Extra, informational facts from the file (``label``, magnifications,
         ``extent_source``, ``mpp_source``, ``extent_hint``, ``slide``); never required.
@@ -175,31 +205,16 @@ class Bag:
             raise BagError(where, f"{len(feats)} feature rows but {len(coords)} coords")
         if len(feats) == 0:
             raise BagError(where, "the bag is empty (0 patches)")
-        feats_ok = np.isfinite(feats).all(axis=1)
-        with np.errstate(invalid="ignore"):
-            huge = feats_ok & (np.abs(feats) > FEATURE_LIMIT).any(axis=1)
-        keep = feats_ok & ~huge & coords_ok
-        n_bad = int(len(keep) - keep.sum())
+        _refuse_damaged_features(feats, where)
+        n_bad = int(len(coords_ok) - coords_ok.sum())
         if n_bad:
-            if n_bad == len(keep):
-                raise BagError(where, f"all {len(keep)} patches have non-finite features "
-                                      f"(NaN/Inf) or features beyond +-{FEATURE_LIMIT:g}: "
-                                      "nothing left to score")
-            parts = []
-            if (~feats_ok).any():
-                rows = np.flatnonzero(~feats_ok)
-                parts.append(f"{len(rows)} with non-finite features (NaN/Inf; first row "
-                             f"{int(rows[0])})")
-            if huge.any():
-                rows = np.flatnonzero(huge)
-                peak = float(np.abs(feats[rows[0]]).max())
-                parts.append(f"{len(rows)} with features beyond +-{FEATURE_LIMIT:g}, which "
-                             f"overflow in a model (first row {int(rows[0])}: {peak:.3g})")
-            if (~coords_ok).any():
-                parts.append(f"{int((~coords_ok).sum())} with non-finite coords")
-            warnings.warn(f"{where}: dropped {n_bad} of {len(keep)} patches "
-                          f"({', '.join(parts)})", BagWarning, stacklevel=3)
-            feats, coords = feats[keep], coords[keep]
+            if n_bad == len(coords_ok):
+                raise BagError(where, f"all {n_bad} patches have non-finite coords (NaN/Inf): "
+                                      "nothing can be placed on the slide")
+            warnings.warn(f"{where}: dropped {n_bad} of {len(coords_ok)} patches with "
+                          f"non-finite coords (first row {int(np.flatnonzero(~coords_ok)[0])})",
+                          BagWarning, stacklevel=3)
+            feats, coords = feats[coords_ok], coords[coords_ok]
         self.features = feats
         self.coords = coords
         self.dropped = int(self.dropped) + n_bad
@@ -281,12 +296,7 @@ class Bag:
             raise BagError(where, "the bag is empty (0 patches)")
         if f.shape[1] == 0:
             raise BagError(where, "features have no dimensions")
-        if not np.isfinite(f).all():
-            raise BagError(where, "features hold non-finite values (NaN/Inf)")
-        if f.size and float(np.abs(f).max()) > FEATURE_LIMIT:
-            row = int(np.flatnonzero((np.abs(f) > FEATURE_LIMIT).any(axis=1))[0])
-            raise BagError(where, f"features beyond +-{FEATURE_LIMIT:g} (row {row}), which "
-                                  "overflow in a model")
+        _refuse_damaged_features(f, where)
         _positive_int(self.patch_size_level0, "patch_size_level0", where)
         _positive_float(self.mpp, "mpp", where)
         return self

@@ -12,10 +12,16 @@ acmil_ga   :class:`ACMIL_GA`                      ``"branch/mean"``
 acmil_mha  :class:`ACMIL_MHA`                     ``"branch/mean"``
 mha        :class:`MHA` (ACMIL/AEM single query)  ``"head/mean"``
 transmil   :class:`TransMIL`                      ``"layer2/mean"``
+dtfd       :class:`DTFD` (DTFD-MIL, seeded split) ``"instance/{C-1}"``
+mhim       :class:`MHIM` (MHIM-MIL student)       ``"attention"`` / ``"layer1/mean"``
+dsmil      :class:`DSMIL` (and AEM's copy)        ``"class/{positive class}"``
+ins        :class:`INS` (instance classifier)     ``"instance/1"`` (instance scores)
+packmil    :class:`PackMIL` (ABMIL aggregator)    ``"attention"``
 mambamil   :class:`MambaMIL` (SR/Bi/plain Mamba)  ``"attention"``
 ========== ====================================== =========================================
 
-Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``.
+Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``, ``mhim_abmil`` / ``mhim_transmil``
+-> ``mhim`` (backbone ``attn`` / ``selfattn``).
 """
 
 from .abmil import ABMIL
@@ -35,7 +41,12 @@ from .base import (
     resolve_arch,
 )
 from .clam import CLAM_MB, CLAM_SB
+from .dsmil import DSMIL
+from .dtfd import DTFD
+from .ins import INS
 from .mambamil import MambaMIL
+from .mhim import MHIM
+from .packmil import PackMIL
 from .transmil import TransMIL
 
 __all__ = [
@@ -45,12 +56,17 @@ __all__ = [
     "ALIASES",
     "CLAM_MB",
     "CLAM_SB",
+    "DSMIL",
+    "DTFD",
+    "INS",
     "MHA",
+    "MHIM",
     "MODELS",
     "MILModel",
     "MILOutput",
     "MambaMIL",
     "ModelCard",
+    "PackMIL",
     "TransMIL",
     "available_models",
     "build_from_state_dict",

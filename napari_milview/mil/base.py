@@ -1,6 +1,6 @@
 """The one contract every MIL model follows, the model registry and the model card.
 
-Every architecture module (``abmil``, ``clam``, ``acmil``, ``transmil``) defines
+Every architecture module (``abmil``, ``clam``, ``acmil``, ``transmil``, ``dsmil``) defines
 :class:`MILModel` subclasses whose ``state_dict`` key names are the official ones, so an
 official checkpoint loads with ``load_state_dict(strict=True)`` once any container prefix
 (``model.``, ``module.``) has been removed and the architecture's own legacy layouts have been
@@ -21,7 +21,7 @@ Attention source names (shared by all models)
 ``"branch/{k}"``, ``"branch/mean"``
     per-branch softmax attention and the mean over branches (ACMIL).
 ``"class/{c}"``
-    the softmax attention branch of class ``c`` (CLAM-MB).
+    the softmax attention branch of class ``c`` (CLAM-MB; DSMIL's B-classifier attention).
 ``"head/{h}"``, ``"head/mean"``
     per-head softmax attention and the mean over heads (multi-head models).
 ``"branch/{k}/head/{h}"``
@@ -31,8 +31,9 @@ Attention source names (shared by all models)
 ``"rollout"``
     TransMIL attention rollout of both layers (an approximation, see ``transmil``).
 ``"instance/{c}"``
-    CLAM instance-classifier probability that an instance is positive for class ``c``
-    (not an attention; CLAM's training-time instance branch used as an extra overlay).
+    instance-classifier probability that an instance is positive for class ``c``
+    (not an attention: CLAM's training-time instance branch used as an extra overlay;
+    DSMIL's instance stream).
 ``"raw/..."``
     pre-softmax logits of the corresponding source (``"raw/attention"``,
     ``"raw/class/{c}"``, ``"raw/branch/{k}"``, ...), where such logits exist.
@@ -242,7 +243,7 @@ class MILModel(nn.Module):
 
         ``cls(**hparams_from_state_dict(sd))`` has exactly the keys and shapes of ``sd``.
         Hyper-parameters that leave no trace in the weights (dropout, STKIM settings, the
-        TransMIL legacy slice) are not returned; the constructor defaults apply.
+        TransMIL ``nystrom`` variant) are not returned; the constructor defaults apply.
 
         Raises
         ------
@@ -255,6 +256,37 @@ class MILModel(nn.Module):
     def matches_state_dict(cls, sd: Mapping[str, Tensor]) -> bool:
         """Whether ``sd`` (prefix-free) has this architecture's layout."""
         raise NotImplementedError
+
+    @classmethod
+    def hparams_from_checkpoint(cls, meta: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Hyper-parameters that a checkpoint's container shows and its tensors cannot.
+
+        ``meta`` is :func:`napari_milview._weights.read_state_dict`'s metadata (``format``,
+        ``config`` as plain values ...). The values are defaults: a stored card, sidecar or
+        ``hparams`` argument overrides them. The base version returns none (CLAM-MB: ACMIL's
+        container selects ``attention_norm="softmax_one"``).
+
+        Returns
+        -------
+        hparams : dict
+        notes : list of str
+            Why, one line per value (for the model card).
+        """
+        return {}, []
+
+    @classmethod
+    def hparams_from_sidecar_list(cls, values: list[Any]) -> tuple[dict[str, Any], str]:
+        """Hyper-parameters from a JSON *list* found where the sidecar is (and a note).
+
+        Only an architecture whose training code writes a list there accepts one (DSMIL:
+        its per-class thresholds); the base version refuses it.
+
+        Raises
+        ------
+        ValueError
+            This architecture has no JSON-list sidecar.
+        """
+        raise ValueError("a sidecar must be a JSON object")
 
     @classmethod
     def remap_keys(cls, sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
@@ -320,7 +352,8 @@ MODELS: dict[str, type[MILModel]] = {}
 ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 """Alias -> (canonical architecture, fixed hyper-parameters)."""
 
-_BUILTIN_MODULES = ("abmil", "clam", "acmil", "transmil", "mambamil")
+_BUILTIN_MODULES = ("abmil", "clam", "acmil", "transmil", "dtfd", "mhim", "dsmil", "ins",
+                    "packmil", "mambamil")
 
 
 def _ensure_builtin() -> None:
@@ -438,7 +471,7 @@ def build_from_state_dict(sd: Mapping[str, Tensor], arch: str | None = None,
         Passed to ``load_state_dict``.
     **overrides
         Hyper-parameters that leave no trace in the weights (e.g.
-        ``legacy_nystrom_slice=True``).
+        ``nystrom="0.0.9"``).
     """
     _ensure_builtin()
     if arch is None:
@@ -483,6 +516,11 @@ class ModelCard:
         Side of a patch in microns at which the encoder was run.
     notes : str
         Free text (provenance, legacy switches, remapped keys ...).
+    nystrom : str or None
+        TransMIL family only: the nystrom-attention release the model reproduces,
+        ``"0.0.9"`` (the official TransMIL repository's pin) or ``"current"`` (0.0.10 and
+        later); the same value as ``hparams["nystrom"]``. None for other architectures.
+        Sidecar JSON key ``"nystrom"``.
     """
 
     arch: str
@@ -492,10 +530,16 @@ class ModelCard:
     encoder: str | None = None
     patch_size_um: float | None = None
     notes: str = ""
+    nystrom: str | None = None
 
     def build(self) -> MILModel:
-        """``build_model(self.arch, **self.hparams)`` (eval mode, random weights)."""
-        return build_model(self.arch, **self.hparams)
+        """``build_model(self.arch, **self.hparams)`` (eval mode, random weights), with
+        :attr:`nystrom` when the hyper-parameters do not name the variant."""
+        hp = dict(self.hparams)
+        if self.nystrom is not None and "nystrom" not in hp \
+                and "legacy_nystrom_slice" not in hp:
+            hp["nystrom"] = self.nystrom
+        return build_model(self.arch, **hp)
 
     def check(self) -> list[str]:
         """Inconsistencies between the fields (empty when consistent)."""
@@ -507,6 +551,9 @@ class ModelCard:
         nc = self.hparams.get("n_classes")
         if self.classes and nc is not None and len(self.classes) != int(nc):
             problems.append(f"{len(self.classes)} class names for n_classes={nc}")
+        hv = self.hparams.get("nystrom")
+        if self.nystrom is not None and hv is not None and str(hv) != str(self.nystrom):
+            problems.append(f"nystrom {self.nystrom!r} != hparams nystrom {hv!r}")
         return problems
 
     def to_dict(self) -> dict[str, Any]:

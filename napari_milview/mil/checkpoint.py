@@ -22,7 +22,9 @@ Each architecture's key remaps live in its own module, as its class's
 3. the architecture's own remaps (``cls.remap_keys``);
 4. hyper-parameters (:func:`_hyperparameters`): inferred from the tensor shapes
    (``cls.hparams_from_state_dict``), cross-checked with the stored card, the sidecar, the
-   ``hparams`` argument and a stored training config (a contradiction raises);
+   ``hparams`` argument and a stored training config (a contradiction raises); for TransMIL
+   the nystrom-attention variant (:func:`_nystrom`: the ``nystrom`` argument, the card, else
+   the container);
 5. build and load with ``strict=True`` (:func:`_build_and_load`);
 6. the card (:func:`_model_card`): classes, feature dimension, encoder, patch size, notes.
 
@@ -172,6 +174,11 @@ class _Checkpoint:
         Where the sidecar came from.
     notes : list of str
         Every remap and the provenance of each card field, in order.
+    prefix : str or None
+        The wrapper prefix every stored key carried (``"model."`` ...), if any.
+    side_list : list or None
+        A JSON list found where the sidecar is (DSMIL's per-class thresholds); only an
+        architecture whose ``hparams_from_sidecar_list`` takes it accepts it.
     """
 
     name: str
@@ -180,6 +187,8 @@ class _Checkpoint:
     side: dict[str, Any]
     side_src: str | None
     notes: list[str] = field(default_factory=list)
+    prefix: str | None = None
+    side_list: list[Any] | None = None
 
     @property
     def card(self) -> dict[str, Any]:
@@ -204,12 +213,58 @@ def _read(path: Path, sidecar: Any) -> _Checkpoint:
     """Step 1: the tensors (wrapper prefixes stripped), container metadata and sidecar."""
     raw, meta = read_state_dict(path)
     sd, notes = strip_prefixes(raw)
-    side, side_src = read_sidecar(sidecar, path)
-    if meta.get("format") not in (None, "safetensors", "state_dict"):
+    side_list = None
+    if isinstance(sidecar, (list, tuple)):
+        side, side_src, side_list = {}, "sidecar argument", list(sidecar)
+    else:
+        if sidecar is None and not os.path.lexists(sidecar_path(path)):
+            # DSMIL's standalone-test scheme: test/mil_threshold_fold_<k>.json beside
+            # test/mil_weights_fold_<k>.pth
+            alt = path.with_name(path.stem.replace("mil_weights_fold_", "mil_threshold_fold_")
+                                 + ".json")
+            if path.stem.startswith("mil_weights_fold_") and alt.is_file():
+                sidecar = alt
+        side, side_src = read_sidecar(sidecar, path, allow_list=True)
+        if isinstance(side, list):
+            side, side_list = {}, side
+    if meta.get("format") == "modules":
+        notes.insert(0, f"container: {len(meta['modules'])} module state_dicts "
+                        f"({meta['state_dict_key']}) joined as '<module>.<key>'")
+    elif meta.get("format") not in (None, "safetensors", "state_dict"):
         notes.insert(0, f"container: {meta['format']} (state_dict under "
                         f"'{meta.get('state_dict_key')}'"
-                        + (f", epoch {meta['epoch']}" if "epoch" in meta else "") + ")")
-    return _Checkpoint(path.name, sd, meta, side, side_src, notes)
+                        + (f", epoch {meta['epoch']}" if "epoch" in meta else "")
+                        + (f"; not loaded: {', '.join(meta['ignored_keys'])}"
+                           if meta.get("ignored_keys") else "") + ")")
+    if meta.get("rebuilt"):
+        notes.insert(1 if notes and notes[0].startswith("container:") else 0,
+                     f"config objects rebuilt as plain data: {', '.join(meta['rebuilt'])}")
+    heads = {k.split(".", 1)[0] for k in raw}
+    prefix = f"{heads.pop()}." if len(heads) == 1 and all("." in k for k in raw) else None
+    return _Checkpoint(path.name, sd, meta, side, side_src, notes, prefix=prefix,
+                       side_list=side_list)
+
+
+def _sidecar_list(ck: _Checkpoint, arch: str, cls: type[MILModel]) -> None:
+    """A JSON list where the sidecar is: the architecture's hyper-parameters (DSMIL's
+    per-class thresholds), put into ``ck.side["hparams"]``; refused for any other one.
+
+    Raises
+    ------
+    CheckpointError
+        The architecture takes no list, or the list is not what it expects.
+    """
+    if ck.side_list is None:
+        return
+    try:
+        extra, note = cls.hparams_from_sidecar_list(list(ck.side_list))
+    except ValueError as exc:
+        raise CheckpointError(f"{ck.side_src}: {exc} (a JSON list is read only beside a DSMIL "
+                              f"checkpoint, as its per-class thresholds; this is {arch})"
+                              ) from None
+    ck.side = {"hparams": dict(extra)}
+    if note:
+        ck.notes.append(f"{note} (from {ck.side_src})")
 
 
 def _architecture(ck: _Checkpoint, arch: str | None) -> tuple[str, type[MILModel], str]:
@@ -238,14 +293,15 @@ def _architecture(ck: _Checkpoint, arch: str | None) -> tuple[str, type[MILModel
                 break
     if arch is None and ck.config:
         # a training config's model name is a hint only: used when the layout agrees
-        cand = _arch_from_config(ck.config)
-        if cand is not None:
+        cands = _arch_from_config(ck.config)
+        for cand in cands:
             cls_c = base.MODELS[base.resolve_arch(cand)[0]]
             if cls_c.matches_state_dict(cls_c.remap_state_dict(ck.sd)):
                 arch, src = cand, "stored config"
-            else:
-                ck.notes.append(f"stored config names {cand!r} but the weights do not have "
-                                "that layout; detecting from the weights")
+                break
+        if cands and arch is None:
+            ck.notes.append(f"stored config names {' or '.join(map(repr, cands))} but the "
+                            "weights do not have that layout; detecting from the weights")
     if arch is None:
         arch, src = _arch_from_layout(ck.sd), "detected from the weights"
         if arch is None:
@@ -275,7 +331,9 @@ def _hyperparameters(ck: _Checkpoint, arch: str, cls: type[MILModel],
     ``cls.hparams_from_state_dict(ck.sd)`` gives what the weights determine (e.g.
     ``in_dim`` = ``dimreduction.fc1.weight`` [inner, in_dim] ``.shape[1]``). The stored card,
     the sidecar and ``hparams`` (in that order) may add the others (dropout, STKIM
-    settings, ``legacy_nystrom_slice`` ...) but never contradict the inferred ones; a stored
+    settings, TransMIL's ``nystrom`` ...) but never contradict the inferred ones;
+    ``cls.hparams_from_checkpoint(ck.meta)`` adds what the container shows (ACMIL's
+    container -> CLAM-MB ``attention_norm="softmax_one"``) unless one of those set it; a stored
     training config is cross-checked field by field (:data:`_CONFIG_FIELDS`) and gives the
     STKIM settings the weights cannot show (:data:`_TRAINING_ONLY_FIELDS`).
 
@@ -302,6 +360,13 @@ def _hyperparameters(ck: _Checkpoint, arch: str, cls: type[MILModel],
                     raise CheckpointError(f"{ck.name}: {src} has {k}={v!r}, which "
                                           f"{cls.__name__} does not accept")
                 hp[k] = v
+    from_container, why = cls.hparams_from_checkpoint(ck.meta)
+    for k, v in from_container.items():
+        if k in hp and not _same(hp[k], v):
+            ck.notes.append(f"{k}={hp[k]!r} as given, although the container suggests {v!r}")
+            continue
+        hp[k] = v
+        ck.notes += [n for n in why if n not in ck.notes]
     if ck.config:
         extra, used = _cross_check(inferred, ck.config, accepted, ck.name,
                                    f"the stored {ck.meta.get('config_key', 'config')}")
@@ -324,6 +389,63 @@ def _infer_hparams(ck: _Checkpoint, arch: str, cls: type[MILModel],
         except (TypeError, ValueError, RuntimeError):
             report = ""
         raise CheckpointError(f"{ck.name}: not a {arch} checkpoint ({exc}){report}") from None
+
+
+def _nystrom(ck: _Checkpoint, cls: type[MILModel], hp: dict[str, Any],
+             nystrom: str | None, hparams: Mapping[str, Any] | None) -> None:
+    """Step 4b, TransMIL family (constructors taking ``nystrom``): the nystrom-attention
+    variant, into ``hp["nystrom"]``, and why, into the notes.
+
+    The first of: the ``nystrom`` argument; ``hparams``; the sidecar's ``"nystrom"`` key
+    (or its hparams); the stored card's; else what the container shows
+    (``cls.nystrom_from_container``: the official TransMIL Lightning checkpoint -> 0.0.9,
+    otherwise current). The older hyper-parameter ``legacy_nystrom_slice`` counts too.
+
+    Raises
+    ------
+    CheckpointError
+        ``nystrom`` given for an architecture without the setting, an unknown value, or a
+        sidecar / card whose ``nystrom`` and ``hparams`` disagree.
+    """
+    from .transmil import nystrom_variant
+
+    if "nystrom" not in _constructor_params(cls):
+        if nystrom is not None:
+            raise CheckpointError(f"{ck.name}: the nystrom setting ({nystrom!r}) applies to "
+                                  f"TransMIL models only, not {cls.arch}")
+        return
+
+    def declared(d: Any) -> str | None:
+        if not isinstance(d, Mapping):
+            return None
+        if d.get("nystrom") is not None:
+            return nystrom_variant(d["nystrom"])
+        if d.get("legacy_nystrom_slice") is not None:
+            return "0.0.9" if d["legacy_nystrom_slice"] else "current"
+        return None
+
+    try:
+        found: tuple[str, str] | None = None
+        if nystrom is not None:
+            found = nystrom_variant(nystrom), "chosen explicitly"
+        elif declared(hparams) is not None:
+            found = declared(hparams), "from the hparams argument"
+        for src, d in (("sidecar", ck.side), ("stored card", ck.card)):
+            top, inner = declared(d), declared(d.get("hparams"))
+            if top is not None and inner is not None and top != inner:
+                raise CheckpointError(f"{ck.name}: the {src} says nystrom={top!r} but its "
+                                      f"hparams say {inner!r}")
+            if found is None and (top or inner) is not None:
+                found = top or inner, f"from the {src}"
+        if found is None:
+            found = cls.nystrom_from_container(ck.meta, ck.prefix)
+        variant, why = found
+        variant = nystrom_variant(variant)
+    except ValueError as exc:
+        raise CheckpointError(f"{ck.name}: {exc}") from None
+    hp.pop("legacy_nystrom_slice", None)
+    hp["nystrom"] = variant
+    ck.notes.append(why if why.startswith("nystrom ") else f"nystrom {variant} {why}")
 
 
 def _build_and_load(ck: _Checkpoint, arch: str, hp: Mapping[str, Any]) -> MILModel:
@@ -408,6 +530,7 @@ def _model_card(ck: _Checkpoint, arch: str, arch_src: str, model: MILModel) -> M
         encoder=None if encoder is None else str(encoder),
         patch_size_um=None if patch_um is None else float(patch_um),
         notes="; ".join(stored + [n for n in notes if n not in stored]),
+        nystrom=model.hparams.get("nystrom"),
     )
 
 
@@ -416,8 +539,9 @@ def load_model(
     *,
     arch: str | None = None,
     hparams: Mapping[str, Any] | None = None,
-    sidecar: str | os.PathLike | Mapping[str, Any] | None = None,
+    sidecar: str | os.PathLike | Mapping[str, Any] | list[float] | None = None,
     device: str | torch.device = "cpu",
+    nystrom: str | None = None,
 ) -> tuple[MILModel, ModelCard]:
     """Load a MIL model from a checkpoint file, safely, with ``strict=True``.
 
@@ -432,13 +556,20 @@ def load_model(
         :func:`napari_milview.mil.base.detect_arch` on the key names and shapes.
     hparams : mapping, optional
         Constructor hyper-parameters. Those the weights determine are cross-checked
-        (a contradiction raises); the others (``legacy_nystrom_slice``, dropout ...)
-        are passed on.
-    sidecar : path or mapping, optional
+        (a contradiction raises); the others (``nystrom``, dropout ...) are passed on.
+    sidecar : path, mapping or list, optional
         Model-card JSON ``{"classes": [...], "feature_dim", "patch_size_um", "encoder",
-        "arch"}``. Default: ``<stem>.json`` next to the weights, when present.
+        "arch", "nystrom"}``. Default: ``<stem>.json`` next to the weights, when present. A
+        JSON list (a file, or a list given here) is accepted beside a DSMIL checkpoint only:
+        its training script's per-class thresholds (``card.hparams["thresholds"]``).
     device : str or torch.device
         Where the model is moved.
+    nystrom : {"0.0.9", "current"}, optional
+        TransMIL family only (an error for other architectures): the nystrom-attention
+        release to reproduce. It wins over the sidecar, the stored card and ``hparams``.
+        Default: what those say, else what the container shows (the official TransMIL
+        Lightning checkpoint -> ``"0.0.9"``, anything else -> ``"current"``); the card's
+        notes say which and why.
 
     Returns
     -------
@@ -463,7 +594,9 @@ def load_model(
     arch, cls, arch_src = _architecture(ck, arch)
     ck.sd, remapped = cls.remap_keys(ck.sd)
     ck.notes += [n for n in remapped if n not in ck.notes]
+    _sidecar_list(ck, arch, cls)
     hp = _hyperparameters(ck, arch, cls, hparams)
+    _nystrom(ck, cls, hp, nystrom, hparams)
     model = _build_and_load(ck, arch, hp).to(device).eval()
     return model, _model_card(ck, arch, arch_src, model)
 
@@ -493,8 +626,10 @@ _CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
 #: to the constructor when the architecture takes them
 _TRAINING_ONLY_FIELDS = ("n_masked_patch", "mask_drop")
 
-#: ACMIL's ``--arch`` values
-_CONFIG_ARCH = {"ga": "acmil_ga", "mha": "acmil_mha"}
+#: ACMIL's ``--arch`` values -> the architectures they may name, in order: ``mha`` is
+#: ACMIL-MHA in ``Step3_WSI_classification_ACMIL.py`` but the single-query ``MHA`` in
+#: ``Step3_WSI_classification.py`` and AEM's ``main.py`` (the layout decides)
+_CONFIG_ARCH = {"ga": ("acmil_ga",), "mha": ("acmil_mha", "mha")}
 
 
 def _config_views(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -507,20 +642,24 @@ def _config_views(config: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return views
 
 
-def _arch_from_config(config: Mapping[str, Any]) -> str | None:
-    """An architecture name stored in a training config, if it names a known model."""
+def _arch_from_config(config: Mapping[str, Any]) -> list[str]:
+    """The architectures a training config's model name may mean (known ones; empty when
+    it names none)."""
     for view in _config_views(config):
         for key in ("arch", "model_name", "name", "model_type"):
             val = view.get(key)
             if not isinstance(val, str) or not val.strip():
                 continue
-            cand = _CONFIG_ARCH.get(val.strip().lower(), val)
-            try:
-                base.resolve_arch(cand)
-            except ValueError:
-                continue
-            return cand
-    return None
+            known = []
+            for cand in _CONFIG_ARCH.get(val.strip().lower(), (val,)):
+                try:
+                    base.resolve_arch(cand)
+                except ValueError:
+                    continue
+                known.append(cand)
+            if known:
+                return known
+    return []
 
 
 def _constructor_params(cls: type) -> set[str]:

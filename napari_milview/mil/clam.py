@@ -5,12 +5,39 @@ was copied). Forward for a bag ``x`` [N, in_dim]::
 
     h     = Dropout(ReLU(attention_net.0 x))                           [N, hidden]
     A_raw = attention_c(tanh(attention_a h) * sigmoid(attention_b h))^T   [K, N]
-    A     = softmax_N(A_raw);  M = A h                                  [K, hidden]
+    A     = norm_N(A_raw);  M = A h                                     [K, hidden]
     SB: logits = classifiers(M[0])                 (K = 1)
     MB: logits[c] = classifiers[c](M[c])           (K = n_classes)
 
-CLAM's own heatmaps use the *raw* scores (``A_raw``; for MB the predicted class's row)
-converted to rank percentiles, so raw sources are exposed next to the softmax ones.
+CLAM's own heatmaps use the *raw* scores (``A_raw``; for MB the predicted class's row,
+``create_heatmaps.infer_single_slide``) converted to rank percentiles, so raw sources are
+exposed next to the normalised ones. A rank percentile is the same for ``A_raw`` and for
+``softmax_N(A_raw)`` (a monotone map per branch), so the default softmax source gives CLAM's
+percentile heatmap too.
+
+Attention normalisation (``attention_norm``)
+--------------------------------------------
+``"softmax"`` (default, mahmoodlab/CLAM): ``A = exp(A_raw) / sum_N exp(A_raw)``, sums to 1.
+
+``"softmax_one"`` (ACMIL's copy of CLAM-MB, ``architecture/clam.py`` of dazhangyu123/ACMIL,
+which calls its ``utils.utils.softmax_one``): ``A = exp(A_raw) / (1 + sum_N exp(A_raw))``,
+i.e. ``softmax(A_raw) * S / (1 + S)`` with ``S = sum_N exp(A_raw)``: every branch sums to
+``S / (1 + S) < 1`` and ``M = A h`` shrinks by that factor, so the *logits* change
+(``logits[c] - bias[c]`` is scaled by ``S_c / (1 + S_c)``). Affected sources: the
+normalised ``"attention"`` / ``"class/{c}"`` (the pooling weights, which no longer sum to
+1); unaffected: ``"raw/..."`` (``A_raw`` is computed before the normalisation) and
+``"instance/{c}"`` (from ``h`` only). ACMIL's copy of CLAM-SB uses plain softmax. The
+authors compute ``exp(A_raw)`` without subtracting a maximum (``inf``/``nan`` once a logit
+passes ~88 in float32); ours subtracts ``max(0, max A_raw)`` from numerator and the ``1``
+alike, which is the same value wherever theirs is finite.
+
+The weights cannot show which normalisation a checkpoint was trained with:
+:func:`napari_milview.mil.checkpoint.load_model` picks ``"softmax_one"`` for a CLAM-MB saved
+in ACMIL's container (``{'model', 'optimizer', 'epoch', 'config'}``) whose config says
+``arch: 'clam_mb'``, as ACMIL's ``Step3_WSI_classification.py`` saves it (see
+:meth:`CLAM_MB.hparams_from_checkpoint`; ACMIL's MHIM script trains yet another CLAM copy,
+``modules/clam.py``, with plain softmax); otherwise pass
+``hparams={"attention_norm": "softmax_one"}`` or put it in the sidecar's ``hparams``.
 """
 
 from __future__ import annotations
@@ -24,12 +51,39 @@ from torch import Tensor, nn
 from .._weights import rename_prefix, strip_prefixes
 from .base import MILModel, MILOutput, _count_indexed, _shape, register_model
 
-__all__ = ["CLAM_MB", "CLAM_SB", "CLAM_SIZES", "remap_clam_keys"]
+__all__ = ["ATTENTION_NORMS", "CLAM_MB", "CLAM_SB", "CLAM_SIZES", "remap_clam_keys",
+           "softmax_one"]
 
 #: ``size_arg`` -> (hidden, attention) sizes of the official code
 CLAM_SIZES: dict[str, tuple[int, int]] = {"small": (512, 256), "big": (512, 384)}
 
 _GATED = "attention_net.3"
+
+#: accepted values of ``attention_norm`` (see the module docstring)
+ATTENTION_NORMS = ("softmax", "softmax_one")
+
+
+def softmax_one(x: Tensor, dim: int = -1) -> Tensor:
+    """``exp(x) / (1 + sum(exp(x), dim))`` (ACMIL's ``softmax_one``), computed stably.
+
+    With ``m = max(0, max(x, dim))``: ``exp(x - m) / (exp(-m) + sum(exp(x - m)))``, equal to
+    the plain formula wherever that is finite, and finite where it overflows.
+
+    Parameters
+    ----------
+    x : Tensor
+        Logits, any shape.
+    dim : int
+        The dimension normalised over (N for CLAM's ``[K, N]`` attention).
+
+    Returns
+    -------
+    Tensor
+        Same shape as ``x``; positive, summing to less than 1 along ``dim``.
+    """
+    m = x.amax(dim=dim, keepdim=True).clamp_min(0)
+    e = torch.exp(x - m)
+    return e / (torch.exp(-m) + e.sum(dim=dim, keepdim=True))
 
 
 def remap_clam_keys(sd: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], list[str]]:
@@ -113,7 +167,9 @@ def _acmil_copy_note(sd: Mapping[str, Tensor]) -> str | None:
     if not why:
         return None
     return ("looks like ACMIL's copy of CLAM (" + "; ".join(why) + "); same keys as CLAM, but "
-            "ACMIL's CLAM_MB uses softmax_one instead of softmax, which the shapes cannot show")
+            "ACMIL's CLAM_MB uses softmax_one instead of softmax, which the shapes cannot show "
+            "(ACMIL's own checkpoint container selects it; otherwise pass "
+            "hparams={'attention_norm': 'softmax_one'})")
 
 
 class _GatedAttentionNet(nn.Module):
@@ -135,10 +191,14 @@ class _ClamBase(MILModel):
     multi_branch: bool = False
 
     def __init__(self, in_dim: int, n_classes: int, size_arg: str, hidden_dim: int | None,
-                 attn_dim: int | None, dropout: float, k_sample: int) -> None:
+                 attn_dim: int | None, dropout: float, k_sample: int,
+                 attention_norm: str = "softmax") -> None:
         super().__init__()
         if size_arg not in CLAM_SIZES:
             raise ValueError(f"size_arg must be one of {sorted(CLAM_SIZES)}, got {size_arg!r}")
+        if attention_norm not in ATTENTION_NORMS:
+            raise ValueError(f"attention_norm must be one of {ATTENTION_NORMS}, got "
+                             f"{attention_norm!r}")
         hid, att = CLAM_SIZES[size_arg]
         hid = hid if hidden_dim is None else int(hidden_dim)
         att = att if attn_dim is None else int(attn_dim)
@@ -146,8 +206,11 @@ class _ClamBase(MILModel):
         if (hid, att) != CLAM_SIZES[size_arg]:
             hp.update(hidden_dim=hid, attn_dim=att)
         hp.update(dropout=dropout, k_sample=k_sample)
+        if attention_norm != "softmax":  # the default stays out of existing cards
+            hp["attention_norm"] = attention_norm
         self._set_hparams(**hp)
         self.hidden_dim, self.attn_dim, self.k_sample = hid, att, k_sample
+        self.attention_norm = attention_norm
         k = n_classes if self.multi_branch else 1
         self.attention_net = nn.Sequential(
             nn.Linear(in_dim, hid), nn.ReLU(), nn.Dropout(dropout),
@@ -163,6 +226,12 @@ class _ClamBase(MILModel):
         """x: [N, in_dim] -> (A_raw [K, N], h [N, hidden])"""
         h = self.attention_net[2](self.attention_net[1](self.attention_net[0](x)))
         return self.attention_net[3](h).transpose(0, 1), h
+
+    def _normalise(self, raw: Tensor) -> Tensor:
+        """raw [K, N] -> pooling weights [K, N] over N (``attention_norm``)."""
+        if self.attention_norm == "softmax_one":
+            return softmax_one(raw, dim=1)
+        return torch.softmax(raw, dim=1)
 
     def _instance_sources(self, h: Tensor) -> dict[str, Tensor]:
         out = {}
@@ -211,6 +280,9 @@ class CLAM_SB(_ClamBase):
         Dropout after the first layer and in the attention branches (eval: off).
     k_sample : int
         Instances sampled for the (training-only) instance loss; not used at inference.
+    attention_norm : {"softmax", "softmax_one"}
+        How the raw attention is normalised over N (module docstring). ``"softmax"`` is
+        CLAM's (and ACMIL's CLAM-SB copy's); ``"softmax_one"`` is ACMIL's CLAM-MB copy.
 
     State dict (in 1024, small, C 2)
     --------------------------------
@@ -223,9 +295,11 @@ class CLAM_SB(_ClamBase):
 
     Attention sources
     -----------------
-    ``"attention"`` softmax attention (default); ``"raw/attention"`` the pre-softmax score
-    CLAM stores in its blockmaps; ``"instance/{c}"`` instance-classifier probability of
-    class ``c`` (an extra overlay, not CLAM's heatmap).
+    ``"attention"`` softmax attention (default; the pooling weights, ``softmax_one`` when
+    ``attention_norm`` says so); ``"raw/attention"`` the pre-softmax score CLAM stores in its
+    blockmaps (``A_raw``, the paper's heatmap before its rank-percentile conversion);
+    ``"instance/{c}"`` instance-classifier probability of class ``c`` (an extra overlay, not
+    CLAM's heatmap).
     """
 
     arch = "clam_sb"
@@ -233,12 +307,14 @@ class CLAM_SB(_ClamBase):
 
     def __init__(self, in_dim: int = 1024, n_classes: int = 2, size_arg: str = "small",
                  hidden_dim: int | None = None, attn_dim: int | None = None,
-                 dropout: float = 0.0, k_sample: int = 8) -> None:
-        super().__init__(in_dim, n_classes, size_arg, hidden_dim, attn_dim, dropout, k_sample)
+                 dropout: float = 0.0, k_sample: int = 8,
+                 attention_norm: str = "softmax") -> None:
+        super().__init__(in_dim, n_classes, size_arg, hidden_dim, attn_dim, dropout, k_sample,
+                         attention_norm)
 
     def _forward(self, x: Tensor, with_sources: bool) -> MILOutput:
         raw, h = self._attention(x)  # [1, N], [N, hid]
-        a = torch.softmax(raw, dim=1)
+        a = self._normalise(raw)
         logits = self.classifiers(a @ h)[0]  # [C]
         sources: dict[str, Tensor] = {}
         if with_sources:
@@ -275,9 +351,11 @@ class CLAM_MB(_ClamBase):
 
     Attention sources
     -----------------
-    ``"class/{c}"`` softmax attention of class ``c``'s branch; ``"raw/class/{c}"`` its
-    pre-softmax score; ``"instance/{c}"`` as CLAM_SB. Default: ``"class/{argmax logits}"``,
-    the predicted class's branch (as CLAM's heatmap script).
+    ``"class/{c}"`` softmax (or ``softmax_one``) attention of class ``c``'s branch;
+    ``"raw/class/{c}"`` its pre-softmax score (CLAM's heatmap is ``A_raw[Y_hat]``, i.e.
+    ``"raw/class/{predicted}"``, as rank percentiles); ``"instance/{c}"`` as CLAM_SB.
+    Default: ``"class/{argmax logits}"``, the predicted class's branch (as CLAM's heatmap
+    script; same percentiles as the raw row).
     """
 
     arch = "clam_mb"
@@ -285,12 +363,14 @@ class CLAM_MB(_ClamBase):
 
     def __init__(self, in_dim: int = 1024, n_classes: int = 2, size_arg: str = "small",
                  hidden_dim: int | None = None, attn_dim: int | None = None,
-                 dropout: float = 0.0, k_sample: int = 8) -> None:
-        super().__init__(in_dim, n_classes, size_arg, hidden_dim, attn_dim, dropout, k_sample)
+                 dropout: float = 0.0, k_sample: int = 8,
+                 attention_norm: str = "softmax") -> None:
+        super().__init__(in_dim, n_classes, size_arg, hidden_dim, attn_dim, dropout, k_sample,
+                         attention_norm)
 
     def _forward(self, x: Tensor, with_sources: bool) -> MILOutput:
         raw, h = self._attention(x)  # [C, N], [N, hid]
-        a = torch.softmax(raw, dim=1)
+        a = self._normalise(raw)
         m = a @ h  # [C, hid]
         w = torch.cat([c.weight for c in self.classifiers], dim=0)  # [C, hid]
         b = torch.cat([c.bias for c in self.classifiers], dim=0)  # [C]
@@ -309,6 +389,31 @@ class CLAM_MB(_ClamBase):
     def matches_state_dict(cls, sd: Mapping[str, Tensor]) -> bool:
         return ("attention_net.0.weight" in sd and f"{_GATED}.attention_c.weight" in sd
                 and "classifiers.0.weight" in sd)
+
+    @classmethod
+    def hparams_from_checkpoint(cls, meta: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """``attention_norm="softmax_one"`` for a CLAM-MB in ACMIL's checkpoint container.
+
+        ACMIL's ``save_model`` writes ``{'model', 'optimizer', 'epoch', 'config'}`` (read as
+        ``meta["format"] == "acmil"``). ``Step3_WSI_classification.py --arch clam_mb``
+        builds ACMIL's own CLAM_MB copy (``architecture/clam.py``), whose attention is
+        ``softmax_one``, and its config holds ``arch: 'clam_mb'``: that pair selects it.
+        ACMIL's ``Step3_WSI_classification_MHIM.py --model clam_mb`` saves the same container
+        for another copy (``modules/clam.py``, plain softmax, config ``model`` not ``arch``),
+        and mahmoodlab/CLAM saves a bare state_dict: neither selects it.
+        """
+        if meta.get("format") != "acmil":
+            return {}, []
+        cfg = meta.get("config") if isinstance(meta.get("config"), Mapping) else {}
+        named = cfg.get("arch")
+        if not isinstance(named, str) or named.strip().lower() not in ("clam_mb", "clam-mb"):
+            return {}, []
+        return ({"attention_norm": "softmax_one"},
+                ["attention_norm='softmax_one': a CLAM-MB in ACMIL's checkpoint container "
+                 "{'model', 'optimizer', 'epoch', 'config'} with config arch 'clam_mb' is "
+                 "ACMIL's CLAM copy (Step3_WSI_classification.py), whose "
+                 "attention is exp / (1 + sum exp) (ACMIL architecture/clam.py), not CLAM's "
+                 "softmax"])
 
     @classmethod
     def hparams_from_state_dict(cls, sd: Mapping[str, Tensor]) -> dict[str, Any]:

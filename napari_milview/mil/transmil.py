@@ -28,19 +28,29 @@ rows sum to about 1 and entries can be slightly negative, so do not re-softmax t
   heads); default ``"layer2/mean"`` (the layer feeding the classifier).
 * ``"rollout"``: the cls row of ``(I + A2)/2 @ (I + A1)/2`` with ``A_l`` the head-mean
   attention of layer l (attention rollout), folded the same way, computed in O(L m). It
-  ignores PPEG's spatial mixing between the layers (and, with ``legacy_nystrom_slice``, the
+  ignores PPEG's spatial mixing between the layers (and, with ``nystrom="0.0.9"``, the
   row shift): a heuristic summary, not an exact attribution. Set ``model.with_rollout =
   False`` to skip it (it keeps layer 1's factors alive: about 8 KiB per instance).
 
 The cls row is always the class token's own query row (padded index p). With
-``legacy_nystrom_slice=True`` and p > 0 the output row that 0.0.9 writes into the class
+``nystrom="0.0.9"`` and p > 0 the output row that 0.0.9 writes into the class
 token's position is pad row 0, not the cls row (see :mod:`.nystrom`); the sources still
 report the class token's attention.
+
+Nystrom variant
+---------------
+The ``nystrom`` hyper-parameter names which ``nystrom-attention`` release the weights were
+trained with: ``"0.0.9"`` (pinned by the official repository) or ``"current"`` (0.0.10 and
+later, e.g. ACMIL's copy pins 0.0.12). Both pad the sequence at the front; 0.0.9 then keeps
+the first n output rows (the pad rows), later releases the last n (the real tokens). The
+weights cannot show which one was used; :meth:`TransMIL.nystrom_from_container` picks a
+default from the checkpoint's container and the loader records why in the card's notes.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,7 +60,35 @@ from torch import Tensor, nn
 from .base import MILModel, MILOutput, _shape, register_model
 from .nystrom import NystromAttention, NystromFactors, nystrom_padding
 
-__all__ = ["PPEG", "TransLayer", "TransMIL", "fold_duplicates", "square_side"]
+__all__ = ["NYSTROM_VARIANTS", "PPEG", "TransLayer", "TransMIL", "fold_duplicates",
+           "nystrom_variant", "square_side"]
+
+#: the values of TransMIL's ``nystrom`` hyper-parameter: the nystrom-attention release
+#: whose row slicing the model reproduces
+NYSTROM_VARIANTS = ("0.0.9", "current")
+
+
+def nystrom_variant(value: object) -> str:
+    """Normalise a ``nystrom`` setting: ``"0.0.9"`` or ``"current"``.
+
+    Accepts the two names (case and surrounding blanks ignored) and, as aliases, ``"legacy"``
+    for 0.0.9 and a release number ``"0.0.10"`` or later for ``"current"``.
+
+    Raises
+    ------
+    ValueError
+        Anything else.
+    """
+    text = str(value).strip().lower()
+    if text in ("0.0.9", "legacy"):
+        return "0.0.9"
+    if text == "current":
+        return "current"
+    m = re.fullmatch(r"0\.0\.(\d+)", text)
+    if m and int(m.group(1)) >= 10:
+        return "current"
+    raise ValueError(f"unknown nystrom variant {value!r}: use '0.0.9' (nystrom-attention "
+                     f"0.0.9, the official TransMIL) or 'current' (0.0.10 and later)")
 
 
 def square_side(n: int) -> int:
@@ -143,11 +181,15 @@ class TransMIL(MILModel):
         6.
     dropout : float
         Nystrom ``to_out`` dropout (0.1; off in eval).
-    legacy_nystrom_slice : bool
-        Reproduce nystrom-attention 0.0.9 (pinned by the official repository, so its
-        published checkpoints need ``True``): keep the first n rows after front padding.
-        ``False`` = versions >= 0.0.10 (last n rows). With m = 256 the two always differ,
-        since (S^2 + 1) mod 256 is never 0 (a square is 0 or 1 mod 4).
+    nystrom : {"current", "0.0.9"}
+        Which nystrom-attention release to reproduce. ``"0.0.9"`` (pinned by the official
+        repository, so its checkpoints need it) keeps the first n rows after front
+        padding; ``"current"`` (0.0.10 and later, ACMIL's copy) the last n. With m = 256
+        the two always differ, since (S^2 + 1) mod 256 is never 0 (a square is 0 or 1
+        mod 4). Stored in ``hparams["nystrom"]``.
+    legacy_nystrom_slice : bool, optional
+        The older spelling: ``True`` = ``nystrom="0.0.9"``, ``False`` = ``"current"``
+        (a contradiction with ``nystrom`` raises). Not stored.
 
     State dict (in 1024, dim 512, heads 8, C classes)
     --------------------------------------------------
@@ -173,14 +215,23 @@ class TransMIL(MILModel):
     def __init__(self, in_dim: int = 1024, n_classes: int = 2, dim: int = 512,
                  heads: int = 8, dim_head: int | None = None,
                  num_landmarks: int | None = None, pinv_iterations: int = 6,
-                 dropout: float = 0.1, legacy_nystrom_slice: bool = False) -> None:
+                 dropout: float = 0.1, nystrom: str | None = None,
+                 legacy_nystrom_slice: bool | None = None) -> None:
         super().__init__()
+        variant = "current" if nystrom is None else nystrom_variant(nystrom)
+        if legacy_nystrom_slice is not None:
+            old = "0.0.9" if legacy_nystrom_slice else "current"
+            if nystrom is not None and old != variant:
+                raise ValueError(f"nystrom={nystrom!r} contradicts "
+                                 f"legacy_nystrom_slice={legacy_nystrom_slice!r}")
+            variant = old
+        legacy = variant == "0.0.9"
         dim_head = dim // heads if dim_head is None else int(dim_head)
         num_landmarks = dim // 2 if num_landmarks is None else int(num_landmarks)
         self._set_hparams(in_dim=in_dim, n_classes=n_classes, dim=dim, heads=heads,
                           dim_head=dim_head, num_landmarks=num_landmarks,
                           pinv_iterations=pinv_iterations, dropout=dropout,
-                          legacy_nystrom_slice=bool(legacy_nystrom_slice))
+                          nystrom=variant)
         self.heads = heads
         self.num_landmarks = num_landmarks
         self.with_rollout = True
@@ -189,7 +240,7 @@ class TransMIL(MILModel):
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         kw = {"dim": dim, "heads": heads, "dim_head": dim_head, "num_landmarks": num_landmarks,
                   "pinv_iterations": pinv_iterations, "dropout": dropout,
-                  "legacy_slice": bool(legacy_nystrom_slice)}
+                  "legacy_slice": legacy}
         self.layer1 = TransLayer(**kw)
         self.layer2 = TransLayer(**kw)
         self.norm = nn.LayerNorm(dim)
@@ -204,7 +255,53 @@ class TransMIL(MILModel):
     @legacy_nystrom_slice.setter
     def legacy_nystrom_slice(self, value: bool) -> None:
         self.layer1.attn.legacy_slice = self.layer2.attn.legacy_slice = bool(value)
-        self.hparams["legacy_nystrom_slice"] = bool(value)
+        self.hparams["nystrom"] = "0.0.9" if value else "current"
+
+    @property
+    def nystrom(self) -> str:
+        """The nystrom-attention variant reproduced: ``"0.0.9"`` or ``"current"``."""
+        return "0.0.9" if self.legacy_nystrom_slice else "current"
+
+    @nystrom.setter
+    def nystrom(self, value: str) -> None:
+        self.legacy_nystrom_slice = nystrom_variant(value) == "0.0.9"
+
+    @classmethod
+    def nystrom_from_container(cls, meta: Mapping[str, Any], prefix: str | None
+                               ) -> tuple[str, str]:
+        """The variant a checkpoint's container points to, and why.
+
+        Parameters
+        ----------
+        meta : mapping
+            :func:`napari_milview._weights.read_state_dict`'s metadata (``format``,
+            ``config_key``, ``ignored_keys`` ...).
+        prefix : str or None
+            The wrapper prefix every key carried (``"model."``), if any.
+
+        Returns
+        -------
+        variant : str
+            ``"0.0.9"`` for the official repository's PyTorch Lightning checkpoint (a
+            ``state_dict`` whose keys carry ``model.``, with ``hyper_parameters`` and
+            ``pytorch-lightning_version``), ``"current"`` otherwise.
+        reason : str
+            One line for the card's notes.
+        """
+        fmt = meta.get("format")
+        extra = set(meta.get("ignored_keys") or ()) | {meta.get("config_key")}
+        if (fmt == "lightning" and prefix == "model." and "hyper_parameters" in extra
+                and "pytorch-lightning_version" in extra):
+            return "0.0.9", ("nystrom 0.0.9: an official TransMIL PyTorch Lightning checkpoint "
+                             "(state_dict 'model.*', hyper_parameters, "
+                             "pytorch-lightning_version); szc19990412/TransMIL pins "
+                             "nystrom-attention 0.0.9")
+        if fmt == "acmil":
+            return "current", ("nystrom current: an ACMIL checkpoint container (ACMIL pins "
+                               "nystrom-attention 0.0.12)")
+        return "current", ("nystrom current: the checkpoint does not show the "
+                           "nystrom-attention release (nystrom-attention >= 0.0.10 assumed; "
+                           "choose 0.0.9 for weights trained with the official repository)")
 
     # -- geometry helpers ----------------------------------------------------------------------
     def token_layout(self, n_instances: int) -> dict[str, int]:

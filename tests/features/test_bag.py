@@ -40,31 +40,38 @@ def test_whole_float_coords_accepted_fractional_refused(bag_arrays):
         Bag.from_arrays(feats, bad)
 
 
-def test_non_finite_rows_dropped_with_counted_warning(bag_arrays):
+def test_non_finite_features_refuse_the_bag(bag_arrays):
     feats, coords = bag_arrays(n=10)
     feats[2, 0] = np.nan
     feats[7, 3] = np.inf
-    with pytest.warns(BagWarning, match=r"dropped 2 of 10 patches"):
-        bag = Bag.from_arrays(feats, coords, source="a.h5 (test)")
-    assert bag.n == 8 and bag.dropped == 2
-    keep = [i for i in range(10) if i not in (2, 7)]
-    np.testing.assert_array_equal(bag.coords, coords[keep])
-    np.testing.assert_array_equal(bag.features, feats[keep])
+    with pytest.raises(BagError, match=r"a\.h5 \(test\): 2 of 10 patches have damaged "
+                                       r"features .* first row 2 holds nan"):
+        Bag.from_arrays(feats, coords, source="a.h5 (test)")
 
 
-def test_float64_overflow_to_float32_is_dropped(bag_arrays):
+def test_float64_overflow_to_float32_is_refused(bag_arrays):
     feats, coords = bag_arrays(n=4)
     f64 = feats.astype(np.float64)
-    f64[0, 0] = 1e300
-    with pytest.warns(BagWarning, match="dropped 1 of 4"):
-        assert Bag.from_arrays(f64, coords).n == 3
+    f64[1, 0] = 1e300
+    with pytest.raises(BagError, match="1 of 4 patches .* first row 1 holds inf"):
+        Bag.from_arrays(f64, coords)
 
 
-def test_all_nan_refused(bag_arrays):
+def test_non_finite_coords_rows_dropped_with_counted_warning(bag_arrays):
+    feats, coords = bag_arrays(n=5)
+    c = coords.astype(np.float64)
+    c[3, 1] = np.nan
+    with pytest.warns(BagWarning, match=r"dropped 1 of 5 patches with non-finite coords "
+                                        r"\(first row 3\)"):
+        bag = Bag.from_arrays(feats, c)
+    assert bag.n == 4 and bag.dropped == 1
+    np.testing.assert_array_equal(bag.features, feats[[0, 1, 2, 4]])
+
+
+def test_all_coords_nan_refused(bag_arrays):
     feats, coords = bag_arrays(n=6)
-    feats[:] = np.nan
-    with pytest.raises(BagError, match="all 6 patches have non-finite features"):
-        Bag.from_arrays(feats, coords, source="nan.h5 (test)")
+    with pytest.raises(BagError, match="all 6 patches have non-finite coords"):
+        Bag.from_arrays(feats, np.full((6, 2), np.nan), source="nan.h5 (test)")
 
 
 def test_empty_refused():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -127,13 +129,13 @@ def test_coords_rows_must_match(tmp_path):
         load_bag(p, patch_size_level0=256)
 
 
-def test_nan_rows_dropped_when_reading(write, bag_arrays):
+def test_nan_row_refuses_the_file(write, bag_arrays):
     feats, coords = bag_arrays(n=12)
     feats[5] = np.nan
     h5 = write.clam("s1", feats, coords)
-    with pytest.warns(BagWarning, match="dropped 1 of 12"):
-        bag = load_bag(h5, patch_size_level0=256)
-    assert bag.n == 11 and bag.dropped == 1 and not (bag.coords == coords[5]).all(1).any()
+    with pytest.raises(BagError, match=re.escape(str(h5)) + r".*1 of 12 patches have damaged "
+                                                            r"features.*first row 5"):
+        load_bag(h5, patch_size_level0=256)
 
 
 def test_pt_files_coords_from_matching_h5(write, bag_arrays):

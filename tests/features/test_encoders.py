@@ -24,7 +24,8 @@ from napari_milview.features.encoders.resnet import ResNet50Trunc
 HAS_TIMM = importlib.util.find_spec("timm") is not None
 #: torch >= 2.10 deprecates torch.jit.script / save (the test writes TorchScript files)
 JIT_OK = pytest.mark.filterwarnings(r"ignore:.*torch\.jit.*deprecated:DeprecationWarning")
-VITS = ("uni_v1", "uni2_h", "virchow2", "virchow2_cls", "hoptimus0", "hoptimus1")
+VITS = ("uni_v1", "uni2_h", "virchow2", "virchow2_cls", "hoptimus0", "hoptimus1", "h0_mini",
+        "h0_mini_cls_mean")
 
 
 # ------------------------------------------------------------------------------ registry
@@ -43,6 +44,8 @@ def test_registry_lists_every_family():
     ("virchow2_cls", 1280, (0.485, 0.456, 0.406)),
     ("hoptimus0", 1536, (0.707223, 0.578729, 0.703617)),
     ("hoptimus1", 1536, (0.707223, 0.578729, 0.703617)),
+    ("h0_mini", 768, (0.707223, 0.578729, 0.703617)),
+    ("h0_mini_cls_mean", 1536, (0.707223, 0.578729, 0.703617)),
     ("demo", 64, (0.5, 0.5, 0.5)),
 ])
 def test_spec_metadata(name, dim, mean):
@@ -64,6 +67,8 @@ def test_virchow2_spec_documents_its_post_processing():
 def test_aliases_and_unknown_names():
     assert encoder_spec("UNI").name == "uni_v1"
     assert encoder_spec("H-optimus-1").name == "hoptimus1"
+    assert encoder_spec("H0-mini").name == "h0_mini"
+    assert encoder_spec("h0mini").name == "h0_mini"
     with pytest.raises(EncoderError, match="unknown encoder 'nope'.*resnet50_trunc"):
         encoder_spec("nope")
     with pytest.raises(EncoderError, match="unknown encoder"):
@@ -307,6 +312,16 @@ def test_vit_needs_local_weights(tmp_path, name):
     empty.mkdir(exist_ok=True)
     with pytest.raises(EncoderError, match="no weights in folder .*pytorch_model.bin"):
         build_encoder(name, weights=empty)
+
+
+def test_h0_mini_specs_and_where_its_weights_come_from():
+    cls, both = encoder_spec("h0_mini"), encoder_spec("h0_mini_cls_mean")
+    assert (cls.input_size, cls.patch_px, cls.mpp) == (224, 224, 0.5)
+    assert cls.std == both.std == (0.211883, 0.230117, 0.177517)
+    assert both.dim == 2 * cls.dim and "mean" in both.output and "mean" not in cls.output
+    for name in ("h0_mini", "h0_mini_cls_mean"):
+        with pytest.raises(EncoderError, match=r"bioptimus/H0-mini.*model\.safetensors"):
+            build_encoder(name)
 
 
 @pytest.mark.skipif(HAS_TIMM, reason="timm is installed")

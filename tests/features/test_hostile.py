@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from napari_milview._weights import WeightsError
-from napari_milview.features.bag import FEATURE_LIMIT, Bag, BagError, BagWarning
+from napari_milview.features.bag import FEATURE_LIMIT, Bag, BagError
 from napari_milview.features.io import load_bag
 from napari_milview.features.milview_h5 import save_bag
 from napari_milview.mil import ModelCard, build_model
@@ -101,31 +101,25 @@ def _flip_in_member(path: Path, member_suffix: str, n: int = 2) -> str:
 
 # ------------------------------------------------------------------------------ features
 @pytest.mark.parametrize("value", [3e38, -3e38, np.nan, np.inf, 2 * FEATURE_LIMIT])
-def test_overflowing_or_non_finite_row_is_dropped_counted_and_named(tmp_path, value):
-    """A row of 3e38 is finite float32 but overflows in the model: dropped like a NaN row,
-    with the file and the row named; what is left gives finite probabilities."""
+def test_overflowing_or_non_finite_row_refuses_the_bag(tmp_path, value):
+    """A row of 3e38 is finite float32 but overflows in the model: like a NaN row, it
+    refuses the whole bag before inference, naming the file, the row and the value."""
     feats, coords = rand_bag(n=12, d=D)
     feats[5] = value
     path = tmp_path / "bag.h5"
     with h5py.File(path, "w") as f:
         f.create_dataset("features", data=feats)
         f.create_dataset("coords", data=coords)
-    with pytest.warns(BagWarning, match=r"dropped 1 of 12 patches .*first row 5") as rec:
-        bag = load_bag(path, patch_size_level0=256)
-    assert str(path) in str(rec[0].message)
-    assert bag.n == 11 and bag.dropped == 1 and np.abs(bag.features).max() < FEATURE_LIMIT
-    torch.manual_seed(0)
-    model = build_model("abmil", in_dim=D, n_classes=2).eval()
-    card = ModelCard(arch="abmil", hparams=dict(model.hparams), classes=["a", "b"],
-                     feature_dim=D)
-    res = attend(bag, model, card, device="cpu")
-    assert np.isfinite(res.probabilities).all()
+    with pytest.raises(BagError, match=r"1 of 12 patches have damaged features .*first row 5 "
+                                       r"holds " + re.escape(f"{float(value):.3g}")) as err:
+        load_bag(path, patch_size_level0=256)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_all_rows_overflowing_is_refused(tmp_path):
     feats, coords = rand_bag(n=6, d=D)
     feats[:] = 3e38
-    with pytest.raises(BagError, match="all 6 patches .*beyond"):
+    with pytest.raises(BagError, match="6 of 6 patches .*beyond"):
         Bag.from_arrays(feats, coords, source="huge.h5 (test)")
 
 
@@ -259,6 +253,28 @@ def test_symlink_loop_and_broken_link_bag(tmp_path):
 
 
 @pytest.mark.parametrize("kind,match", [
+    ("folder", "the sidecar is a folder"),
+    ("fifo", r"the sidecar is a named pipe \(FIFO\)"),
+    ("loop", "the sidecar is a symlink loop"),
+])
+@pytest.mark.parametrize("named", [False, True], ids=["beside", "named"])
+def test_sidecar_that_is_not_a_regular_file(tmp_path, model_file, kind, match, named):
+    """``model.json`` beside the weights (or named with --sidecar) as a folder, a FIFO or a
+    link loop: refused by type without opening it (a FIFO would block a reader forever)."""
+    side = model_file.with_suffix(".json") if not named else tmp_path / "card.json"
+    side.unlink(missing_ok=True)  # save_model wrote a real one beside the weights
+    if kind == "folder":
+        side.mkdir()
+    elif kind == "fifo":
+        _fifo(side)
+    else:
+        side.symlink_to(side)
+    with pytest.raises(WeightsError, match=match) as err:
+        _within(20, load_model, model_file, sidecar=side if named else None)
+    _one_line(err.value, side)
+
+
+@pytest.mark.parametrize("kind,match", [
     ("folder", "checkpoint is a folder"),
     ("fifo", r"checkpoint is a named pipe \(FIFO\)"),
     ("loop", "checkpoint is a symlink loop"),
@@ -356,7 +372,14 @@ def test_cli_attend_on_hostile_files(tmp_path, good_bag, model_file):
     fifo_model = _fifo(tmp_path / "x.pt")
     nan_model = _pt_weights(tmp_path, "nan.pt",
                             lambda sd: sd["classifier.fc.weight"].fill_(float("nan")))
+    feats, coords = rand_bag(n=12, d=D)
+    feats[4, 1] = 3e38
+    huge_bag = tmp_path / "huge.h5"
+    with h5py.File(huge_bag, "w") as f:
+        f.create_dataset("features", data=feats)
+        f.create_dataset("coords", data=coords)
     cases = [(fifo_bag, str(model_file), "named pipe"),
+             (huge_bag, str(model_file), "damaged features"),
              (good_bag, str(fifo_model), "named pipe"),
              (good_bag, str(tmp_path), "is a folder"),
              (good_bag, str(nan_model), "non-finite")]
@@ -370,13 +393,11 @@ def test_cli_attend_on_hostile_files(tmp_path, good_bag, model_file):
     assert all(np.isfinite(json.loads(proc.stdout.splitlines()[-1])["probabilities"]))
 
 
-def test_warnings_name_the_row(tmp_path):
+def test_refusal_names_the_row(tmp_path):
     feats, coords = rand_bag(n=8, d=D)
     feats[6, 2] = 3e38
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
+    with pytest.raises(BagError, match="first row 6 holds 3e[+]38"):
         Bag.from_arrays(feats, coords, source="b.h5 (test)")
-    assert any("first row 6: 3e+38" in str(w.message) for w in rec), [str(w.message) for w in rec]
 
 
 def test_named_pipe_result_file_is_refused_unopened(tmp_path):

@@ -113,7 +113,7 @@ def test_empty_bag_in_file_refused(tmp_path):
 def test_all_nan_file_refused(write, bag_arrays):
     feats, coords = bag_arrays()
     feats[:] = np.nan
-    with pytest.raises(BagError, match="all 12 patches have non-finite"):
+    with pytest.raises(BagError, match="12 of 12 patches have damaged features"):
         load_bag(write.clam("s1", feats, coords), patch_size_level0=256)
 
 

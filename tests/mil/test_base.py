@@ -28,16 +28,25 @@ SMALL = {
     "acmil_mha": {"in_dim": D, "n_classes": 2, "inner_dim": 16, "n_token": 2},
     "mha": {"in_dim": D, "n_classes": 2, "inner_dim": 16},
     "transmil": {"in_dim": D, "n_classes": 2, "dim": 32},
+    "dtfd": {"in_dim": D, "n_classes": 2, "m_dim": 16, "attn_dim": 8},
+    "dsmil": {"in_dim": D, "n_classes": 2, "q_hidden": 16, "q_dim": 8},
+    "ins": {"in_dim": D, "n_classes": 2, "encoder": "mlp", "width": 16},
+    "packmil": {"in_dim": D, "n_classes": 3, "inner_dim": 16, "mil_norm": "ln"},
     "mambamil": {"in_dim": D, "n_classes": 2, "d_model": 16},
     "aem": {"in_dim": D, "n_classes": 2, "inner_dim": 16, "attn_dim": 8},
     "aem_mha": {"in_dim": D, "n_classes": 2, "inner_dim": 16},
+    "mhim": {"in_dim": D, "n_classes": 2, "dim": 16, "backbone": "attn", "merge": True},
+    "mhim_abmil": {"in_dim": D, "n_classes": 3, "dim": 16},
+    "mhim_transmil": {"in_dim": D, "n_classes": 2, "dim": 32},
 }
-CANONICAL = ["abmil", "clam_sb", "clam_mb", "acmil_ga", "acmil_mha", "mha", "transmil",
-             "mambamil"]
+CANONICAL = ["abmil", "clam_sb", "clam_mb", "acmil_ga", "acmil_mha", "mha", "transmil", "dtfd",
+             "mhim", "dsmil", "ins", "packmil", "mambamil"]
 
 def _is_softmax_source(arch: str, name: str) -> bool:
-    """Sources that are a softmax over the bag (sum to 1)."""
-    return not (name.startswith(("raw/", "instance/")) or arch == "transmil")
+    """Sources that are a softmax over the bag (sum to 1; DTFD's ``tier1/`` sums to 1 over
+    each pseudo-bag)."""
+    return not (name.startswith(("raw/", "instance/", "tier1/")) or name == "pseudo_score"
+                or arch in ("transmil", "mhim_transmil"))
 
 
 def _model(arch: str, seed: int = 0) -> MILModel:
@@ -58,7 +67,7 @@ def test_registry_names():
 
 def test_build_model_errors_and_mode():
     with pytest.raises(ValueError, match="known: .*acmil_ga.*transmil"):
-        build_model("dsmil")
+        build_model("no_such_mil")
     with pytest.raises(ValueError, match="gated"):
         build_model("aem", gated=False)
     m = build_model("ACMIL-GA", in_dim=8, inner_dim=4, attn_dim=4)
@@ -125,7 +134,10 @@ def test_contract_eval(arch):
                 torch.testing.assert_close(s.sum(), torch.tensor(1.0), msg=name)
                 assert (s >= 0).all()
         assert out.source() is out.sources[out.default_source]
-        assert out.probs.sum().item() == pytest.approx(1.0)
+        assert out.probs.shape == (m.n_classes,)
+        if out.probabilities is None:  # softmax; a model scoring otherwise sets them (DSMIL)
+            assert out.probs.sum().item() == pytest.approx(1.0)
+        assert ((out.probs >= 0) & (out.probs <= 1)).all()
         assert out.prediction == int(out.logits.argmax())
 
 

@@ -228,6 +228,22 @@ def test_acmil_mha_container(tmp_path):
     assert card.arch == "acmil_mha" and card.hparams["n_masked_patch"] == 7
 
 
+def test_config_arch_mha_may_be_the_single_query_mha(tmp_path):
+    """``--arch mha`` of Step3_WSI_classification.py / AEM's main.py is ``MHA``, not
+    ACMIL-MHA: the layout decides, without a contradiction note."""
+    model = _model("mha")
+    path = tmp_path / "mha.pth"
+    _save_acmil(path, model, arch="mha", n_token=1)
+    loaded, card = load_model(path)
+    _assert_same(model, loaded)
+    assert card.arch == "mha" and "from the stored config" in card.notes
+    assert "do not have that layout" not in card.notes
+    _save_acmil(path, _model("abmil"), arch="mha", n_class=3, n_token=1)
+    _, card = load_model(path)
+    assert card.arch == "abmil"
+    assert "stored config names 'acmil_mha' or 'mha' but the weights do not" in card.notes
+
+
 # ----------------------------------------------------------------------------------------
 # CLAM layouts
 # ----------------------------------------------------------------------------------------
@@ -304,7 +320,8 @@ def test_acmil_clam_copy_is_recognised(tmp_path):
 
 
 def test_transmil_lightning_ckpt(tmp_path):
-    model = _model("transmil")
+    # the official Lightning layout: nystrom 0.0.9 (the official repository's pin) by default
+    model = _model("transmil", nystrom="0.0.9")
     ckpt = {
         "epoch": 12,
         "global_step": 3456,
@@ -323,6 +340,7 @@ def test_transmil_lightning_ckpt(tmp_path):
     _assert_same(model, loaded)
     assert card.arch == "transmil"
     assert "Lightning 'model.' prefix" in card.notes and "n_classes" in card.notes
+    assert card.nystrom == "0.0.9" and "official TransMIL PyTorch Lightning" in card.notes
 
     bad = dict(ckpt, hyper_parameters={"model": {"name": "TransMIL", "n_classes": 3}})
     torch.save(bad, path)
@@ -365,7 +383,7 @@ def test_hparams_argument_is_cross_checked(tmp_path):
     model = _model("transmil")
     torch.save(_clone_sd(model), tmp_path / "w.pt")
     loaded, card = load_model(tmp_path / "w.pt", hparams={"legacy_nystrom_slice": True})
-    assert card.hparams["legacy_nystrom_slice"] is True
+    assert card.hparams["nystrom"] == card.nystrom == "0.0.9" and loaded.legacy_nystrom_slice
     with pytest.raises(CheckpointError, match="dim=128"):
         load_model(tmp_path / "w.pt", hparams={"dim": 128})
 
@@ -509,3 +527,80 @@ def test_truncated_checkpoint(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         read_state_dict(tmp_path / "nope.pt")
+
+
+# ----------------------------------------------------------------------------------------
+# TransMIL's nystrom-attention variant
+# ----------------------------------------------------------------------------------------
+def _variant_differs(a, b) -> bool:
+    x = _features()
+    with torch.no_grad():
+        return not torch.allclose(a(x), b(x), atol=1e-5)
+
+
+def test_nystrom_default_follows_the_container(tmp_path):
+    model = _model("transmil")
+    sd = _clone_sd(model)
+    acmil = tmp_path / "checkpoint-best.pth"
+    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 1,
+                "config": {"arch": "transmil", "D_feat": IN_DIM, "D_inner": 64}}, acmil)
+    plain = tmp_path / "w.pt"
+    torch.save(sd, plain)
+    # a 'state_dict' container without Lightning's markers is not the official layout
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 1}, other)
+    for path, why in ((acmil, "ACMIL checkpoint container"),
+                      (plain, "does not show the nystrom-attention release"),
+                      (other, "does not show the nystrom-attention release")):
+        loaded, card = load_model(path)
+        assert card.nystrom == card.hparams["nystrom"] == "current", path.name
+        assert why in card.notes and not loaded.legacy_nystrom_slice
+        _assert_same(model, loaded)
+
+
+def test_nystrom_choice_order_and_errors(tmp_path):
+    model = _model("transmil", nystrom="0.0.9")
+    path = tmp_path / "epoch=00-val_loss=0.5000.ckpt"
+    torch.save({"epoch": 0, "global_step": 1, "pytorch-lightning_version": "1.2.3",
+                "state_dict": {f"model.{k}": v for k, v in _clone_sd(model).items()},
+                "hyper_parameters": {"model": {"name": "TransMIL", "n_classes": 2}}}, path)
+    auto, card = load_model(path)
+    assert card.nystrom == "0.0.9"
+    _assert_same(model, auto)
+    # the sidecar (top-level key, or the older hparams spelling) beats the container ...
+    side = tmp_path / "side.json"
+    side.write_text(json.dumps({"nystrom": "current"}))
+    m_side, c_side = load_model(path, sidecar=side)
+    assert c_side.nystrom == "current" and "nystrom current from the sidecar" in c_side.notes
+    assert _variant_differs(auto, m_side)
+    _, c_old = load_model(path, sidecar={"hparams": {"legacy_nystrom_slice": False}})
+    assert c_old.nystrom == "current" and "legacy_nystrom_slice" not in c_old.hparams
+    # ... and the explicit argument beats both
+    m_arg, c_arg = load_model(path, sidecar=side, nystrom="0.0.9")
+    assert c_arg.nystrom == "0.0.9" and "nystrom 0.0.9 chosen explicitly" in c_arg.notes
+    _assert_same(model, m_arg)
+    with pytest.raises(CheckpointError, match="unknown nystrom variant"):
+        load_model(path, nystrom="0.0.8")
+    with pytest.raises(CheckpointError, match="says nystrom='0.0.9' but its hparams"):
+        load_model(path, sidecar={"nystrom": "0.0.9", "hparams": {"nystrom": "current"}})
+    torch.save(_clone_sd(_model("abmil")), tmp_path / "abmil.pt")
+    with pytest.raises(CheckpointError, match="TransMIL models only"):
+        load_model(tmp_path / "abmil.pt", nystrom="current")
+    assert load_model(tmp_path / "abmil.pt")[1].nystrom is None
+
+
+def test_nystrom_survives_save_and_load(tmp_path):
+    from napari_milview.mil import ModelCard
+
+    model = _model("transmil", nystrom="0.0.9")
+    card = ModelCard(arch="transmil", hparams=dict(model.hparams), classes=["a", "b"],
+                     nystrom="0.0.9")
+    save_model(model, card, tmp_path / "t.safetensors")
+    assert json.loads((tmp_path / "t.json").read_text())["nystrom"] == "0.0.9"
+    loaded, back = load_model(tmp_path / "t.safetensors")
+    assert back.nystrom == "0.0.9" and loaded.legacy_nystrom_slice
+    _assert_same(model, loaded)
+    bad = ModelCard(arch="transmil", hparams=dict(model.hparams), nystrom="current")
+    assert bad.check() == ["nystrom 'current' != hparams nystrom '0.0.9'"]
+    assert ModelCard(arch="transmil", hparams={"in_dim": IN_DIM, "n_classes": 2, "dim": 64},
+                     nystrom="0.0.9").build().nystrom == "0.0.9"

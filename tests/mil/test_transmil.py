@@ -282,3 +282,21 @@ def test_cls_token_follows_module_dtype_and_device():
     m = build_model("transmil", in_dim=8, dim=16).to(torch.float64)
     assert m.cls_token.dtype == torch.float64
     assert m(torch.randn(5, 8)).dtype == torch.float64
+
+
+def test_nystrom_setting_names_and_older_spelling():
+    from napari_milview.mil.transmil import nystrom_variant
+
+    assert [nystrom_variant(v) for v in ("0.0.9", " Legacy", "current", "0.0.10", "0.0.12")] \
+        == ["0.0.9", "0.0.9", "current", "current", "current"]
+    for bad in ("0.0.8", "0.1.0", "new", ""):
+        with pytest.raises(ValueError, match="unknown nystrom variant"):
+            nystrom_variant(bad)
+    m = TransMIL(in_dim=8, n_classes=2, dim=32, legacy_nystrom_slice=True)
+    assert m.nystrom == m.hparams["nystrom"] == "0.0.9" and "legacy_nystrom_slice" not in m.hparams
+    assert TransMIL(in_dim=8, n_classes=2, dim=32).nystrom == "current"
+    with pytest.raises(ValueError, match="contradicts"):
+        TransMIL(in_dim=8, n_classes=2, dim=32, nystrom="current", legacy_nystrom_slice=True)
+    m.nystrom = "current"
+    assert not m.layer1.attn.legacy_slice and not m.layer2.attn.legacy_slice
+    assert m.hparams["nystrom"] == "current"

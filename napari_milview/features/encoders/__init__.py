@@ -9,9 +9,10 @@ Families (one module each; torch and timm are imported only when an encoder is b
 * ``demo`` (:mod:`.demo`): a tiny CNN whose weights ship with the package.
 * ``resnet50_trunc`` (:mod:`.resnet`): ResNet-50 cut after ``layer3`` + average pool,
   1024-d (CLAM / TRIDENT), from a local torchvision-format state dict; plain torch.
-* ``uni_v1``, ``uni2_h``, ``virchow2``, ``virchow2_cls``, ``hoptimus0``, ``hoptimus1``
-  (:mod:`.timm_vit`): timm ViTs built with ``pretrained=False`` and loaded strictly from a
-  local file or Hugging Face snapshot folder (optional extra ``napari-milview[timm]``).
+* ``uni_v1``, ``uni2_h``, ``virchow2``, ``virchow2_cls``, ``hoptimus0``, ``hoptimus1``,
+  ``h0_mini``, ``h0_mini_cls_mean`` (:mod:`.timm_vit`): timm ViTs built with
+  ``pretrained=False`` and loaded strictly from a local file or Hugging Face snapshot
+  folder (optional extra ``napari-milview[timm]``).
 * ``torchscript`` (:mod:`.torchscript`): a user's ``torch.jit`` file; its spec comes from
   a JSON sidecar or from arguments. A path to an existing file given as the encoder name
   is treated as a TorchScript file.
@@ -130,6 +131,7 @@ def _registry() -> dict[str, EncoderSpec]:
 ALIASES = {
     "uni": "uni_v1", "uni2": "uni2_h", "uni_v2": "uni2_h", "h_optimus_0": "hoptimus0",
     "h_optimus_1": "hoptimus1", "resnet50": "resnet50_trunc", "milview_demo": "demo",
+    "h0mini": "h0_mini", "h0_mini_cls+mean": "h0_mini_cls_mean",
 }
 
 

@@ -18,7 +18,18 @@ virchow2       vit_huge_patch14_224        2560   class token ‖ mean of the pa
 virchow2_cls   vit_huge_patch14_224        1280   class token only (CTPLab)
 hoptimus0/1    vit_giant_patch14_reg4_     1536   class token
                dinov2
+h0_mini        vit_base_patch14_reg4_      768    class token
+               dinov2
+h0_mini_cls_   vit_base_patch14_reg4_      1536   class token ‖ mean of the patch tokens
+mean           dinov2                             (registers excluded; the model card's
+                                                  recommended embedding)
 =============  ==========================  =====  ==========================================
+
+H0-mini (Bioptimus / Owkin, distilled from H-optimus-0; Filiot et al., MICCAI 2025) is a
+ViT-B/14 with 4 register tokens and a SwiGLU MLP (timm ``SwiGLUPacked`` + ``SiLU``,
+``fc1`` 768 -> 4096 packed, ``fc2`` 2048 -> 768), 224 x 224 input at 0.5 um/px and
+H-optimus' normalisation. The weights are gated on Hugging Face (``bioptimus/H0-mini``):
+download them once with your account and pass the file or the snapshot folder.
 
 Needs ``pip install napari-milview[timm]`` (timm >= 1.0; timm imports torchvision).
 """
@@ -58,6 +69,12 @@ SPECS: dict[str, EncoderSpec] = {s.name: s for s in (
           mean=_HOPT_MEAN, std=_HOPT_STD),
     _spec("hoptimus1", 1536, "H-optimus-1 (Bioptimus), ViT-g/14 with 4 registers",
           mean=_HOPT_MEAN, std=_HOPT_STD),
+    _spec("h0_mini", 768, "H0-mini (Bioptimus), ViT-B/14 with 4 registers: class token",
+          mean=_HOPT_MEAN, std=_HOPT_STD),
+    _spec("h0_mini_cls_mean", 1536,
+          "H0-mini (Bioptimus), ViT-B/14: class token + mean patch tokens",
+          mean=_HOPT_MEAN, std=_HOPT_STD,
+          output="class token ‖ mean of patch tokens (registers excluded)"),
 )}
 
 
@@ -75,6 +92,12 @@ def _archs() -> dict[str, tuple[str, dict[str, Any]]]:
                    act_layer=torch.nn.SiLU)
     hopt = dict(num_classes=0, img_size=224, global_pool="token", init_values=1e-5,
                 dynamic_img_size=True)
+    # H0-mini: the model card's timm kwargs (SwiGLUPacked + SiLU) on a ViT-B/14 with 4
+    # registers; mlp_ratio 16/3 gives the packed fc1 of 4096 (2 x 2048 hidden, DINOv2's
+    # SwiGLU of ratio 4); global_pool "" keeps every token (post-processing picks them)
+    h0 = dict(num_classes=0, img_size=224, global_pool="", init_values=1e-5,
+              mlp_ratio=5.33334, mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU,
+              dynamic_img_size=True)
     return {
         "uni_v1": ("vit_large_patch16_224",
                    dict(init_values=1e-5, num_classes=0, dynamic_img_size=True)),
@@ -83,6 +106,8 @@ def _archs() -> dict[str, tuple[str, dict[str, Any]]]:
         "virchow2_cls": ("vit_huge_patch14_224", virchow),
         "hoptimus0": ("vit_giant_patch14_reg4_dinov2", hopt),
         "hoptimus1": ("vit_giant_patch14_reg4_dinov2", hopt),
+        "h0_mini": ("vit_base_patch14_reg4_dinov2", h0),
+        "h0_mini_cls_mean": ("vit_base_patch14_reg4_dinov2", h0),
     }
 
 
@@ -90,7 +115,21 @@ def _archs() -> dict[str, tuple[str, dict[str, Any]]]:
 ARCHS = {"uni_v1": "vit_large_patch16_224", "uni2_h": "vit_giant_patch14_224",
          "virchow2": "vit_huge_patch14_224", "virchow2_cls": "vit_huge_patch14_224",
          "hoptimus0": "vit_giant_patch14_reg4_dinov2",
-         "hoptimus1": "vit_giant_patch14_reg4_dinov2"}
+         "hoptimus1": "vit_giant_patch14_reg4_dinov2",
+         "h0_mini": "vit_base_patch14_reg4_dinov2",
+         "h0_mini_cls_mean": "vit_base_patch14_reg4_dinov2"}
+
+#: names whose network returns every token [B, 1 + 4 registers + P, D]: class token only,
+#: or class token ‖ mean of the patch tokens (the 4 registers excluded)
+_TOKEN_OUTPUTS = {"virchow2": True, "virchow2_cls": False,
+                  "h0_mini": False, "h0_mini_cls_mean": True}
+
+#: where the weights of a gated model come from (added to the "needs local weights" error)
+_WHERE = dict.fromkeys(
+    ("h0_mini", "h0_mini_cls_mean"),
+    " (the gated Hugging Face repository bioptimus/H0-mini: request access, then download "
+    "model.safetensors, e.g. `huggingface-cli download bioptimus/H0-mini`, and pass the file "
+    "or its snapshot folder)")
 
 _FOLDER_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth")
 
@@ -145,17 +184,19 @@ def _offline() -> Iterator[None]:
 
 def _post(name: str):
     """Output post-processing of ``name`` (None: the pooled output as it is)."""
-    if name != "virchow2" and name != "virchow2_cls":
+    if name not in _TOKEN_OUTPUTS:
         return None
     import torch
 
-    def virchow(tokens):  # [B, 1 + 4 registers + P, 1280] -> [B, 2560] / [B, 1280]
+    with_mean = _TOKEN_OUTPUTS[name]
+
+    def tokens_out(tokens):  # [B, 1 + 4 registers + P, D] -> [B, 2 D] / [B, D]
         cls = tokens[:, 0]
-        if name == "virchow2_cls":
+        if not with_mean:
             return cls
         return torch.cat([cls, tokens[:, 5:].mean(dim=1)], dim=-1)
 
-    return virchow
+    return tokens_out
 
 
 def load(name: str, weights: str | os.PathLike | None):
@@ -183,7 +224,7 @@ def load(name: str, weights: str | os.PathLike | None):
     if weights is None:
         raise EncoderError(f"{name} needs local weights: pass weights=<.safetensors/.bin/"
                            ".pth file or a local Hugging Face snapshot folder>; nothing is "
-                           "downloaded")
+                           f"downloaded{_WHERE.get(name, '')}")
     path = find_weights(weights, name)
     try:
         import timm

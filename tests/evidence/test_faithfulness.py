@@ -1,0 +1,141 @@
+"""Deletion / insertion curves and what-if runs on cached features."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_milview.evidence.faithfulness import (
+    deletion_insertion,
+    descending,
+    subset_probabilities,
+    what_if,
+)
+from napari_milview.mil import build_model
+from napari_milview.mil.base import MILModel, MILOutput
+
+
+class _Constant(MILModel):
+    """Logits that ignore the bag: no ranking can change the prediction."""
+
+    arch = "test_constant"
+
+    def __init__(self, in_dim=8, n_classes=2):
+        super().__init__()
+        self._set_hparams(in_dim=in_dim, n_classes=n_classes)
+        self.bias = torch.nn.Parameter(torch.tensor([0.3, -0.2]))
+
+    def _forward(self, x, with_sources):
+        return MILOutput(logits=self.bias * 1.0, sources={}, default_source="attention")
+
+
+class _MeanPool(MILModel):
+    """Logits from the mean feature: every patch weighs the same, whatever a map says."""
+
+    arch = "test_meanpool"
+
+    def __init__(self, in_dim=8, n_classes=2):
+        super().__init__()
+        self._set_hparams(in_dim=in_dim, n_classes=n_classes)
+        self.fc = torch.nn.Linear(in_dim, n_classes)
+
+    def _forward(self, x, with_sources):
+        return MILOutput(logits=self.fc(x.mean(0)), sources={}, default_source="attention")
+
+
+@pytest.mark.parametrize("arch,hp", [("abmil", {}), ("abmil", {"gated": False}),
+                                     ("acmil_ga", {}), ("clam_sb", {}),
+                                     ("clam_mb", {"n_classes": 3})])
+def test_pooled_path_equals_forward(arch, hp):
+    torch.manual_seed(1)
+    model = build_model(arch, **{"in_dim": 16, "n_classes": 2, **hp})
+    x = torch.randn(97, 16) * 2
+    order = descending(np.random.default_rng(0).random(97))
+    a = deletion_insertion(model, x, order, steps=7, random_orders=2, k=5, path="pooled")
+    b = deletion_insertion(model, x, order, steps=7, random_orders=2, k=5, path="forward")
+    assert a["path"] == "pooled" and b["path"] == "forward"
+    for key in ("deletion", "insertion", "random_deletion", "random_insertion"):
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5)
+    assert a["topk_probability"] == pytest.approx(b["topk_probability"], abs=1e-5)
+    with torch.inference_mode():  # the curve's ends are the full bag and the top patch
+        full = torch.softmax(model(x), -1)[a["target"]].item()
+        one = torch.softmax(model(x[order[:1]]), -1)[a["target"]].item()
+    assert a["deletion"][0] == pytest.approx(full, abs=1e-5) == a["insertion"][-1]
+    assert a["insertion"][0] == pytest.approx(one, abs=1e-5)
+    p, s, path = subset_probabilities(model, x, order, [3, 97], [0, 50])
+    with torch.inference_mode():
+        want = torch.softmax(model(x[order[50:]]), -1).double().numpy()
+    np.testing.assert_allclose(s[1], want, atol=1e-5)
+    assert path == "pooled"
+
+
+def test_a_model_that_ignores_the_map_gives_deletion_equal_random():
+    x = torch.randn(60, 8)
+    order = descending(np.arange(60.0))
+    r = deletion_insertion(_Constant(), x, order, steps=10)
+    assert r["path"] == "forward"
+    assert r["deletion_auc"] == pytest.approx(r["random_deletion_auc"], abs=1e-12)
+    assert r["insertion_auc"] == pytest.approx(r["random_insertion_auc"], abs=1e-12)
+
+
+def test_meanpool_with_an_unrelated_ranking_is_near_random():
+    torch.manual_seed(0)
+    model = _MeanPool()
+    x = torch.randn(400, 8)
+    order = descending(np.random.default_rng(3).random(400))  # unrelated to the model
+    r = deletion_insertion(model, x, order, steps=20, random_orders=8)
+    assert abs(r["deletion_auc"] - r["random_deletion_auc"]) < 0.03
+    assert abs(r["insertion_auc"] - r["random_insertion_auc"]) < 0.03
+
+
+def test_meanpool_ranked_by_its_own_evidence_beats_random():
+    torch.manual_seed(0)
+    model = _MeanPool()
+    x = torch.randn(300, 8)
+    with torch.no_grad():
+        contrib = (x @ (model.fc.weight[1] - model.fc.weight[0])).numpy()  # pushes class 1
+    r = deletion_insertion(model, x, descending(contrib), target=1, steps=20)
+    assert r["deletion_auc"] < r["random_deletion_auc"] - 0.1
+    assert r["insertion_auc"] > r["random_insertion_auc"] + 0.1
+
+
+def test_curve_shape_small_bags_and_seeds():
+    model = build_model("abmil", in_dim=8, n_classes=2)
+    x = torch.randn(3, 8)
+    r = deletion_insertion(model, x, [2, 0, 1], steps=10, random_orders=5, seed=4)
+    assert r["fractions"].shape == r["deletion"].shape == (11,)
+    assert r["fractions"][0] == 0 and r["fractions"][-1] == 1
+    assert np.all(np.diff(r["fractions"]) >= 0) and r["k"] == 3
+    again = deletion_insertion(model, x, [2, 0, 1], steps=10, random_orders=5, seed=4)
+    np.testing.assert_array_equal(r["random_deletion"], again["random_deletion"])
+    for bad in ({"steps": 0}, {"random_orders": -1}, {"target": 5}):
+        with pytest.raises(ValueError):
+            deletion_insertion(model, x, [2, 0, 1], **bad)
+    with pytest.raises(ValueError, match="permutation"):
+        deletion_insertion(model, x, [0, 0, 1])
+    with pytest.raises(ValueError, match="pooled"):
+        deletion_insertion(_MeanPool(), torch.randn(5, 8), range(5), path="pooled")
+
+
+def test_what_if_without_and_alone():
+    torch.manual_seed(0)
+    model = build_model("abmil", in_dim=8, n_classes=2)
+    x = torch.randn(20, 8)
+    inside = np.zeros(20, bool)
+    inside[:5] = True
+    with torch.inference_mode():
+        full = torch.softmax(model(x), -1).double().numpy()
+        rest = torch.softmax(model(x[5:]), -1).double().numpy()
+        alone = torch.softmax(model(x[:5]), -1).double().numpy()
+    w = what_if(model, x, inside, "without")
+    np.testing.assert_allclose(w["probabilities"], rest, atol=1e-6)
+    np.testing.assert_allclose(w["baseline"], full, atol=1e-6)
+    np.testing.assert_allclose(w["change"], rest - full, atol=1e-6)
+    assert w["n_kept"] == 15
+    np.testing.assert_allclose(what_if(model, x, inside, "alone")["probabilities"], alone,
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="no patch left"):
+        what_if(model, x, np.ones(20, bool), "without")
+    with pytest.raises(ValueError, match="mode"):
+        what_if(model, x, inside, "both")
