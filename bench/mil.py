@@ -31,6 +31,7 @@ MODELS = [
     ("ACMIL-GA (5 branches)", "acmil_ga", {}),
     ("ACMIL-MHA (5 branches, 8 heads)", "acmil_mha", {}),
     ("TransMIL (Nystrom, 2 layers)", "transmil", {}),
+    ("MambaMIL (SR-Mamba, 2 layers)", "mambamil", {}),
 ]
 SECTION = "## MIL forward on CPU (issue 3)"
 

@@ -17,6 +17,7 @@ mhim       :class:`MHIM` (MHIM-MIL student)       ``"attention"`` / ``"layer1/me
 dsmil      :class:`DSMIL` (and AEM's copy)        ``"class/{positive class}"``
 ins        :class:`INS` (instance classifier)     ``"instance/1"`` (instance scores)
 packmil    :class:`PackMIL` (ABMIL aggregator)    ``"attention"``
+mambamil   :class:`MambaMIL` (SR/Bi/plain Mamba)  ``"attention"``
 ========== ====================================== =========================================
 
 Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``, ``mhim_abmil`` / ``mhim_transmil``
@@ -43,6 +44,7 @@ from .clam import CLAM_MB, CLAM_SB
 from .dsmil import DSMIL
 from .dtfd import DTFD
 from .ins import INS
+from .mambamil import MambaMIL
 from .mhim import MHIM
 from .packmil import PackMIL
 from .transmil import TransMIL
@@ -62,6 +64,7 @@ __all__ = [
     "MODELS",
     "MILModel",
     "MILOutput",
+    "MambaMIL",
     "ModelCard",
     "PackMIL",
     "TransMIL",

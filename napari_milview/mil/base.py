@@ -358,7 +358,7 @@ ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 """Alias -> (canonical architecture, fixed hyper-parameters)."""
 
 _BUILTIN_MODULES = ("abmil", "clam", "acmil", "transmil", "dtfd", "mhim", "dsmil", "ins",
-                    "packmil")
+                    "packmil", "mambamil")
 
 
 def _ensure_builtin() -> None:

@@ -32,6 +32,7 @@ SMALL = {
     "dsmil": {"in_dim": D, "n_classes": 2, "q_hidden": 16, "q_dim": 8},
     "ins": {"in_dim": D, "n_classes": 2, "encoder": "mlp", "width": 16},
     "packmil": {"in_dim": D, "n_classes": 3, "inner_dim": 16, "mil_norm": "ln"},
+    "mambamil": {"in_dim": D, "n_classes": 2, "d_model": 16},
     "aem": {"in_dim": D, "n_classes": 2, "inner_dim": 16, "attn_dim": 8},
     "aem_mha": {"in_dim": D, "n_classes": 2, "inner_dim": 16},
     "mhim": {"in_dim": D, "n_classes": 2, "dim": 16, "backbone": "attn", "merge": True},
@@ -39,7 +40,7 @@ SMALL = {
     "mhim_transmil": {"in_dim": D, "n_classes": 2, "dim": 32},
 }
 CANONICAL = ["abmil", "clam_sb", "clam_mb", "acmil_ga", "acmil_mha", "mha", "transmil", "dtfd",
-             "mhim", "dsmil", "ins", "packmil"]
+             "mhim", "dsmil", "ins", "packmil", "mambamil"]
 
 def _is_softmax_source(arch: str, name: str) -> bool:
     """Sources that are a softmax over the bag (sum to 1; DTFD's ``tier1/`` sums to 1 over

@@ -40,6 +40,7 @@ ARCHS = {
     "acmil_mha": dict(in_dim=IN_DIM, n_classes=2, inner_dim=16, n_token=3),
     "mha": dict(in_dim=IN_DIM, n_classes=2, inner_dim=16),
     "transmil": dict(in_dim=IN_DIM, n_classes=2, dim=64),
+    "mambamil": dict(in_dim=IN_DIM, n_classes=2, d_model=16),
 }
 
 
