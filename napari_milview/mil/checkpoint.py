@@ -462,7 +462,8 @@ def _build_and_load(ck: _Checkpoint, arch: str, hp: Mapping[str, Any]) -> MILMod
 
 
 def _classes(ck: _Checkpoint, n_classes: int) -> list[str]:
-    """Class names in logit order: sidecar, stored card, stored config, else ``class_i``.
+    """Class names in logit order: sidecar, stored card, stored config, else ``class_i``
+    (an empty list counts as none given).
 
     Raises
     ------
@@ -470,6 +471,8 @@ def _classes(ck: _Checkpoint, n_classes: int) -> list[str]:
         A stored list whose length is not ``n_classes`` (the rows of the classifier weight).
     """
     classes, src = ck.pick("classes")
+    if isinstance(classes, (list, tuple)) and not classes:
+        classes = None  # a card saved without names ([]): not a claim about the classifier
     if classes is None:
         for view in _config_views(ck.config):
             found = next((view[k] for k in ("classes", "class_names", "label_names")

@@ -75,6 +75,19 @@ def _clone_sd(model) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------
 
 
+def test_saved_without_class_names_loads_with_default_names(tmp_path):
+    """A card without names ([]) is saved and read back as class_0 .. class_{C-1}, not
+    refused as a list of the wrong length."""
+    from napari_milview.mil import ModelCard
+
+    model = _model("abmil")
+    path = save_model(model, ModelCard(arch="abmil", feature_dim=IN_DIM),
+                      tmp_path / "w.safetensors")
+    loaded, card = load_model(path)
+    assert card.classes == [f"class_{i}" for i in range(model.n_classes)]
+    _assert_same(model, loaded)
+
+
 def test_safetensors_round_trip_with_card(tmp_path):
     from napari_milview.mil import ModelCard
 
