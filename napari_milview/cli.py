@@ -431,7 +431,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         title = f"{stem} - {rep.default_source}"
         (out / f"{stem}.roc_pr.png").write_bytes(roc_pr_png(shown["localisation"], title))
         if shown["faithfulness"] is not None:
-            (out / f"{stem}.curves.png").write_bytes(curves_png(shown["faithfulness"], title))
+            png = curves_png(shown["faithfulness"], title, classes=rep.classes)
+            (out / f"{stem}.curves.png").write_bytes(png)
         reports.append(rep)
         print(json.dumps(rep.json_row()), flush=True)
     if not reports:

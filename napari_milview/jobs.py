@@ -5,7 +5,9 @@ error line; the docks (``_qt``) run it in napari's ``create_worker`` through :fu
 and show its updates. :class:`Interaction` lets a run wait between batches while the view
 moves. The MIL dock runs a :class:`MILJob` (:func:`napari_milview.pipeline.run`), the staining
 dock a :class:`PrepareJob` (staining estimate) and a :class:`RobustnessJob`
-(:func:`napari_milview.stain.robustness.robustness`).
+(:func:`napari_milview.stain.robustness.robustness`), the MIL dock's Evidence section a
+:class:`FaithfulnessJob` (:func:`napari_milview.evidence.faithfulness.deletion_insertion`) and
+a :class:`DisagreementJob` (:func:`napari_milview.evidence.disagreement.disagreement`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from typing import Any
 
 from .pipeline import PAUSED, Progress
 
-__all__ = ["JOIN_TIMEOUT_S", "Inputs", "Interaction", "Job", "MILConfig", "MILJob",
-           "PrepareJob", "RobustnessConfig", "RobustnessJob", "StainUpdate", "gui_readers",
-           "gui_torch_threads", "make_perturbation", "one_line", "prepare_inputs", "relay"]
+__all__ = ["JOIN_TIMEOUT_S", "DisagreementConfig", "DisagreementJob", "EvidenceUpdate",
+           "FaithfulnessConfig", "FaithfulnessJob", "Inputs", "Interaction", "Job", "MILConfig",
+           "MILJob", "PrepareJob", "RobustnessConfig", "RobustnessJob", "StainUpdate",
+           "gui_readers", "gui_torch_threads", "make_perturbation", "one_line",
+           "prepare_inputs", "relay"]
 
 log = logging.getLogger(__name__)
 
@@ -361,3 +365,149 @@ class RobustnessJob(Job):
                 yield StainUpdate(p.stage, p.done, p.total, p.message, p.condition, p.result)
         finally:
             gen.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the MIL dock's Evidence section
+# --------------------------------------------------------------------------------------------
+@dataclass
+class FaithfulnessConfig:
+    """A faithfulness run: the model and the run's cached features [N, D], the scores [N] of
+    each source to rank by (the picked one first), K of the top-K prediction, curve steps,
+    random orders and seed (``evidence.faithfulness.deletion_insertion``); ``plots``: draw
+    the curves (``evidence.plots.curves_png``, ``plot_size`` inches at 100 dpi) with the
+    tracked class named from ``classes``."""
+
+    model: Any
+    features: Any
+    scores: dict[str, Any]
+    k: int | None = None
+    steps: int = 50
+    random_orders: int = 5
+    seed: int = 0
+    plots: bool = True
+    classes: list[str] | None = None
+    plot_size: tuple[float, float] = (5.2, 2.5)
+
+
+@dataclass
+class EvidenceUpdate:
+    """What a running evidence job tells the section: work done of total, a line, and (for
+    faithfulness) a finished source and its dict."""
+
+    done: int
+    total: int
+    message: str = ""
+    source: str = ""
+    value: Any = None
+
+
+class FaithfulnessJob(Job):
+    """Deletion / insertion of every source of a result, on the run's cached features.
+
+    One ``deletion_insertion(model, x, descending(scores), k=K, steps=S, random_orders=R,
+    seed=s)`` for the first source, cancelled between sub-bag evaluations (its ``cancel`` is
+    this job's event); the other sources share its random baseline (the same orders, the same
+    target: one call each with ``random_orders=0``), as ``evidence.report.evaluate`` does.
+    ``progress`` counts sub-bags over all calls. ``result``: source -> the dict of
+    ``deletion_insertion`` (+ ``png`` with the curves when ``plots``).
+    """
+
+    config: FaithfulnessConfig
+
+    def _steps(self) -> Generator[EvidenceUpdate, None, dict]:
+        from .evidence.faithfulness import deletion_insertion, descending
+        from .pipeline import torch_threads
+
+        cfg = self.config
+        names = list(cfg.scores)
+        steps, r = int(cfg.steps), int(cfg.random_orders)
+        first_total = (r + 1) * 2 * (steps + 1) + 1
+        per_source = 2 * (steps + 1) + 1
+        total = first_total + (len(names) - 1) * per_source
+        out: dict[str, dict] = {}
+        shared: dict[str, Any] = {}
+        offset = 0
+
+        def report(done: int, _total: int) -> None:
+            self.progress = (offset + done, total)
+
+        with torch_threads(gui_torch_threads()):
+            for j, name in enumerate(names):
+                self._check()
+                what = (f"the ranking by {name} and {r} random orders" if j == 0 and r
+                        else f"the ranking by {name}")
+                yield EvidenceUpdate(offset, total, f"faithfulness: {what}")
+                f = deletion_insertion(
+                    cfg.model, cfg.features, descending(cfg.scores[name]),
+                    target=shared.get("target"), k=cfg.k, steps=steps,
+                    random_orders=r if j == 0 else 0, seed=cfg.seed, cancel=self.cancel,
+                    progress=report)
+                if j == 0:
+                    shared = {key: f[key] for key in f if key.startswith("random")}
+                    shared["target"] = f["target"]
+                else:
+                    f.update({key: v for key, v in shared.items() if key != "target"})
+                self.calls["deletion_insertion"] += 1
+                if cfg.plots:
+                    from .evidence.plots import curves_png
+
+                    f["png"] = curves_png(f, name, classes=cfg.classes, width=cfg.plot_size[0],
+                                          height=cfg.plot_size[1])
+                out[name] = f
+                offset += first_total if j == 0 else per_source
+                self.progress = (offset, total)
+                yield EvidenceUpdate(offset, total, f"faithfulness: {name}", name, f)
+        return out
+
+
+@dataclass
+class DisagreementConfig:
+    """Checkpoints (paths) of one model run on one bag; ``source``: the source compared
+    (None: each model's default)."""
+
+    paths: list[str]
+    bag: Any
+    source: str | None = None
+    names: list[str] = field(default_factory=list)
+
+
+class DisagreementJob(Job):
+    """Load each checkpoint (safely), run it on the bag, and compare their maps
+    (``evidence.disagreement.disagreement``). ``result``: that dict plus ``maps`` [M, N],
+    ``probabilities`` [M, C], ``classes``, ``names``, ``source``."""
+
+    config: DisagreementConfig
+
+    def _steps(self) -> Generator[EvidenceUpdate, None, dict]:
+        from pathlib import Path
+
+        import numpy as np
+
+        from .evidence.disagreement import disagreement
+        from .mil.checkpoint import load_model
+        from .pipeline import attend, torch_threads
+
+        cfg = self.config
+        m = len(cfg.paths)
+        if m < 2:
+            raise ValueError(f"disagreement needs 2 or more checkpoints, got {m}")
+        maps, probs, classes, src = [], [], None, cfg.source
+        with torch_threads(gui_torch_threads()):
+            for i, path in enumerate(cfg.paths):
+                self._check()
+                yield EvidenceUpdate(i, m, f"folds: {Path(path).name} ({i + 1} of {m})")
+                model, card = load_model(path, device="cpu")
+                r = attend(cfg.bag, model, card, device="cpu", model_name=str(path))
+                name = src if src in r.sources else r.default_source
+                maps.append(r.attention(name))
+                probs.append(r.probabilities)
+                classes = classes or r.classes
+                self.progress = (i + 1, m)
+        if len({p.size for p in probs}) != 1:
+            raise ValueError("the checkpoints predict different numbers of classes: " +
+                             ", ".join(str(p.size) for p in probs))
+        out = dict(disagreement(maps, probs))
+        out.update(maps=np.stack(maps), probabilities=np.stack(probs), classes=classes,
+                   names=[Path(p).name for p in cfg.paths], source=src)
+        return out

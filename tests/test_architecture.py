@@ -61,8 +61,8 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "stain": _PIPELINE_AND_BELOW | {"overlay"},
     "evidence": _PIPELINE_AND_BELOW | {"overlay"},
     "cohort": _PIPELINE_AND_BELOW | {"overlay"},
-    # the docks' background runs (Qt-free): the MIL run path and the staining runs
-    "jobs": _PIPELINE_AND_BELOW | {"stain"},
+    # the docks' background runs (Qt-free): the MIL run path, the staining runs, the evidence
+    "jobs": _PIPELINE_AND_BELOW | {"stain", "evidence"},
     # front ends
     "cli": _PIPELINE_AND_BELOW | {"overlay", "stain", "evidence", "cohort", "synthetic"},
 }

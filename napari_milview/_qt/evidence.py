@@ -21,11 +21,12 @@ kept there, ``bag`` / ``model``):
 - **What if**: a Shapes layer picks a region; the model re-predicts on the cached features
   without it (or from it alone) as soon as the region or the choice changes.
 - **Disagreement**: several checkpoints of one model (folds) run on the run's bag in a
-  :class:`DisagreementJob`; per-patch mean / spread / rank spread become heatmap layers and
-  the spread of their predictions a line.
+  :class:`~napari_milview.jobs.DisagreementJob`; per-patch mean / spread / rank spread
+  become heatmap layers and the spread of their predictions a line.
 - **Export**: the numbers as CSV / JSON, the plots as PNG.
 
-The jobs are plain :class:`~napari_milview.jobs.Job` generators (no Qt), run in napari's
+The jobs are :class:`~napari_milview.jobs.FaithfulnessJob` and
+:class:`~napari_milview.jobs.DisagreementJob` (Qt-free generators), run in napari's
 ``create_worker`` like the dock's runs; closing the dock cancels and joins them
 (:meth:`EvidenceBox.stop_all`). Layers with a colour bar (the disagreement heatmaps) are
 never removed here (``overlays`` says why); the annotation layer (a Shapes layer) may be
@@ -38,8 +39,6 @@ import contextlib
 import json
 import logging
 import weakref
-from collections.abc import Generator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -63,11 +62,20 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..jobs import Job, gui_torch_threads, one_line, relay
+from ..jobs import (
+    DisagreementConfig,
+    DisagreementJob,
+    EvidenceUpdate,
+    FaithfulnessConfig,
+    FaithfulnessJob,
+    Job,
+    one_line,
+    relay,
+)
 from ._common import slide_frame, spin, stop_jobs
 
-__all__ = ["DisagreementJob", "EvidenceBox", "FaithfulnessJob", "layer_to_level0",
-           "level0_to_world", "shapes_polygons"]
+__all__ = ["EvidenceBox", "labels_annotations", "layer_to_level0", "level0_to_world",
+           "shapes_polygons"]
 
 log = logging.getLogger(__name__)
 
@@ -151,153 +159,6 @@ def labels_annotations(layer, slide_layer):
     ann = from_labels(data, s, origin)
     ann.source = f"layer {layer.name}"
     return ann
-
-
-# --------------------------------------------------------------------------------------------
-# jobs (no Qt)
-# --------------------------------------------------------------------------------------------
-@dataclass
-class FaithfulnessConfig:
-    """A faithfulness run: the model and the run's cached features [N, D], the scores of each
-    source to rank by (the picked one first), K of the top-K prediction, curve steps, random
-    orders and seed (``evidence.faithfulness.deletion_insertion``)."""
-
-    model: Any
-    features: Any
-    scores: dict[str, np.ndarray]
-    k: int | None = None
-    steps: int = 50
-    random_orders: int = 5
-    seed: int = 0
-    plots: bool = True
-
-
-@dataclass
-class EvidenceUpdate:
-    """What a running evidence job tells the section."""
-
-    done: int
-    total: int
-    message: str = ""
-    source: str = ""
-    value: Any = None
-
-
-class FaithfulnessJob(Job):
-    """Deletion / insertion of every source of a result, on the run's cached features.
-
-    Same numbers as ``deletion_insertion(model, x, order, random_orders=R, seed=s)`` per
-    source, computed as one model call per ranking and per random order (the random
-    baseline is shared by the sources: the same orders, the same target), so Cancel acts
-    between calls. ``result``: source -> the dict of ``deletion_insertion`` (+ ``png`` with
-    the curves when ``plots``).
-    """
-
-    config: FaithfulnessConfig
-
-    def _steps(self) -> Generator[EvidenceUpdate, None, dict]:
-        from ..evidence.faithfulness import deletion_insertion, descending
-        from ..pipeline import torch_threads
-
-        cfg = self.config
-        names = list(cfg.scores)
-        total = int(cfg.random_orders) + len(names)
-        out: dict[str, dict] = {}
-        with torch_threads(gui_torch_threads()):
-            yield EvidenceUpdate(0, total, "faithfulness: the ranking by score")
-            first = deletion_insertion(cfg.model, cfg.features, descending(cfg.scores[names[0]]),
-                                       k=cfg.k, steps=cfg.steps, random_orders=0)
-            target, n = first["target"], len(cfg.scores[names[0]])
-            rng = np.random.default_rng(cfg.seed)
-            rd, ri = [], []
-            for r in range(int(cfg.random_orders)):
-                self._check()
-                d = deletion_insertion(cfg.model, cfg.features, rng.permutation(n),
-                                       target=target, k=cfg.k, steps=cfg.steps,
-                                       random_orders=0)
-                rd.append(d["deletion"])
-                ri.append(d["insertion"])
-                self.progress = (r + 1, total)
-                yield EvidenceUpdate(r + 1, total, f"faithfulness: random order {r + 1} of "
-                                                   f"{cfg.random_orders}")
-            for j, name in enumerate(names):
-                self._check()
-                f = first if j == 0 else deletion_insertion(
-                    cfg.model, cfg.features, descending(cfg.scores[name]), target=target,
-                    k=cfg.k, steps=cfg.steps, random_orders=0)
-                out[name] = _with_random(f, rd, ri, cfg.seed)
-                if cfg.plots:
-                    from ..evidence.plots import curves_png
-
-                    out[name]["png"] = curves_png(out[name], name, width=PLOT_SIZE[0],
-                                                  height=PLOT_SIZE[1])
-                done = int(cfg.random_orders) + j + 1
-                self.progress = (done, total)
-                yield EvidenceUpdate(done, total, f"faithfulness: {name}", name, out[name])
-        return out
-
-
-def _with_random(f: dict, rd: list, ri: list, seed: int) -> dict:
-    """``f`` (one ranking, ``random_orders=0``) with the random baseline of the orders whose
-    curves are ``rd`` / ``ri`` filled in as ``deletion_insertion`` fills it."""
-    f = dict(f)
-    fr = np.asarray(f["fractions"])
-    if rd:
-        d, i = np.stack(rd), np.stack(ri)
-        f["random_deletion"], f["random_insertion"] = d.mean(axis=0), i.mean(axis=0)
-        f["random_deletion_std"], f["random_insertion_std"] = d.std(axis=0), i.std(axis=0)
-        f["random_deletion_auc"] = float(np.trapezoid(f["random_deletion"], fr))
-        f["random_insertion_auc"] = float(np.trapezoid(f["random_insertion"], fr))
-    f["random_orders"], f["seed"] = len(rd), int(seed)
-    return f
-
-
-@dataclass
-class DisagreementConfig:
-    """Checkpoints (paths) of one model run on one bag; ``source``: the source compared
-    (None: each model's default)."""
-
-    paths: list[str]
-    bag: Any
-    source: str | None = None
-    names: list[str] = field(default_factory=list)
-
-
-class DisagreementJob(Job):
-    """Load each checkpoint (safely), run it on the bag, and compare their maps
-    (``evidence.disagreement.disagreement``). ``result``: that dict plus ``maps`` [M, N],
-    ``probabilities`` [M, C], ``classes``, ``names``, ``source``."""
-
-    config: DisagreementConfig
-
-    def _steps(self) -> Generator[EvidenceUpdate, None, dict]:
-        from ..evidence.disagreement import disagreement
-        from ..mil.checkpoint import load_model
-        from ..pipeline import attend, torch_threads
-
-        cfg = self.config
-        m = len(cfg.paths)
-        if m < 2:
-            raise ValueError(f"disagreement needs 2 or more checkpoints, got {m}")
-        maps, probs, classes, src = [], [], None, cfg.source
-        with torch_threads(gui_torch_threads()):
-            for i, path in enumerate(cfg.paths):
-                self._check()
-                yield EvidenceUpdate(i, m, f"folds: {Path(path).name} ({i + 1} of {m})")
-                model, card = load_model(path, device="cpu")
-                r = attend(cfg.bag, model, card, device="cpu", model_name=str(path))
-                name = src if src in r.sources else r.default_source
-                maps.append(r.attention(name))
-                probs.append(r.probabilities)
-                classes = classes or r.classes
-                self.progress = (i + 1, m)
-        if len({p.size for p in probs}) != 1:
-            raise ValueError("the checkpoints predict different numbers of classes: " +
-                             ", ".join(str(p.size) for p in probs))
-        out = dict(disagreement(maps, probs))
-        out.update(maps=np.stack(maps), probabilities=np.stack(probs), classes=classes,
-                   names=[Path(p).name for p in cfg.paths], source=src)
-        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -844,7 +705,8 @@ class EvidenceBox(QGroupBox):
         names = [src, *[s for s in r.sources if s != src]]
         cfg = FaithfulnessConfig(model=model, features=x,
                                  scores={s: r.attention(s) for s in names}, k=self._k(),
-                                 random_orders=self.orders_spin.value())
+                                 random_orders=self.orders_spin.value(),
+                                 classes=list(r.classes), plot_size=PLOT_SIZE)
         job = FaithfulnessJob(cfg)
         job.overlays, job.key = self.overlays, self._faith_key()
         st = self.state()
@@ -1141,15 +1003,16 @@ class EvidenceBox(QGroupBox):
 # formatting
 # --------------------------------------------------------------------------------------------
 def _concentration(name: str, scores: np.ndarray, k, concentration) -> dict:
-    """Concentration of a source: softmax first for ``raw/...`` logits; NaN with a note for
-    scores that are not a distribution (negative values)."""
-    from ..evidence.metrics import softmax
+    """Concentration of a source as ``evidence.report`` measures it (softmax first for
+    ``raw/...`` logits: ``concentration_input``); NaN with a note for scores that are not a
+    distribution (negative values)."""
+    from ..evidence.report import concentration_input
 
-    s = softmax(scores) if name.startswith("raw/") else scores
+    s, note = concentration_input(name, scores)
     try:
         out = dict(concentration(s, k))
-        if name.startswith("raw/"):
-            out["note"] = "raw logits: softmax first"
+        if note:
+            out["note"] = note
         return out
     except ValueError as e:
         nan = float("nan")

@@ -209,9 +209,29 @@ def subset_probabilities(model: Any, features: Any, order: Any, prefixes: list[i
     return a, b, "forward"
 
 
+def _stopper(cancel: Any):
+    """``cancel`` (None, an object with ``is_set()`` such as a ``threading.Event``, or a
+    callable returning True to stop) as a function raising
+    :class:`~napari_milview.pipeline.Cancelled` once it says stop."""
+    if cancel is None:
+        return lambda: None
+    is_set = cancel.is_set if hasattr(cancel, "is_set") else cancel
+    if not callable(is_set):
+        raise TypeError(f"cancel must have is_set() or be callable, got {type(cancel).__name__}")
+
+    def check() -> None:
+        if is_set():
+            from ..pipeline import Cancelled
+
+            raise Cancelled("faithfulness cancelled")
+
+    return check
+
+
 def deletion_insertion(model: Any, features: Any, order: Any, *, target: int | None = None,
                        steps: int = 50, random_orders: int = 5, seed: int = 0,
-                       k: int | None = None, path: str = "auto") -> dict[str, Any]:
+                       k: int | None = None, path: str = "auto", cancel: Any = None,
+                       progress: Any = None) -> dict[str, Any]:
     """Deletion and insertion curves of one ranking, and of seeded random rankings.
 
     Parameters
@@ -234,6 +254,14 @@ def deletion_insertion(model: Any, features: Any, order: Any, *, target: int | N
         :data:`~napari_milview.evidence.metrics.DEFAULT_TOPK`, capped at N).
     path : "auto", "pooled" or "forward"
         How sub-bags are scored (module doc); the numbers are the same.
+    cancel : threading.Event or callable, optional
+        Checked before each sub-bag evaluation (``"forward"``: one model call; ``"pooled"``:
+        one ordering, all its sub-bags at once): once ``cancel.is_set()`` (or ``cancel()``)
+        is true, :class:`~napari_milview.pipeline.Cancelled` is raised.
+    progress : callable, optional
+        ``progress(done, total)`` after each sub-bag evaluation, in sub-bags: ``total`` =
+        ``(random_orders + 1) * 2 (steps + 1) + 1`` (each ordering's deletion and insertion
+        points, and the top-K sub-bag); ``done`` reaches ``total`` at the end.
 
     Returns
     -------
@@ -245,8 +273,15 @@ def deletion_insertion(model: Any, features: Any, order: Any, *, target: int | N
         ``random_deletion_auc``, ``random_insertion_auc`` (trapezoid over the fractions, in
         [0, 1]); ``target``, ``baseline`` (the full bag's probability of ``target``),
         ``topk_probability`` (the top-K patches alone), ``k``, ``path``, ``seconds``.
+
+    Raises
+    ------
+    napari_milview.pipeline.Cancelled
+        ``cancel`` was set; nothing is returned.
     """
     t0 = time.perf_counter()
+    check = _stopper(cancel)
+    check()
     x = _prepare(model, features)
     n = int(x.shape[0])
     o = np.asarray(order, dtype=np.int64).reshape(-1)
@@ -268,14 +303,30 @@ def deletion_insertion(model: Any, features: Any, order: Any, *, target: int | N
         raise ValueError(f"{type(model).__name__} has no pooled path; use path='forward'")
     pooled = None if parts is None else _Pooled(parts)
     probs = None if pooled is not None else _prob_fn(model, x)[0]
+    total = (int(random_orders) + 1) * 2 * (steps + 1) + 1
+    done = 0
+
+    def tick(m: int) -> None:
+        nonlocal done
+        done += m
+        if progress is not None:
+            progress(done, total)
+
+    def one(sub: np.ndarray) -> np.ndarray:
+        check()
+        p = probs(sub)
+        tick(1)
+        return p
 
     def curves(oo: np.ndarray, extra: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(deletion [S+1, C], insertion + extra prefixes [S+1+len(extra), C])"""
         if pooled is not None:
+            check()
             ins, dele = pooled.probabilities(oo, ins_len + extra, del_start)
+            tick(len(ins_len) + len(extra) + len(del_start))
         else:
-            ins = np.stack([probs(oo[:p]) for p in ins_len + extra])
-            dele = np.stack([probs(oo[t:]) for t in del_start])
+            ins = np.stack([one(oo[:p]) for p in ins_len + extra])
+            dele = np.stack([one(oo[t:]) for t in del_start])
         return dele, ins
 
     dele, ins = curves(o, [kk])

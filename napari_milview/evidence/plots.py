@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["curves_png", "roc_pr_png"]
+__all__ = ["class_name", "curves_png", "roc_pr_png"]
 
 
 def _figure(width: float, height: float):
@@ -72,8 +72,16 @@ def roc_pr_png(localisation: dict[str, Any], title: str = "", *, width: float = 
     return _png(fig)
 
 
-def curves_png(faithfulness: dict[str, Any], title: str = "", *, width: float = 8.0,
-               height: float = 3.6) -> bytes:
+def class_name(index: int, classes: Any = None) -> str:
+    """``classes[index]`` when there is one, else ``"class <index>"``."""
+    i = int(index)
+    if classes is not None and 0 <= i < len(classes) and str(classes[i]):
+        return str(classes[i])
+    return f"class {i}"
+
+
+def curves_png(faithfulness: dict[str, Any], title: str = "", *, classes: Any = None,
+               width: float = 8.0, height: float = 3.6) -> bytes:
     """Deletion (left) and insertion (right) curves of one ranking against the random mean
     (+- one standard deviation).
 
@@ -82,6 +90,9 @@ def curves_png(faithfulness: dict[str, Any], title: str = "", *, width: float = 
     faithfulness : dict
         :func:`~napari_milview.evidence.faithfulness.deletion_insertion`'s dict.
     title : str
+    classes : list[str], optional
+        The result's class names: the y axis reads ``p(<classes[target]>)`` (default
+        ``p(class <target>)``).
 
     Returns
     -------
@@ -103,8 +114,8 @@ def curves_png(faithfulness: dict[str, Any], title: str = "", *, width: float = 
                 ax.fill_between(f, rm - rs, rm + rs, color="0.6", alpha=0.25, lw=0)
         what = "removed" if kind == "deletion" else "kept"
         ax.set(xlabel=f"fraction of patches {what}",
-               ylabel=f"p(class {faithfulness['target']})", xlim=(0, 1), ylim=(-0.02, 1.02),
-               title=kind)
+               ylabel=f"p({class_name(faithfulness['target'], classes)})", xlim=(0, 1),
+               ylim=(-0.02, 1.02), title=kind)
         ax.legend(loc="best", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -26,8 +26,8 @@ import numpy as np
 from .faithfulness import deletion_insertion, descending
 from .metrics import concentration, localisation, softmax
 
-__all__ = ["ROW_COLUMNS", "SUMMARY_METRICS", "EvidenceReport", "bag_for", "evaluate",
-           "model_for", "slide_stem", "summarise", "write_summary"]
+__all__ = ["ROW_COLUMNS", "SUMMARY_METRICS", "EvidenceReport", "bag_for", "concentration_input",
+           "evaluate", "model_for", "slide_stem", "summarise", "write_summary"]
 
 #: The columns of :meth:`EvidenceReport.to_row` (CSV order).
 ROW_COLUMNS = ("slide", "source", "n", "n_positive", "fraction", "auroc", "average_precision",
@@ -233,8 +233,9 @@ def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> Pa
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 
-def _attention_for_concentration(name: str, scores: np.ndarray) -> tuple[np.ndarray, str]:
-    """(distribution source, note): ``raw/...`` logits through softmax."""
+def concentration_input(name: str, scores: np.ndarray) -> tuple[np.ndarray, str]:
+    """(scores [N] to measure the concentration of, note) of the source ``name``: ``raw/...``
+    sources (pre-softmax logits) through softmax, the others as they are (note "")."""
     if name.startswith("raw/"):
         return softmax(scores), "raw logits: softmax before concentration"
     return scores, ""
@@ -300,7 +301,7 @@ def evaluate(result: Any, annotations: Any, *, model: Any = None, bag: Any = Non
     for name in [default, *[s for s in names if s != default]]:
         scores = np.asarray(result.sources[name], dtype=np.float64)
         loc = localisation(scores, positive, overlap=overlap, k=k, dice_rule=dice_rule)
-        dist, note = _attention_for_concentration(name, scores)
+        dist, note = concentration_input(name, scores)
         try:
             con = concentration(dist, k=k)
             con["note"] = note

@@ -153,8 +153,9 @@ def test_annotations_numbers_and_placement(make_napari_viewer, qtbot, svs, lesio
 
 
 def test_faithfulness_job_equals_the_core(make_napari_viewer, qtbot, svs, lesion_geojson):
-    """The job's per-call split gives deletion_insertion's numbers exactly; plots shown;
-    switching source shows that source's curves without a new job."""
+    """The job (one core call per source, the random baseline shared) gives
+    deletion_insertion's numbers exactly; plots shown; switching source shows that source's
+    curves without a new job."""
     from napari_milview.evidence.faithfulness import deletion_insertion, descending
 
     viewer, w, slide, ev = _setup(make_napari_viewer, qtbot, svs)

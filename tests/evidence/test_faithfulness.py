@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from napari_milview.evidence.faithfulness import (
 )
 from napari_milview.mil import build_model
 from napari_milview.mil.base import MILModel, MILOutput
+from napari_milview.pipeline import Cancelled
 
 
 class _Constant(MILModel):
@@ -139,3 +142,40 @@ def test_what_if_without_and_alone():
         what_if(model, x, np.ones(20, bool), "without")
     with pytest.raises(ValueError, match="mode"):
         what_if(model, x, inside, "both")
+
+
+@pytest.mark.parametrize("path", ["pooled", "forward"])
+def test_progress_and_cancel_between_sub_bags(path):
+    """progress(done, total) counts every sub-bag up to total; a cancel (an Event or a
+    callable) stops the run between two evaluations with Cancelled; the numbers are those of
+    a run without either."""
+    torch.manual_seed(0)
+    model = build_model("abmil", in_dim=8, n_classes=2)
+    x = torch.randn(30, 8)
+    order = descending(np.random.default_rng(1).random(30))
+    seen = []
+    r = deletion_insertion(model, x, order, steps=6, random_orders=3, path=path,
+                           progress=lambda d, t: seen.append((d, t)))
+    total = 4 * 2 * 7 + 1
+    assert seen[-1] == (total, total) and all(t == total for _, t in seen)
+    assert [d for d, _ in seen] == sorted({d for d, _ in seen})  # strictly increasing
+    assert len(seen) == (4 if path == "pooled" else total)  # one per ordering / per call
+    plain = deletion_insertion(model, x, order, steps=6, random_orders=3, path=path)
+    for key in ("deletion", "insertion", "random_deletion", "random_insertion"):
+        np.testing.assert_array_equal(r[key], plain[key])
+
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled):
+        deletion_insertion(model, x, order, steps=6, path=path, cancel=stop)
+    calls = []
+
+    def stop_after_two(d, t):
+        calls.append(d)
+
+    with pytest.raises(Cancelled, match="cancelled"):
+        deletion_insertion(model, x, order, steps=6, random_orders=3, path=path,
+                           progress=stop_after_two, cancel=lambda: len(calls) >= 2)
+    assert len(calls) == 2  # stopped at the next check, nothing evaluated after
+    with pytest.raises(TypeError, match="cancel"):
+        deletion_insertion(model, x, order, cancel=object())

@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from napari_milview.evidence import read_annotations
-from napari_milview.evidence.plots import curves_png, roc_pr_png
+from napari_milview.evidence.plots import class_name, curves_png, roc_pr_png
 from napari_milview.evidence.report import (
     ROW_COLUMNS,
     EvidenceReport,
     bag_for,
+    concentration_input,
     evaluate,
     model_for,
     slide_stem,
@@ -114,3 +115,17 @@ def test_plots_are_png():
     model = build_model("abmil", in_dim=4, n_classes=2)
     fa = deletion_insertion(model, torch.randn(40, 4), descending(res.attention()), steps=5)
     assert curves_png(fa, "toy").startswith(PNG)
+    named = curves_png(fa, "toy", classes=["normal", "lesion"])
+    assert named.startswith(PNG) and named != curves_png(fa, "toy")  # the y axis reads p(...)
+    assert class_name(1, ["normal", "lesion"]) == "lesion"
+    assert class_name(1) == class_name(1, ["a", ""]) == "class 1"
+    assert class_name(2, ["normal", "lesion"]) == "class 2"
+
+
+def test_concentration_input_softmaxes_raw_logits_only():
+    scores = np.array([2.0, -1.0, 0.5])
+    s, note = concentration_input("raw/attention", scores)
+    np.testing.assert_allclose(s, np.exp(scores) / np.exp(scores).sum())
+    assert "softmax" in note
+    s, note = concentration_input("attention", scores)
+    assert s is scores and note == ""
