@@ -374,8 +374,7 @@ def robustness(slide: Any, grid: Any, encoder: Any, model: Any, card: Any,
         results[pert.name] = r
         where[pert.name] = hit
         yield RobustnessProgress("attend", (i + 1) * n, total,
-                                 message=f"{pert.name}: {r.predicted_class} "
-                                         f"({float(r.probabilities[r.predicted]):.3f})",
+                                 message=f"{pert.name}: {r.decision}",
                                  result=r, cache=hit, **step)
     return RobustnessReport.from_results(
         results, source=source, top_k=int(top_k), cache=where,
@@ -529,6 +528,7 @@ class RobustnessReport:
                       classes=ref.classes, logits=ref.logits, probabilities=ref.probabilities,
                       arch=ref.arch, mpp=ref.mpp, slide=ref.slide, slide_id=ref.slide_id,
                       encoder=ref.encoder, model=ref.model, device=ref.device,
+                      thresholds=ref.thresholds, thresholds_assumed=ref.thresholds_assumed,
                       meta={"what": STABILITY, "attention_source": self.source,
                             "conditions": list(self.conditions)})
 
