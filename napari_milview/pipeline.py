@@ -628,9 +628,12 @@ def attend(bag: Bag, model: MILModel, card: ModelCard, *, device: Any = "auto",
     classes = list(card.classes) or [f"class_{i}" for i in range(len(logits))]
     meta = {"bag_source": bag.source, "dropped": bag.dropped}
     meta.update(model_provenance(card))
+    thresholds, assumed = None, False
     if "positive" in out.aux:  # DSMIL: each class decided against the training thresholds
         meta["positive"] = [c for c, v in zip(classes, out.aux["positive"].tolist()) if v]
         meta["thresholds"] = [float(t) for t in out.aux["thresholds"].tolist()]
+        thresholds = meta["thresholds"]
+        assumed = getattr(model, "hparams", {}).get("thresholds") is None
     if notes:
         meta["notes"] = notes
     for k in ("bad_tiles", "extent_source", "mpp_source"):
@@ -645,7 +648,7 @@ def attend(bag: Bag, model: MILModel, card: ModelCard, *, device: Any = "auto",
                   probabilities=probs, arch=card.arch, mpp=bag.mpp,
                   slide=None if slide is None else str(slide), slide_id=bag.slide_id,
                   encoder=bag.encoder, model=model_name, device=str(dev), timings=timings,
-                  meta=meta)
+                  meta=meta, thresholds=thresholds, thresholds_assumed=assumed)
 
 
 def model_provenance(card: ModelCard) -> dict[str, str]:
@@ -985,7 +988,8 @@ def _partial(slide, model, card, spec: RunSpec, feats: np.ndarray, have: np.ndar
                   slide=str(getattr(slide, "path", "")), encoder=bag.encoder, model=r.model,
                   device=r.device, timings=r.timings,
                   meta={"partial": True, "n_done": int(have.sum()),
-                        **model_provenance(card)})
+                        **model_provenance(card)},
+                  thresholds=r.thresholds, thresholds_assumed=r.thresholds_assumed)
 
 
 def _name(encoder: Any) -> str:

@@ -12,7 +12,19 @@ Layout (version 1):
   ``default_source``, ``arch``, ``device``, ``mpp`` / ``slide`` / ``slide_id`` / ``encoder`` /
   ``model`` when known, ``classes``, ``timings`` and ``meta`` as JSON text; ``nystrom``
   (TransMIL's nystrom-attention variant, also in ``meta``) when the run recorded it;
-  datasets ``logits`` and ``probabilities`` [C] float32.
+  datasets ``logits`` and ``probabilities`` [C] float32;
+* optional dataset ``thresholds`` [C] float32 (per-class decision thresholds of a model that
+  scores each class on its own, DSMIL) with the root attribute ``thresholds_assumed``
+  (true: the model came without thresholds and 0.5 is used).
+
+Decision
+--------
+Mutually exclusive classes (``probabilities`` a softmax distribution, summing to 1): the
+predicted class is the most probable one. Independent per-class scores (each in 0..1, a
+sigmoid; they need not sum to 1): each class is decided on its own, positive when its score
+is ``>=`` its threshold. A result holds independent scores when it has ``thresholds``, when
+C is 1, or when its probabilities do not sum to 1; without thresholds 0.5 is used and the
+result says so (:attr:`Result.thresholds_assumed`).
 
 Writes go to a temporary name in the same folder and are renamed into place (atomic).
 """
@@ -33,6 +45,10 @@ __all__ = ["FORMAT_NAME", "VERSION", "Result", "ResultError", "load_result", "sa
 
 FORMAT_NAME = "napari-milview-result"
 VERSION = 1
+#: the decision threshold of an independent per-class score when the model gave none
+DEFAULT_THRESHOLD = 0.5
+#: how far from 1 the probabilities may sum and still be taken as one distribution
+_SUM_TOLERANCE = 1e-4
 
 
 class ResultError(ValueError):
@@ -61,12 +77,19 @@ class Result:
     classes : list[str]
         Class names, C of them.
     logits, probabilities : np.ndarray
-        [C] float32 slide logits and their softmax.
+        [C] float32 slide logits and the class probabilities: their softmax, or the model's
+        own scoring (DSMIL: a sigmoid per class, independent scores that need not sum to 1).
     arch : str
         Model architecture (``"clam_sb"``, ``"abmil"``, ...).
     meta : dict
         Provenance and notes (JSON-ready): ``bag_source``, ``dropped``, ``notes`` ...;
         TransMIL family: ``nystrom`` (``"0.0.9"`` or ``"current"``) and ``nystrom_why``.
+    thresholds : np.ndarray, optional
+        [C] float32 per-class decision thresholds on ``probabilities`` for a model that
+        decides each class on its own (DSMIL: its training script's thresholds). Having them
+        makes the scores independent (module docstring "Decision").
+    thresholds_assumed : bool
+        True when the model came without thresholds and ``thresholds`` are the default 0.5.
     """
 
     coords: np.ndarray
@@ -85,6 +108,8 @@ class Result:
     device: str = "cpu"
     timings: dict[str, float] = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
+    thresholds: np.ndarray | None = None
+    thresholds_assumed: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,6 +147,15 @@ class Result:
         self.classes = [str(c) for c in self.classes]
         self.logits = np.asarray(self.logits, dtype=np.float32).reshape(-1)
         self.probabilities = np.asarray(self.probabilities, dtype=np.float32).reshape(-1)
+        if self.thresholds is not None:
+            self.thresholds = np.asarray(self.thresholds, dtype=np.float32).reshape(-1)
+            if self.thresholds.shape != self.probabilities.shape:
+                raise ResultError(where, f"{self.thresholds.shape[0]} threshold(s) for "
+                                         f"{self.probabilities.shape[0]} class probabilities")
+            if not np.isfinite(self.thresholds).all():
+                raise ResultError(where, f"thresholds must be finite numbers, got "
+                                         f"{self.thresholds.tolist()}")
+        self.thresholds_assumed = bool(self.thresholds_assumed)
         if self.mpp is not None:
             self.mpp = float(self.mpp)
 
@@ -130,15 +164,96 @@ class Result:
         """Number of instances (patches)."""
         return int(self.coords.shape[0])
 
+    # -- the decision -------------------------------------------------------------------------
     @property
-    def predicted(self) -> int:
-        """Index of the most probable class."""
-        return int(np.argmax(self.probabilities))
+    def independent(self) -> bool:
+        """True when ``probabilities`` are independent per-class scores (each class decided
+        against its threshold), False for one distribution over exclusive classes (argmax).
+
+        Independent: the result has ``thresholds``, or C is 1, or the probabilities do not
+        sum to 1."""
+        p = self.probabilities
+        return (self.thresholds is not None or p.shape[0] == 1
+                or abs(float(np.sum(p, dtype=np.float64)) - 1.0) > _SUM_TOLERANCE)
+
+    @property
+    def decision_thresholds(self) -> np.ndarray | None:
+        """[C] float32 thresholds the classes are decided with (0.5 each for independent
+        scores without thresholds); None for exclusive classes."""
+        if self.thresholds is not None:
+            return self.thresholds
+        if self.independent:
+            return np.full(self.probabilities.shape, DEFAULT_THRESHOLD, np.float32)
+        return None
+
+    @property
+    def assumed_thresholds(self) -> bool:
+        """True when independent scores are decided with the default 0.5: no thresholds
+        came with the model."""
+        return self.independent and (self.thresholds is None or self.thresholds_assumed)
+
+    @property
+    def positive(self) -> list[int]:
+        """Indices of the positive classes, most probable first: each class whose score
+        reaches its threshold (independent scores), else the most probable class."""
+        thr = self.decision_thresholds
+        if thr is None:
+            return [int(np.argmax(self.probabilities))]
+        hits = [i for i in range(len(thr)) if self.probabilities[i] >= thr[i]]
+        return sorted(hits, key=lambda i: -float(self.probabilities[i]))
+
+    @property
+    def predicted(self) -> int | None:
+        """Index of the predicted class: the most probable class (exclusive classes), else
+        the most probable positive class, None when no class is positive."""
+        pos = self.positive
+        return pos[0] if pos else None
 
     @property
     def predicted_class(self) -> str:
-        """Name of the most probable class (its index as text when classes are unnamed)."""
-        i = self.predicted
+        """The decision in a few words: the predicted class's name (its index as text when
+        classes are unnamed); for independent scores the positive classes joined by ", ",
+        ``"not <class>"`` for a negative one-class model, ``"none positive"`` otherwise."""
+        pos = self.positive
+        if pos:
+            return ", ".join(self._name(i) for i in pos)
+        return f"not {self._name(0)}" if self.probabilities.shape[0] == 1 else "none positive"
+
+    @property
+    def decision(self) -> str:
+        """The decision in one line with its numbers.
+
+        Exclusive classes: ``"tumour (p = 0.75)"``. Independent scores, one class:
+        ``"positive for tumor (p = 0.83 >= threshold 0.41)"`` or
+        ``"negative for tumor (p = 0.12 < threshold 0.41)"``; several: ``"positive for A
+        (p = 0.91 >= threshold 0.40), B (...)"`` or ``"no class positive (A p = 0.31 <
+        threshold 0.40, ...)"``. Without thresholds the line ends with
+        ``"; threshold 0.5 assumed: the model came without thresholds"``.
+        """
+        p, thr = self.probabilities, self.decision_thresholds
+        if thr is None:
+            i = int(np.argmax(p))
+            return f"{self._name(i)} (p = {float(p[i]):.2f})"
+
+        def why(i: int) -> str:
+            op = ">=" if p[i] >= thr[i] else "<"
+            return f"p = {float(p[i]):.2f} {op} threshold {float(thr[i]):.2f}"
+
+        pos = self.positive
+        if p.shape[0] == 1:
+            text = f"{'positive' if pos else 'negative'} for {self._name(0)} ({why(0)})"
+        elif pos:
+            text = "positive for " + ", ".join(f"{self._name(i)} ({why(i)})" for i in pos)
+        else:
+            order = sorted(range(len(p)), key=lambda i: -float(p[i]))
+            text = ("no class positive ("
+                    + ", ".join(f"{self._name(i)} {why(i)}" for i in order) + ")")
+        if self.assumed_thresholds:
+            text += (f"; threshold {DEFAULT_THRESHOLD:g} assumed: the model came without "
+                     "thresholds")
+        return text
+
+    def _name(self, i: int) -> str:
         return self.classes[i] if i < len(self.classes) else str(i)
 
     def attention(self, source: str | None = None) -> np.ndarray:
@@ -152,10 +267,21 @@ class Result:
 
     def summary(self) -> dict:
         """``{"classes", "probabilities", "predicted", "n_instances", "arch"}`` (plain Python),
-        plus ``"nystrom"`` (TransMIL's nystrom-attention variant) when the run recorded it."""
+        plus ``"nystrom"`` (TransMIL's nystrom-attention variant) when the run recorded it.
+
+        Independent per-class scores add ``"scores": "independent"``, ``"thresholds"`` [C],
+        ``"thresholds_assumed"``, ``"positive"`` (class names, most probable first) and
+        ``"decision"`` (:attr:`decision`); their ``"predicted"`` is None when no class is
+        positive."""
         out = {"classes": list(self.classes),
                "probabilities": [float(p) for p in self.probabilities],
                "predicted": self.predicted, "n_instances": self.n, "arch": self.arch}
+        thr = self.decision_thresholds
+        if thr is not None:
+            out.update(scores="independent", thresholds=[float(f"{t:.7g}") for t in thr],
+                       thresholds_assumed=self.assumed_thresholds,
+                       positive=[self._name(i) for i in self.positive],
+                       decision=self.decision)
         if self.meta.get("nystrom") is not None:
             out["nystrom"] = str(self.meta["nystrom"])
         return out
@@ -190,6 +316,8 @@ def save_result(result: Result, path: str | os.PathLike) -> Path:
             f.create_dataset("attention", data=result.attention())
             f.create_dataset("logits", data=result.logits)
             f.create_dataset("probabilities", data=result.probabilities)
+            if result.thresholds is not None:
+                f.create_dataset("thresholds", data=result.thresholds)
             g = f.create_group("sources")
             g.attrs["order"] = json.dumps(list(result.sources))
             for name, values in result.sources.items():
@@ -207,6 +335,8 @@ def save_result(result: Result, path: str | os.PathLike) -> Path:
             a["meta"] = json.dumps(result.meta, default=_json_default)
             if result.mpp is not None:
                 a["mpp"] = float(result.mpp)
+            if result.thresholds is not None:
+                a["thresholds_assumed"] = bool(result.thresholds_assumed)
             for key in ("slide", "slide_id", "encoder", "model"):
                 value = getattr(result, key)
                 if value is not None:
@@ -265,6 +395,15 @@ def load_result(path: str | os.PathLike) -> Result:
             sources.update({k: v for k, v in by_name.items() if k not in sources})
             opt = {k: (None if a.get(k) is None else str(a[k]))
                    for k in ("slide", "slide_id", "encoder", "model")}
+            meta = json.loads(a.get("meta", "{}"))
+            if "thresholds" in f:
+                thresholds = f["thresholds"][()]
+            else:  # written before the dataset: DSMIL's thresholds only in meta, unless
+                thresholds = None  # its classes were exclusive (AEM's softmax scoring)
+                probs = np.asarray(f["probabilities"][()], dtype=np.float64).reshape(-1)
+                if isinstance(meta, dict) and meta.get("thresholds") is not None and (
+                        probs.shape[0] == 1 or abs(probs.sum() - 1.0) > _SUM_TOLERANCE):
+                    thresholds = meta["thresholds"]
             return Result(
                 coords=f["coords"][()], patch_size_level0=int(a["patch_size_level0"]),
                 sources=sources, default_source=str(a["default_source"]),
@@ -272,8 +411,9 @@ def load_result(path: str | os.PathLike) -> Result:
                 probabilities=f["probabilities"][()], arch=str(a.get("arch", "")),
                 mpp=None if a.get("mpp") is None else float(a["mpp"]),
                 device=str(a.get("device", "cpu")),
-                timings=json.loads(a.get("timings", "{}")), meta=json.loads(a.get("meta", "{}")),
-                **opt)
+                timings=json.loads(a.get("timings", "{}")), meta=meta,
+                thresholds=thresholds,
+                thresholds_assumed=bool(a.get("thresholds_assumed", False)), **opt)
     except ResultError as e:
         if e.where == str(p):
             raise

@@ -381,3 +381,38 @@ def test_run_takes_nystrom(tmp_path):
     assert plain.hash() != chosen.hash() != CohortConfig(nystrom="current").hash()
     with pytest.raises(ValueError, match="nystrom"):
         CohortConfig(nystrom="legacy")
+
+
+def test_attend_dsmil_prints_the_threshold_decision(tmp_path, capsys):
+    """A one-class DSMIL (Camelyon16 set-up) saved as train_tcga.py leaves it: the JSON line
+    carries its threshold decision, not an argmax over one class."""
+    from napari_milview.result import load_result
+
+    feats, coords = _bag_arrays(n=12, seed=7)
+    bag = _write_trident(tmp_path / "t" / "s.h5", feats, coords)
+    torch.manual_seed(2)
+    model = build_model("dsmil", in_dim=D, n_classes=1)
+    with torch.inference_mode():
+        p = float(model.forward_attention(torch.from_numpy(feats)).probs[0])
+    ckpt = tmp_path / "fold_0_1.pth"
+    torch.save(model.state_dict(), ckpt)
+    for t, word in ((p + 0.05, "negative"), (p - 0.05, "positive")):
+        ckpt.with_suffix(".json").write_text(json.dumps([t]))
+        res = tmp_path / f"{word}.h5"
+        assert main(["attend", str(bag), "--model", str(ckpt), "--out", str(res)]) == 0
+        line = _json_line(capsys)
+        assert line["arch"] == "dsmil" and line["scores"] == "independent"
+        assert line["probabilities"] == [pytest.approx(p, abs=1e-6)]
+        assert line["thresholds"] == [pytest.approx(t, rel=1e-6)]
+        assert line["thresholds_assumed"] is False
+        op = ">=" if word == "positive" else "<"
+        assert line["decision"] == f"{word} for class_0 (p = {p:.2f} {op} threshold {t:.2f})"
+        assert line["positive"] == (["class_0"] if word == "positive" else [])
+        assert line["predicted"] == (0 if word == "positive" else None)
+        assert load_result(res).decision == line["decision"]
+    # no list beside the checkpoint: 0.5, said in the line
+    ckpt.with_suffix(".json").unlink()
+    assert main(["attend", str(bag), "--model", str(ckpt), "--out", str(tmp_path / "h.h5")]) == 0
+    line = _json_line(capsys)
+    assert line["thresholds"] == [0.5] and line["thresholds_assumed"] is True
+    assert line["decision"].endswith("threshold 0.5 assumed: the model came without thresholds")

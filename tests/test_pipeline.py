@@ -478,7 +478,16 @@ def test_attend_dsmil_sigmoid_scores_and_positive_classes(slide, grid, encoder):
     assert res.meta["positive"] == ["normal"]
     np.testing.assert_allclose(res.meta["thresholds"], thr)
     assert res.default_source == "class/0"
-    assert "positive" not in attend(bag, *_model(bag.dim), device="cpu").meta
+    # the decision is the result's: thresholds, positive classes, not the argmax
+    np.testing.assert_allclose(res.thresholds, thr, rtol=1e-6)
+    assert res.independent and not res.thresholds_assumed and res.positive == [0]
+    assert res.summary()["positive"] == ["normal"]
+    plain = attend(bag, model, card, device="cpu")  # no thresholds: 0.5, and it says so
+    np.testing.assert_array_equal(plain.thresholds, [0.5, 0.5])
+    assert plain.thresholds_assumed and "0.5 assumed" in plain.decision
+    softmax = attend(bag, *_model(bag.dim), device="cpu")
+    assert "positive" not in softmax.meta and softmax.thresholds is None
+    assert not softmax.independent
 
 
 def test_attend_refuses_wrong_dim_and_unknown_extent(slide, grid, encoder):

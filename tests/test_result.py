@@ -110,3 +110,150 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     odd = _result()
     odd.meta = {"path": tmp_path, "obj": object()}  # not JSON: stored as text, not an error
     assert load_result(save_result(odd, p)).meta["path"] == str(tmp_path)
+
+
+# --------------------------------------------------------------------- the decision
+# DSMIL scores each class with its own sigmoid and decides it against the training script's
+# threshold (a JSON list beside the .pth): the real model, saved and loaded as the authors'
+# train_tcga.py leaves it, on a hand-made bag.
+def _dsmil_result(tmp_path, n_classes, thresholds=None, seed=0, name="fold_0_1"):
+    """(Result of ``attend``, probabilities of the model) for a DSMIL with ``thresholds``
+    (a callable of the probabilities, a list, or None: no JSON list beside the .pth)."""
+    import json
+
+    import torch
+
+    from napari_milview.features.bag import Bag
+    from napari_milview.mil import build_model
+    from napari_milview.mil.checkpoint import load_model
+    from napari_milview.pipeline import attend
+
+    torch.manual_seed(seed)
+    model = build_model("dsmil", in_dim=16, n_classes=n_classes)
+    rng = np.random.default_rng(seed)
+    feats = rng.standard_normal((20, 16)).astype(np.float32)
+    with torch.inference_mode():
+        probs = model.forward_attention(torch.from_numpy(feats)).probs.numpy()
+    path = tmp_path / f"{name}.pth"
+    torch.save(model.state_dict(), path)
+    if callable(thresholds):
+        thresholds = thresholds(probs)
+    if thresholds is not None:
+        path.with_suffix(".json").write_text(json.dumps([float(t) for t in thresholds]))
+    loaded, card = load_model(path)
+    assert card.hparams.get("thresholds") == (None if thresholds is None
+                                              else [float(t) for t in thresholds])
+    idx = np.arange(20)
+    bag = Bag.from_arrays(feats, np.stack([idx % 5 * 256, idx // 5 * 256], 1),
+                          patch_size_level0=256)
+    return attend(bag, loaded, card, device="cpu"), probs
+
+
+def test_one_class_dsmil_positive_and_negative(tmp_path):
+    r, p = _dsmil_result(tmp_path, 1, lambda p: [float(p[0]) - 0.01])
+    t = float(p[0]) - 0.01
+    assert r.classes == ["class_0"] and r.independent and not r.assumed_thresholds
+    np.testing.assert_allclose(r.thresholds, [t], rtol=1e-6)
+    assert r.positive == [0] and r.predicted == 0 and r.predicted_class == "class_0"
+    assert r.decision == f"positive for class_0 (p = {p[0]:.2f} >= threshold {t:.2f})"
+    s = r.summary()
+    assert s["scores"] == "independent" and s["positive"] == ["class_0"]
+    assert s["thresholds"] == [pytest.approx(t, rel=1e-6)] and s["thresholds_assumed"] is False
+    assert s["decision"] == r.decision and s["predicted"] == 0
+    # above its probability: negative, and nothing is "predicted" (argmax would say class_0)
+    r, p = _dsmil_result(tmp_path, 1, lambda p: [float(p[0]) + 0.01], name="neg")
+    t = float(p[0]) + 0.01
+    assert r.positive == [] and r.predicted is None and r.predicted_class == "not class_0"
+    assert r.decision == f"negative for class_0 (p = {p[0]:.2f} < threshold {t:.2f})"
+    assert r.summary()["predicted"] is None and r.summary()["positive"] == []
+    # the camelyon16 class name in the sentence
+    r.classes = ["tumor"]
+    assert r.decision.startswith("negative for tumor (p = ")
+
+
+def test_one_class_dsmil_without_thresholds_uses_half_and_says_so(tmp_path):
+    r, p = _dsmil_result(tmp_path, 1, None, seed=3)
+    assert r.independent and r.assumed_thresholds and r.thresholds_assumed
+    np.testing.assert_array_equal(r.decision_thresholds, [0.5])
+    word = "positive" if p[0] >= 0.5 else "negative"
+    op = ">=" if p[0] >= 0.5 else "<"
+    assert r.decision == (f"{word} for class_0 (p = {p[0]:.2f} {op} threshold 0.50); "
+                          "threshold 0.5 assumed: the model came without thresholds")
+    assert r.summary()["thresholds_assumed"] is True
+    # a hand-made one-class result without thresholds: the same rule
+    bare = _result(classes=["tumor"], logits=[2.0], probabilities=[0.3], meta={})
+    assert bare.thresholds is None and bare.independent and bare.assumed_thresholds
+    assert bare.decision.startswith("negative for tumor (p = 0.30 < threshold 0.50); "
+                                    "threshold 0.5 assumed")
+
+
+def test_multi_label_dsmil_lists_the_positive_classes(tmp_path):
+    def thr(p):  # classes 0 and 2 positive, class 1 not, whatever their order
+        return [float(p[0]) - 0.01, float(p[1]) + 0.01, float(p[2]) - 0.01]
+
+    r, p = _dsmil_result(tmp_path, 3, thr, seed=1)
+    r.classes = ["LUAD", "LUSC", "normal"]
+    want = sorted([0, 2], key=lambda i: -p[i])
+    assert r.positive == want and r.predicted == want[0]
+    names = [r.classes[i] for i in want]
+    assert r.predicted_class == ", ".join(names)
+    assert r.decision.startswith(f"positive for {names[0]} (p = ")
+    assert "LUSC" not in r.decision and "assumed" not in r.decision
+    assert r.summary()["positive"] == names
+    # none positive
+    r.thresholds = np.array([1.1, 1.1, 1.1], np.float32)
+    assert r.positive == [] and r.predicted is None and r.predicted_class == "none positive"
+    assert r.decision.startswith("no class positive (")
+    assert r.decision.count("< threshold 1.10") == 3
+
+
+def test_independent_decision_round_trips_through_the_h5(tmp_path):
+    r, _ = _dsmil_result(tmp_path, 2, [0.25, 0.75], seed=2)
+    q = load_result(save_result(r, tmp_path / "RESULT.h5"))
+    np.testing.assert_array_equal(q.thresholds, np.float32([0.25, 0.75]))
+    assert q.thresholds_assumed is False and q.summary() == r.summary()
+    assert q.decision == r.decision and q.positive == r.positive
+    with h5py.File(tmp_path / "RESULT.h5", "r") as f:
+        np.testing.assert_array_equal(f["thresholds"][()], np.float32([0.25, 0.75]))
+        assert not f.attrs["thresholds_assumed"]
+    r, _ = _dsmil_result(tmp_path, 2, None, seed=2, name="plain")
+    q = load_result(save_result(r, tmp_path / "plain.h5"))
+    assert q.thresholds_assumed and q.assumed_thresholds and "assumed" in q.decision
+    # a softmax result writes no thresholds and reads back exclusive
+    q = load_result(save_result(_result(), tmp_path / "softmax.h5"))
+    assert q.thresholds is None and not q.independent
+    with h5py.File(tmp_path / "softmax.h5", "r") as f:
+        assert "thresholds" not in f and "thresholds_assumed" not in f.attrs
+
+
+def test_files_written_before_the_thresholds_dataset(tmp_path):
+    """Older results kept DSMIL's thresholds only in meta: they are the decision's."""
+    r = _result(classes=["tumor"], logits=[0.5], probabilities=[0.62],
+                meta={"thresholds": [0.7], "positive": []})
+    p = save_result(r, tmp_path / "old.h5")
+    q = load_result(p)
+    np.testing.assert_allclose(q.thresholds, [0.7])
+    assert q.decision == "negative for tumor (p = 0.62 < threshold 0.70)"
+    # AEM's softmax scoring (exclusive classes) with meta thresholds stays argmax
+    q = load_result(save_result(_result(meta={"thresholds": [0.5, 0.5]}), tmp_path / "a.h5"))
+    assert q.thresholds is None and not q.independent and q.predicted == 1
+
+
+def test_scores_not_summing_to_one_are_independent():
+    r = _result(probabilities=[0.7, 0.6])  # two sigmoids, no thresholds
+    assert r.independent and r.assumed_thresholds and r.positive == [0, 1]
+    assert r.predicted_class == "normal, tumour"
+    assert r.summary()["scores"] == "independent"
+    r = _result(probabilities=[0.2, 0.3])
+    assert r.positive == [] and r.predicted is None and r.predicted_class == "none positive"
+    # a softmax: argmax, as before, and no decision keys in the summary
+    r = _result()
+    assert not r.independent and r.decision_thresholds is None and r.positive == [1]
+    assert r.decision == "tumour (p = 0.75)" and "decision" not in r.summary()
+
+
+def test_bad_thresholds_are_refused():
+    with pytest.raises(ResultError, match="1 threshold.*2 class"):
+        _result(thresholds=[0.5])
+    with pytest.raises(ResultError, match="finite"):
+        _result(thresholds=[0.5, float("nan")])

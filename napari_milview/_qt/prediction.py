@@ -1,10 +1,14 @@
 """The MIL dock's prediction panel and its display helpers (no state of the dock).
 
-:class:`PredictionPanel` shows class probabilities as bars; :func:`fill_edge` pads a heatmap
-grid for smooth display; :func:`source_groups` orders the attention-source picker.
+:class:`PredictionPanel` shows class probabilities as bars (a distribution: the argmax is the
+prediction) or independent per-class scores with each class's threshold decision (DSMIL);
+:func:`fill_edge` pads a heatmap grid for smooth display; :func:`source_groups` orders the
+attention-source picker.
 """
 
 from __future__ import annotations
+
+import html
 
 import numpy as np
 from qtpy.QtCore import Qt
@@ -65,8 +69,18 @@ def source_groups(names: list[str], default: str | None = None) -> list[tuple[st
     return [(k, v) for k, v in groups.items() if v]
 
 
+#: the caption above independent per-class scores
+INDEPENDENT_NOTE = ("Independent per-class scores (each 0\u20131, not a distribution: they "
+                    "need not sum to 1); a class is positive when its score reaches its "
+                    "threshold.")
+
+
 class PredictionPanel(QWidget):
-    """Class probabilities as bars (predicted class bold), bag size, timings and device."""
+    """Class probabilities as bars (predicted class bold), bag size, timings and device.
+
+    Independent per-class scores (:attr:`Result.independent`, e.g. DSMIL's sigmoids) are
+    captioned as such, each value shows its threshold (``0.830 \u2265 0.41``), the positive
+    classes are bold and the headline is the threshold decision (:attr:`Result.decision`)."""
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -76,12 +90,16 @@ class PredictionPanel(QWidget):
         self.grid.setVerticalSpacing(2)
         self.headline = QLabel("No prediction yet.")
         self.headline.setWordWrap(True)
+        self.scale = QLabel("")  # says how to read the bars when they are not a softmax
+        self.scale.setWordWrap(True)
+        self.scale.setHidden(True)
         self.info = QLabel("")
         self.info.setWordWrap(True)
         self.info.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.headline)
+        layout.addWidget(self.scale)
         layout.addLayout(self.grid)
         layout.addWidget(self.info)
         self.bars: list[QProgressBar] = []
@@ -96,14 +114,19 @@ class PredictionPanel(QWidget):
                 item.widget().setParent(None)
         self.bars, self.names, self.values = [], [], []
         self.headline.setText(text)
+        self.scale.setText("")
+        self.scale.setHidden(True)
         self.info.setText("")
 
     def set_result(self, result, partial: bool = False, ended: str = "") -> None:
         """Show ``result``'s probabilities [C], predicted class, N, timings and device.
 
+        Independent per-class scores: the thresholds, the positive classes and the decision.
         ``partial``: the model on the patches encoded so far; with ``ended`` (why the run
         stopped) the bars are greyed out and the headline says there is no prediction."""
         probs = np.asarray(result.probabilities, dtype=float)
+        thr = result.decision_thresholds  # None: one distribution over exclusive classes
+        bold = set(result.positive)
         if len(self.bars) != len(probs):
             self.clear()
             for i in range(len(probs)):
@@ -112,25 +135,34 @@ class PredictionPanel(QWidget):
                 bar.setTextVisible(False)
                 bar.setMaximumHeight(12)
                 value.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-                value.setMinimumWidth(44)
+                value.setMinimumWidth(44 if thr is None else 80)
                 self.grid.addWidget(name, i, 0)
                 self.grid.addWidget(bar, i, 1)
                 self.grid.addWidget(value, i, 2)
                 self.names.append(name)
                 self.bars.append(bar)
                 self.values.append(value)
-        best = int(np.argmax(probs))
         for i, p in enumerate(probs):
             cls = result.classes[i] if i < len(result.classes) else str(i)
             font = QFont(self.names[i].font())
-            font.setBold(i == best)
+            font.setBold(i in bold)
             self.names[i].setFont(font)
             self.values[i].setFont(font)
             self.names[i].setText(cls)
-            self.bars[i].setValue(int(round(1000 * float(p))))
-            self.values[i].setText(f"{float(p):.3f}")
+            self.bars[i].setValue(int(round(1000 * min(max(float(p), 0.0), 1.0))))
+            if thr is None:
+                self.values[i].setText(f"{float(p):.3f}")
+                self.bars[i].setToolTip(f"p({cls}) = {float(p):.4f}")
+            else:
+                op = "\u2265" if i in bold else "<"
+                self.values[i].setText(f"{float(p):.3f} {op} {float(thr[i]):.2f}")
+                self.bars[i].setToolTip(f"score of {cls}: {float(p):.4f}; threshold "
+                                        f"{float(thr[i]):.4f}"
+                                        + (" (assumed)" if result.assumed_thresholds else ""))
         for bar in self.bars:
             bar.setEnabled(not ended)
+        self.scale.setText(INDEPENDENT_NOTE if thr is not None else "")
+        self.scale.setHidden(thr is None)
         if partial and ended:
             self.headline.setText(f"<b>No prediction</b>: the run was {ended}. The heatmap "
                                   "shows the attention on the patches encoded until then.")
@@ -138,7 +170,12 @@ class PredictionPanel(QWidget):
             n_done = result.meta.get("n_done", result.n)
             self.headline.setText(f"<i>So far ({n_done} of {result.n} patches): "
                                   f"{result.predicted_class}</i>")
+        elif thr is not None:
+            main, _, rest = result.decision.partition("; ")
+            self.headline.setText(f"Decision: <b>{html.escape(main)}</b>"
+                                  + (f"<br><i>{html.escape(rest)}</i>" if rest else ""))
         else:
+            best = int(np.argmax(probs))
             self.headline.setText(f"Predicted: <b>{result.predicted_class}</b> "
                                   f"({float(probs[best]):.1%})")
         parts = [f"N = {result.n} patches"]

@@ -152,7 +152,8 @@ class DSMIL(MILModel):
     -----------------
     ``"instance_logits"`` [N, C]; ``"max_instance_logits"`` [C]; ``"critical_instance"`` [C]
     (the index of each class's critical instance); ``"thresholds"`` [C]; ``"positive"`` [C]
-    (1.0 where ``probs >= thresholds``).
+    (1.0 where ``probs >= thresholds``). The last two only where each class is decided on its
+    own: not with AEM's softmax scoring (exclusive classes, argmax) unless thresholds are given.
     """
 
     arch = "dsmil"
@@ -199,7 +200,9 @@ class DSMIL(MILModel):
         thr = torch.tensor(self.thresholds, dtype=probs.dtype, device=probs.device)
         positive = (probs >= thr).to(probs.dtype)
         aux = {"instance_logits": ins, "max_instance_logits": max_ins,
-               "critical_instance": crit, "thresholds": thr, "positive": positive}
+               "critical_instance": crit}
+        if self.hparams["scoring"] not in _EXCLUSIVE or self.hparams.get("thresholds"):
+            aux.update(thresholds=thr, positive=positive)  # classes decided one by one
         sources: dict[str, Tensor] = {}
         if with_sources:
             ins_p = (torch.softmax(ins, dim=1) if self.hparams["scoring"] in _EXCLUSIVE

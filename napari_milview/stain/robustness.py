@@ -374,8 +374,7 @@ def robustness(slide: Any, grid: Any, encoder: Any, model: Any, card: Any,
         results[pert.name] = r
         where[pert.name] = hit
         yield RobustnessProgress("attend", (i + 1) * n, total,
-                                 message=f"{pert.name}: {r.predicted_class} "
-                                         f"({float(r.probabilities[r.predicted]):.3f})",
+                                 message=f"{pert.name}: {r.decision}",
                                  result=r, cache=hit, **step)
     return RobustnessReport.from_results(
         results, source=source, top_k=int(top_k), cache=where,
@@ -474,7 +473,8 @@ class RobustnessReport:
 
     @property
     def predicted(self) -> np.ndarray:
-        """[K] int64, the predicted class index under each condition."""
+        """[K] int64, the most probable class index under each condition (the argmax: for
+        independent per-class scores the decision is in :meth:`rows`)."""
         return np.argmax(self.probabilities, axis=1).astype(np.int64)
 
     @property
@@ -488,15 +488,25 @@ class RobustnessReport:
         return {c: {"min": float(lo[i]), "max": float(hi[i]), "range": float(hi[i] - lo[i])}
                 for i, c in enumerate(self.classes)}
 
+    def _decided(self, k: int) -> tuple[int | None, str]:
+        """(index, name) of what condition k predicts: its result's decision (independent
+        per-class scores are decided against their thresholds), else the argmax."""
+        r = self.results.get(self.conditions[k])
+        if r is not None:
+            return r.predicted, r.predicted_class
+        p = int(self.predicted[k])
+        return p, self._cls(p)
+
     def rows(self) -> list[dict]:
         """One dict per condition: ``condition``, ``classes``, ``probabilities``,
-        ``predicted`` (index), ``predicted_class``, ``jaccard``, ``features`` (cache)."""
+        ``predicted`` (index; None when no class of independent scores is positive),
+        ``predicted_class`` (:attr:`Result.predicted_class`), ``jaccard``, ``features``."""
         out = []
         for k, name in enumerate(self.conditions):
-            p = int(self.predicted[k])
+            p, label = self._decided(k)
             out.append({"condition": name, "classes": list(self.classes),
                         "probabilities": [float(v) for v in self.probabilities[k]],
-                        "predicted": p, "predicted_class": self._cls(p),
+                        "predicted": p, "predicted_class": label,
                         "jaccard": float(self.jaccard[name]), "top_k": self.top_k,
                         "features": self.cache.get(name, "")})
         return out
@@ -514,7 +524,8 @@ class RobustnessReport:
         return {"range": {c: float(r) for c, r in zip(self.classes, self.prob_range)},
                 "jaccard": {k: float(v) for k, v in self.jaccard.items()},
                 "stability": {**stats, "what": STABILITY},
-                "predicted_changes": bool(len(set(self.predicted.tolist())) > 1),
+                "predicted_changes": bool(len({self._decided(k)[1]
+                                               for k in range(len(self.conditions))}) > 1),
                 "conditions": list(self.conditions), "source": self.source,
                 "top_k": self.top_k}
 
@@ -529,6 +540,7 @@ class RobustnessReport:
                       classes=ref.classes, logits=ref.logits, probabilities=ref.probabilities,
                       arch=ref.arch, mpp=ref.mpp, slide=ref.slide, slide_id=ref.slide_id,
                       encoder=ref.encoder, model=ref.model, device=ref.device,
+                      thresholds=ref.thresholds, thresholds_assumed=ref.thresholds_assumed,
                       meta={"what": STABILITY, "attention_source": self.source,
                             "conditions": list(self.conditions)})
 

@@ -266,7 +266,14 @@ def test_aem_config_selects_aem_scoring_unless_overridden(tmp_path):
     loaded, card = load_model(path)
     assert card.hparams["scoring"] == "softmax_bag_max_instance"
     assert "AEM DSMIL" in card.notes and card.hparams["q_dim"] == 16
-    assert loaded.forward_attention(torch.randn(4, 32)).probs.sum().item() == pytest.approx(1)
+    out = loaded.forward_attention(torch.randn(4, 32))
+    assert out.probs.sum().item() == pytest.approx(1)
+    # exclusive classes: decided by argmax, so no per-class threshold decision ...
+    assert "positive" not in out.aux and "thresholds" not in out.aux
+    # ... unless thresholds are given
+    aem_thr = build_model("dsmil", **{**card.hparams, "thresholds": [0.4, 0.6]})
+    assert aem_thr.forward_attention(torch.randn(4, 32)).aux["thresholds"].tolist() == \
+        pytest.approx([0.4, 0.6])
     _, card = load_model(path, hparams={"scoring": "bag"})
     assert card.hparams["scoring"] == "bag" and "AEM DSMIL" not in card.notes
     bad = dict(config, n_class=3)

@@ -251,3 +251,26 @@ def test_bad_conditions_are_refused(case, conditions, match):
 def test_bad_top_k_is_refused(case):
     with pytest.raises(ValueError, match="top_k"):
         _run(case, top_k=0)
+
+
+def test_one_class_threshold_decisions_are_the_rows_predictions():
+    """A one-class DSMIL decided against its threshold: a condition that crosses it changes
+    the prediction (the argmax over one class never would)."""
+    from napari_milview.result import Result
+
+    n = 8
+    coords = np.stack([np.arange(n) * 256, np.zeros(n)], 1)
+
+    def res(p):
+        return Result(coords=coords, patch_size_level0=256,
+                      sources={"class/0": np.linspace(0, 1, n)}, default_source="class/0",
+                      classes=["tumor"], logits=[0.0], probabilities=[p], arch="dsmil",
+                      thresholds=[0.41])
+
+    rep = RobustnessReport.from_results({"reference": res(0.83), "hed-strong": res(0.3)})
+    rows = rep.rows()
+    assert [r["predicted_class"] for r in rows] == ["tumor", "not tumor"]
+    assert [r["predicted"] for r in rows] == [0, None]
+    assert rep.summary()["predicted_changes"] is True
+    same = RobustnessReport.from_results({"reference": res(0.83), "hed-strong": res(0.5)})
+    assert same.summary()["predicted_changes"] is False
