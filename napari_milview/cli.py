@@ -735,7 +735,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bag", default=None, metavar="BAG.h5",
                    help="the feature bag (default: the result's, or <id>.bag.h5 beside it)")
     s.add_argument("--no-faithfulness", action="store_true",
-                   help="localisation and concentration only (no model, no bag)")
+                   help="localisation and concentration only (no deletion/insertion; "
+                        "--folds and --what-if still read the bag)")
     s.add_argument("--missing", choices=("skip", "negative", "error"), default="skip",
                    help="a slide without annotation file: skip it (default), count every "
                         "patch negative (CAMELYON normals), or fail")
@@ -743,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other checkpoints of the result's model (cross-validation folds, an "
                         "ensemble): each runs on the cached bag; their disagreement with the "
                         "result goes to <slide>.disagreement.csv/.h5/.milview.json and the "
-                        "JSON line (put it after RESULT, or end its list with --)")
+                        "JSON line (give it after RESULT)")
     s.add_argument("--folds-only", action="store_true",
                    help="the --folds checkpoints are the only members (default: the "
                         "result's own model is one too)")
