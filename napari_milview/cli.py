@@ -359,12 +359,13 @@ def _evaluate_inputs(target: Path) -> list[Path]:
     return [target]
 
 
-def _annotation_for(ann: Path, stem: str, single: bool) -> Path | None:
+def _annotation_for(ann: Path, stem: str, single: bool,
+                    flag: str = "--annotations") -> Path | None:
     """The annotation file of a slide: ``ann`` itself, or ``<stem>.geojson|.json|.xml`` in
     the folder ``ann``; None when the folder has none."""
     if ann.is_file():
         if not single:
-            raise ValueError(f"--annotations {ann}: a file, for several results; give a "
+            raise ValueError(f"{flag} {ann}: a file, for several results; give a "
                              "folder with <slide>.geojson or <slide>.xml per slide")
         return ann
     if not ann.is_dir():
@@ -397,6 +398,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     labels = None if not args.labels else {x.strip() for x in args.labels.split(",") if x.strip()}
     sources = None if not args.sources else [x.strip() for x in args.sources.split(",")
                                              if x.strip()]
+    folds_sources = None if not args.folds_sources else [
+        x.strip() for x in args.folds_sources.split(",") if x.strip()]
+    if args.folds_only and not args.folds:
+        raise ValueError("--folds-only without --folds")
+    if args.folds_only and len(args.folds) < 2:
+        raise ValueError("--folds-only needs at least 2 checkpoints in --folds")
+    for f in args.folds or []:
+        if f != "demo" and not Path(f).is_file():
+            raise ValueError(f"--folds {f}: no such checkpoint")
+    wi_root = Path(args.what_if) if args.what_if else None
+    if wi_root is not None and not wi_root.exists():
+        raise FileNotFoundError(f"--what-if {wi_root}: no such region file or folder")
     out.mkdir(exist_ok=True)
     models: dict[str, tuple] = {}
     reports = []
@@ -414,19 +427,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             annotation = np.zeros(result.n)  # "negative": no lesion on the slide
         else:
             annotation = ann
+        regions = None if wi_root is None else _annotation_for(wi_root, stem, len(paths) == 1,
+                                                               "--what-if")
+        if wi_root is not None and regions is None:
+            print(f"milview evaluate: {path}: no region file {stem}.geojson|.xml in "
+                  f"{wi_root}; no what-if for it", file=sys.stderr)
         model = bag = None
-        if not args.no_faithfulness:
+        if not args.no_faithfulness or regions is not None:
             key = args.model or result.model or ""
             if key not in models:
                 models[key] = ev.model_for(result, args.model)
             model = models[key][0]
+        if not args.no_faithfulness or regions is not None or args.folds:
             bag = ev.bag_for(result, path, args.bag)
         rep = ev.evaluate(result, annotation, model=model, bag=bag, fraction=args.fraction,
                        k=args.k, steps=args.steps, random_orders=args.random_orders,
-                       seed=args.seed, dice_rule=dice_rule, sources=sources, labels=labels)
+                       seed=args.seed, dice_rule=dice_rule, sources=sources, labels=labels,
+                       faithfulness=not args.no_faithfulness, folds=args.folds,
+                       folds_sources=folds_sources, folds_include_result=not args.folds_only,
+                       what_if=regions, what_if_fraction=args.what_if_fraction)
         if ann is None:
             rep.notes.append("no annotation file: every patch negative")
         rep.to_csv(out / f"{stem}.evidence.csv")
+        if rep.disagreement:
+            from .evidence.folds import write_disagreement
+
+            write_disagreement(out, stem, result, rep.disagreement, rep.members)
+        if rep.what_if:
+            rep.what_if_csv(out / f"{stem}.what_if.csv")
         shown = rep.sources[rep.default_source]
         title = f"{stem} - {rep.default_source}"
         (out / f"{stem}.roc_pr.png").write_bytes(roc_pr_png(shown["localisation"], title))
@@ -434,7 +462,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             png = curves_png(shown["faithfulness"], title, classes=rep.classes)
             (out / f"{stem}.curves.png").write_bytes(png)
         reports.append(rep)
-        print(json.dumps(rep.json_row()), flush=True)
+        print(json.dumps({**rep.json_row(), **rep.json_details()}), flush=True)
     if not reports:
         raise ValueError(f"no result had an annotation in {ann_root} (use --missing negative "
                          "for slides without lesion)")
@@ -708,10 +736,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bag", default=None, metavar="BAG.h5",
                    help="the feature bag (default: the result's, or <id>.bag.h5 beside it)")
     s.add_argument("--no-faithfulness", action="store_true",
-                   help="localisation and concentration only (no model, no bag)")
+                   help="localisation and concentration only (no deletion/insertion; "
+                        "--folds and --what-if still read the bag)")
     s.add_argument("--missing", choices=("skip", "negative", "error"), default="skip",
                    help="a slide without annotation file: skip it (default), count every "
                         "patch negative (CAMELYON normals), or fail")
+    s.add_argument("--folds", nargs="+", default=None, metavar="CKPT",
+                   help="other checkpoints of the result's model (cross-validation folds, an "
+                        "ensemble): each runs on the cached bag; their disagreement with the "
+                        "result goes to <slide>.disagreement.csv/.h5/.milview.json and the "
+                        "JSON line (give it after RESULT)")
+    s.add_argument("--folds-only", action="store_true",
+                   help="the --folds checkpoints are the only members (default: the "
+                        "result's own model is one too)")
+    s.add_argument("--folds-sources", default=None, metavar="A,B",
+                   help="attention sources compared across checkpoints (default: the "
+                        "default source)")
+    s.add_argument("--what-if", default=None, metavar="FILE|DIR",
+                   help="regions (GeoJSON / ASAP XML, or a folder of <slide>.geojson|.xml): "
+                        "the prediction without each region and from it alone, and for all "
+                        "of them together (<slide>.what_if.csv, the JSON line)")
+    s.add_argument("--what-if-fraction", type=float, default=None, metavar="F",
+                   help="a patch is in a region when this share of it is covered (default: "
+                        "--fraction; 0 = any overlap)")
     s.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("demo", help="napari on the bundled synthetic slide: the demo model "

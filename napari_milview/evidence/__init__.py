@@ -5,8 +5,8 @@ the prediction follows it (Qt-free; docs/EVIDENCE.md).
 drawn polygons, label images and masks, writes both formats back, and gives each patch its
 overlap with the positive regions (:func:`patch_overlap`, :func:`patch_labels`).
 :mod:`.metrics` (localisation, concentration), :mod:`.faithfulness` (deletion / insertion,
-what if), :mod:`.disagreement` (several checkpoints) and :mod:`.report` (:func:`evaluate`)
-measure; :mod:`.plots` draws the curves as PNG bytes.
+what if), :mod:`.disagreement` (several checkpoints, run on one bag by :mod:`.folds`) and
+:mod:`.report` (:func:`evaluate`) measure; :mod:`.plots` draws the curves as PNG bytes.
 """
 
 from .annotations import (
@@ -26,7 +26,8 @@ from .annotations import (
     write_geojson,
 )
 from .disagreement import disagreement
-from .faithfulness import deletion_insertion, descending, what_if
+from .faithfulness import deletion_insertion, descending, what_if, what_if_regions
+from .folds import fold_maps
 from .metrics import concentration, localisation
 from .report import EvidenceReport, evaluate
 
@@ -40,6 +41,7 @@ __all__ = [
     "descending",
     "disagreement",
     "evaluate",
+    "fold_maps",
     "from_labels",
     "from_mask",
     "from_polygons",
@@ -51,6 +53,7 @@ __all__ = [
     "read_geojson",
     "to_mask",
     "what_if",
+    "what_if_regions",
     "write_asap_xml",
     "write_geojson",
 ]

@@ -35,7 +35,7 @@ import numpy as np
 from .metrics import DEFAULT_TOPK
 
 __all__ = ["deletion_insertion", "descending", "pooling_parts", "subset_probabilities",
-           "what_if"]
+           "what_if", "what_if_regions"]
 
 
 def descending(scores: Any) -> np.ndarray:
@@ -403,3 +403,76 @@ def what_if(model: Any, features: Any, inside: Any, mode: str = "without") -> di
     p = probs(keep)
     return {"probabilities": p, "baseline": full, "change": p - full,
             "n_kept": int(keep.size), "mode": mode}
+
+
+def what_if_regions(model: Any, features: Any, coords: Any, patch_size_level0: int,
+                    regions: Any, *, fraction: float = 0.5) -> list[dict[str, Any]]:
+    """:func:`what_if` for every region of an annotation file, and for all of them together.
+
+    Parameters
+    ----------
+    model : MILModel
+    features : Tensor or array [N, D]
+        The cached features, in the order of ``coords``.
+    coords : array [N, 2]
+        Level-0 (x, y) of each patch's top-left corner.
+    patch_size_level0 : int
+    regions : Annotations or path
+        GeoJSON / ASAP XML regions in level-0 pixels
+        (:func:`~.annotations.read_annotations`); excluded regions (ASAP ``_2``) are cut
+        out of the others and get no entry of their own.
+    fraction : float
+        A patch is in a region when that share of it is covered (:func:`~.annotations.
+        patch_labels`; 0: any overlap).
+
+    Returns
+    -------
+    list of dict
+        First ``region = "all"`` (the union of the regions), then one per region in file
+        order (``region`` = its name, else ``"<label> <k>"`` for the k-th region of that
+        label, k from 1): ``label``, ``n_patches`` (inside), ``baseline`` [C] (the full
+        bag), ``without`` [C] (the bag minus those patches), ``alone`` [C] (those patches
+        only), ``change_without`` and ``change_alone`` [C] (minus the baseline), ``note``.
+        ``without`` is None when every patch is inside, ``alone`` when none is (float64
+        numpy arrays otherwise).
+    """
+    from .annotations import Annotations, patch_labels, patch_overlap, read_annotations
+
+    ann = regions if hasattr(regions, "regions") else read_annotations(regions)
+    x = _prepare(model, features)
+    n = int(x.shape[0])
+    c = np.asarray(coords)
+    if c.shape[0] != n:
+        raise ValueError(f"{c.shape[0]} coordinates for {n} feature rows")
+    probs, base = _prob_fn(model, x)
+    pos = [r for r in ann.regions if not r.exclude]
+    if not pos:
+        raise ValueError(f"{ann.source or 'regions'}: no region to leave out (only "
+                         "exclusions or nothing)")
+    excl = ann.exclusions()
+    groups = [("all", "", Annotations(regions=pos + excl, source=ann.source))]
+    seen: dict[str, int] = {}
+    for r in pos:
+        seen[r.label] = seen.get(r.label, 0) + 1
+        name = r.name or f"{r.label or 'region'} {seen[r.label]}"
+        groups.append((name, r.label, Annotations(regions=[r, *excl], source=ann.source)))
+    out = []
+    for name, label, a in groups:
+        inside = np.asarray(patch_labels(patch_overlap(a, c, patch_size_level0), fraction),
+                            dtype=bool)
+        k = int(inside.sum())
+        entry: dict[str, Any] = {"region": name, "label": label, "n_patches": k,
+                                 "baseline": base, "without": None, "alone": None,
+                                 "change_without": None, "change_alone": None, "note": ""}
+        if k == n:
+            entry["note"] = "every patch is inside: nothing left without it"
+        else:
+            entry["without"] = base.copy() if k == 0 else probs(np.nonzero(~inside)[0])
+            entry["change_without"] = entry["without"] - base
+        if k == 0:
+            entry["note"] = "no patch inside"
+        else:
+            entry["alone"] = base.copy() if k == n else probs(np.nonzero(inside)[0])
+            entry["change_alone"] = entry["alone"] - base
+        out.append(entry)
+    return out

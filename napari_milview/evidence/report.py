@@ -5,9 +5,12 @@
 
 :func:`evaluate` measures localisation against the annotation (patch labels: overlap >=
 ``fraction``), concentration, and - with the model and the bag's cached features -
-deletion / insertion faithfulness, for each source of the result. The model and bag of a
-result written by ``milview attend`` / ``milview run`` are found with :func:`model_for` and
-:func:`bag_for`. :func:`summarise` reduces many slides to the mean / median of each metric.
+deletion / insertion faithfulness, for each source of the result. With other checkpoints of
+the same model (``folds``) it adds their disagreement (:func:`add_disagreement`), with a
+file of regions (``what_if``) the prediction without each region and from it alone
+(:func:`add_what_if`). The model and bag of a result written by ``milview attend`` /
+``milview run`` are found with :func:`model_for` and :func:`bag_for`. :func:`summarise`
+reduces many slides to the mean / median of each metric.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import numpy as np
 from .faithfulness import deletion_insertion, descending
 from .metrics import concentration, localisation, softmax
 
-__all__ = ["ROW_COLUMNS", "SUMMARY_METRICS", "EvidenceReport", "bag_for", "concentration_input",
-           "evaluate", "model_for", "slide_stem", "summarise", "write_summary"]
+__all__ = ["ROW_COLUMNS", "SUMMARY_METRICS", "WHAT_IF_COLUMNS", "EvidenceReport",
+           "add_disagreement", "add_what_if", "bag_for", "concentration_input", "evaluate",
+           "model_for", "slide_stem", "summarise", "write_summary"]
 
 #: The columns of :meth:`EvidenceReport.to_row` (CSV order).
 ROW_COLUMNS = ("slide", "source", "n", "n_positive", "fraction", "auroc", "average_precision",
@@ -35,12 +39,19 @@ ROW_COLUMNS = ("slide", "source", "n", "n_positive", "fraction", "auroc", "avera
                "entropy", "effective_n", "normalised_entropy", "top1pct_mass", "topk_mass",
                "target", "baseline", "deletion_auc", "random_deletion_auc", "insertion_auc",
                "random_insertion_auc", "topk_probability", "faithfulness_k", "steps",
-               "random_orders", "faithfulness_path", "note")
+               "random_orders", "faithfulness_path", "folds", "prediction_mean",
+               "prediction_std", "prediction_range", "rank_spread_mean", "rank_spread_p95",
+               "spearman_mean", "what_if_regions", "what_if_without", "what_if_alone",
+               "what_if_change", "note")
 #: The numbers :func:`summarise` reduces over slides.
 SUMMARY_METRICS = ("auroc", "average_precision", "topk_precision", "mass_inside", "dice",
                    "entropy", "effective_n", "normalised_entropy", "top1pct_mass",
                    "topk_mass", "deletion_auc", "random_deletion_auc", "insertion_auc",
-                   "random_insertion_auc", "topk_probability")
+                   "random_insertion_auc", "topk_probability", "prediction_mean",
+                   "prediction_std", "rank_spread_mean", "spearman_mean", "what_if_change")
+#: Columns of ``<stem>.what_if.csv`` (one row per region and class).
+WHAT_IF_COLUMNS = ("slide", "region", "label", "n_patches", "class", "baseline", "without",
+                   "alone", "change_without", "change_alone", "note")
 
 
 def slide_stem(result: Any, path: str | os.PathLike | None = None) -> str:
@@ -161,6 +172,13 @@ class EvidenceReport:
         None}`` (the dicts of :func:`~.metrics.localisation`, :func:`~.metrics.concentration`
         and :func:`~.faithfulness.deletion_insertion`).
     notes : list[str]
+    disagreement : dict[str, dict]
+        Per compared source, the :func:`~.disagreement.disagreement` dict of the members
+        (empty when no other checkpoint was given; :func:`add_disagreement`).
+    members : list[str]
+        The members compared, with ``member_probabilities`` [M][C].
+    what_if : list[dict]
+        :func:`~.faithfulness.what_if_regions` entries, "all" first (:func:`add_what_if`).
     """
 
     slide: str
@@ -172,6 +190,15 @@ class EvidenceReport:
     positive: np.ndarray
     sources: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    disagreement: dict[str, dict] = field(default_factory=dict)
+    members: list[str] = field(default_factory=list)
+    member_probabilities: list[list[float]] = field(default_factory=list)
+    what_if: list[dict] = field(default_factory=list)
+
+    @property
+    def predicted(self) -> int:
+        """Index of the class the result predicts (the per-slide scalars' class)."""
+        return int(np.argmax(self.probabilities))
 
     def to_row(self, source: str | None = None) -> dict[str, Any]:
         """One flat row (:data:`ROW_COLUMNS`) for ``source`` (default: the default source);
@@ -194,6 +221,20 @@ class EvidenceReport:
             row[key] = nan if fa is None else fa[key]
         row["faithfulness_k"] = nan if fa is None else fa["k"]
         row["faithfulness_path"] = "" if fa is None else fa["path"]
+        c = self.predicted
+        dis = self.disagreement.get(name)
+        first = next(iter(self.disagreement.values()), None)
+        row["folds"] = first["m"] if first is not None else 0
+        for key in ("prediction_mean", "prediction_std", "prediction_range"):
+            row[key] = float(first[key][c]) if first is not None and key in first else nan
+        for key in ("rank_spread_mean", "rank_spread_p95", "spearman_mean"):
+            row[key] = dis[key] if dis is not None else nan
+        whole = self.what_if[0] if self.what_if else None
+        row["what_if_regions"] = len(self.what_if) - 1 if whole is not None else 0
+        for key, col in (("without", "what_if_without"), ("alone", "what_if_alone"),
+                         ("change_without", "what_if_change")):
+            v = None if whole is None else whole[key]
+            row[col] = nan if v is None else float(v[c])
         row["note"] = "; ".join(n for n in [loc.get("note", ""), con.get("note", ""),
                                             *self.notes] if n)
         return {k: row[k] for k in ROW_COLUMNS}
@@ -207,6 +248,45 @@ class EvidenceReport:
         """:meth:`to_row` with NaN as None and numbers rounded to 6 significant digits."""
         return {k: _jsonable(v) for k, v in self.to_row(source).items()}
 
+    def json_details(self) -> dict[str, Any]:
+        """The per-class detail the flat row leaves out, JSON-ready: ``fold_members``
+        (``[{"name", "probabilities" [C]}]``), ``fold_prediction_mean`` and
+        ``fold_prediction_std`` [C] when checkpoints were compared; ``what_if`` (the
+        :func:`~.faithfulness.what_if_regions` entries, lists [C] or None) when regions
+        were given."""
+        out: dict[str, Any] = {}
+        if self.disagreement:
+            first = next(iter(self.disagreement.values()))
+            out["fold_members"] = [{"name": n, "probabilities": [_jsonable(float(v))
+                                                                 for v in p]}
+                                   for n, p in zip(self.members, self.member_probabilities,
+                                                   strict=True)]
+            out["fold_prediction_mean"] = _jsonable_list(first["prediction_mean"])
+            out["fold_prediction_std"] = _jsonable_list(first["prediction_std"])
+        if self.what_if:
+            out["what_if"] = [{k: (_jsonable_list(v) if isinstance(v, np.ndarray)
+                                   else _jsonable(v)) for k, v in e.items()}
+                              for e in self.what_if]
+        return out
+
+    def what_if_rows(self) -> list[dict[str, Any]]:
+        """:data:`WHAT_IF_COLUMNS` rows: one per region (``all`` first) and class."""
+        nan = float("nan")
+        rows = []
+        for e in self.what_if:
+            for j, cls in enumerate(self.classes or [str(i) for i in
+                                                     range(len(e["baseline"]))]):
+                rows.append({"slide": self.slide, "region": e["region"], "label": e["label"],
+                             "n_patches": e["n_patches"], "class": cls, "note": e["note"],
+                             **{k: (nan if e[k] is None else float(e[k][j]))
+                                for k in ("baseline", "without", "alone", "change_without",
+                                          "change_alone")}})
+        return rows
+
+    def what_if_csv(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`what_if_rows` as CSV (atomically); return the path."""
+        return _write_csv(Path(path), list(WHAT_IF_COLUMNS), self.what_if_rows())
+
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write :meth:`rows` as CSV (atomically); return the path."""
         return _write_csv(Path(path), list(ROW_COLUMNS), self.rows())
@@ -218,6 +298,10 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, float):
         return None if not math.isfinite(v) else float(f"{v:.6g}")
     return v
+
+
+def _jsonable_list(a: Any) -> list:
+    return [_jsonable(float(v)) for v in np.asarray(a).reshape(-1)]
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> Path:
@@ -245,7 +329,10 @@ def evaluate(result: Any, annotations: Any, *, model: Any = None, bag: Any = Non
              fraction: float = 0.5, k: int | None = None, steps: int = 50,
              random_orders: int = 5, seed: int = 0, dice_rule: str | float = "otsu",
              sources: list[str] | None = None, labels: set[str] | None = None,
-             faithfulness_k: int | None = None, path: str = "auto") -> EvidenceReport:
+             faithfulness_k: int | None = None, path: str = "auto", faithfulness: bool = True,
+             folds: list[Any] | None = None, folds_sources: list[str] | None = None,
+             folds_include_result: bool = True, what_if: Any = None,
+             what_if_fraction: float | None = None) -> EvidenceReport:
     """Every metric of every source of one result.
 
     Parameters
@@ -268,11 +355,20 @@ def evaluate(result: Any, annotations: Any, *, model: Any = None, bag: Any = Non
     steps, random_orders, seed, faithfulness_k, path
         Of :func:`~.faithfulness.deletion_insertion` (``faithfulness_k``: its top-K; default
         ``k``, else :data:`~.metrics.DEFAULT_TOPK`).
+    faithfulness : bool
+        False: no deletion / insertion even with a model and a bag (they may be given for
+        ``what_if`` / ``folds`` only).
     dice_rule : "otsu", "top_fraction" or float
     sources : list[str], optional
         The sources to measure (default: all of them).
     labels : set[str], optional
         The annotation classes counted as positive (default: every non-excluded region).
+    folds, folds_sources, folds_include_result
+        Other checkpoints of the same model: their disagreement with each other and with
+        the result (:func:`add_disagreement`; needs ``bag``).
+    what_if, what_if_fraction
+        Regions (Annotations or a GeoJSON / ASAP XML file): the prediction without each and
+        from it alone (:func:`add_what_if`; needs ``model`` and ``bag``).
 
     Returns
     -------
@@ -286,7 +382,7 @@ def evaluate(result: Any, annotations: Any, *, model: Any = None, bag: Any = Non
             raise ValueError(f"no attention source {s!r}; available: {list(result.sources)}")
     default = result.default_source if result.default_source in names else names[0]
     features = None
-    if model is not None and bag is not None:
+    if model is not None and bag is not None and faithfulness:
         features = getattr(bag, "features", bag)
         if len(features) != result.n:
             raise ValueError(f"the bag has {len(features)} patches, the result {result.n}")
@@ -324,7 +420,111 @@ def evaluate(result: Any, annotations: Any, *, model: Any = None, bag: Any = Non
                     fa.update(random_done)
                 by_order[key] = fa
         report.sources[name] = {"localisation": loc, "concentration": con, "faithfulness": fa}
+    if folds:
+        if bag is None:
+            raise ValueError("comparing checkpoints needs the bag's features")
+        add_disagreement(report, result, bag, folds, sources=folds_sources,
+                         include_result=folds_include_result)
+    if what_if is not None:
+        if model is None or bag is None:
+            raise ValueError("what-if needs the model and the bag's features")
+        add_what_if(report, result, model, bag, what_if, fraction=what_if_fraction)
     return report
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    if a is None or b is None or not isinstance(b, str | os.PathLike):
+        return False
+    if str(a) == "demo" or os.fspath(b) == "demo":
+        return str(a) == os.fspath(b)
+    try:
+        return Path(str(a)).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def add_disagreement(report: EvidenceReport, result: Any, bag: Any, checkpoints: list[Any], *,
+                     sources: list[str] | None = None, include_result: bool = True,
+                     device: str = "cpu") -> dict[str, dict]:
+    """Compare the maps of several checkpoints of the result's model on its bag; store the
+    :func:`~.disagreement.disagreement` dict of each source in ``report.disagreement``.
+
+    Parameters
+    ----------
+    report : EvidenceReport
+        Of ``result`` (:func:`evaluate`).
+    result : Result
+    bag : Bag, array or Tensor [N, D]
+        The result's features, in its patch order.
+    checkpoints : list
+        Other checkpoints (:func:`~.folds.fold_maps`: paths, ``"demo"``, models).
+    sources : list[str], optional
+        The sources compared (default: the result's default source).
+    include_result : bool
+        The result itself is a member (its stored map and probabilities), unless its own
+        checkpoint is among ``checkpoints`` (then it is counted once).
+
+    Returns
+    -------
+    dict
+        ``report.disagreement``. Members: ``report.members`` and
+        ``report.member_probabilities``.
+
+    Raises
+    ------
+    ValueError
+        Fewer than two members; a checkpoint that does not fit the bag (one line naming it);
+        a source the result lacks.
+    """
+    from .disagreement import disagreement
+    from .folds import fold_sources
+
+    names = [result.default_source] if not sources else list(dict.fromkeys(sources))
+    own = include_result and not any(_same_file(result.model, c) for c in checkpoints)
+    if own:
+        for src in names:
+            if src not in result.sources:
+                raise ValueError(f"no attention source {src!r} in the result; available: "
+                                 f"{list(result.sources)}")
+    m = len(checkpoints) + int(own)
+    if m < 2:
+        raise ValueError(f"comparing checkpoints needs at least 2 members, got {m} (give more "
+                         "checkpoints, or count the result's own model)")
+    maps, probs, members = fold_sources(bag, list(checkpoints), names, device=device)
+    if next(iter(maps.values())).shape[1] != result.n:
+        raise ValueError(f"the bag has {next(iter(maps.values())).shape[1]} patches, the "
+                         f"result {result.n}")
+    if probs.shape[1] != len(result.probabilities):
+        raise ValueError(f"{members[0]}: {probs.shape[1]} classes, the result has "
+                         f"{len(result.probabilities)}")
+    if own:
+        maps = {k: np.vstack([np.asarray(result.sources[k], dtype=np.float64)[None], v])
+                for k, v in maps.items()}
+        probs = np.vstack([np.asarray(result.probabilities, dtype=np.float64)[None], probs])
+        label = Path(str(result.model)).name if result.model else "result"
+        members = [f"{label} (result)", *members]
+    report.disagreement = {k: disagreement(list(v), list(probs)) for k, v in maps.items()}
+    report.members = members
+    report.member_probabilities = [[float(x) for x in p] for p in probs]
+    return report.disagreement
+
+
+def add_what_if(report: EvidenceReport, result: Any, model: Any, bag: Any, regions: Any, *,
+                fraction: float | None = None) -> list[dict]:
+    """The prediction without each region of ``regions`` and from it alone, and for all of
+    them together (:func:`~.faithfulness.what_if_regions`), into ``report.what_if``.
+
+    ``fraction``: a patch is in a region when that share of it is covered (default: the
+    report's ``fraction``, the rule of its patch labels)."""
+    from .faithfulness import what_if_regions
+
+    features = getattr(bag, "features", bag)
+    if len(features) != result.n:
+        raise ValueError(f"the bag has {len(features)} patches, the result {result.n}")
+    report.what_if = what_if_regions(
+        model, features, result.coords, result.patch_size_level0, regions,
+        fraction=report.fraction if fraction is None else float(fraction))
+    return report.what_if
 
 
 def summarise(reports: list[EvidenceReport], source: str | None = None) -> dict[str, Any]:

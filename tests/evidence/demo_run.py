@@ -80,3 +80,37 @@ def _make(files: DemoRun, seed: int) -> None:
     ann = from_mask(mask, s.mask_downsample, label="Tumor")
     write_asap_xml(ann, files.xml)
     write_geojson(ann, files.geojson)
+
+
+def perturbed_copies(folder: Path, seeds: list[int], scale: float) -> list[Path]:
+    """Copies of the demo model with seeded noise on every weight (``scale`` times each
+    tensor's standard deviation), saved with ``save_model``: stand-ins for the folds of one
+    model (same architecture, classes and feature size, other weights)."""
+    import torch
+
+    from napari_milview.assets import demo_model_path
+    from napari_milview.mil.checkpoint import load_model, save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in seeds:
+        path = folder / f"fold{seed}_{scale:g}.safetensors"
+        if not path.exists():
+            model, card = load_model(demo_model_path())
+            g = torch.Generator().manual_seed(seed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    spread = p.std() if p.numel() > 1 else p.abs() + 1e-3
+                    p.add_(torch.randn(p.shape, generator=g) * scale * spread)
+            save_model(model, card, path)
+        paths.append(path)
+    return paths
+
+
+def lesion_box(run: DemoRun, margin: int = 256) -> np.ndarray:
+    """[4, 2] (x, y) level-0 corners of the box around the planted lesion, ``margin`` wider."""
+    rows, cols = np.nonzero(run.mask)
+    ds = run.mask_downsample
+    x0, x1 = max(cols.min() * ds - margin, 0), (cols.max() + 1) * ds + margin
+    y0, y1 = max(rows.min() * ds - margin, 0), (rows.max() + 1) * ds + margin
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)

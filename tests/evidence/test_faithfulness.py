@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from napari_milview.evidence.annotations import Annotations, Region, write_geojson
 from napari_milview.evidence.faithfulness import (
     deletion_insertion,
     descending,
     subset_probabilities,
     what_if,
+    what_if_regions,
 )
 from napari_milview.mil import build_model
 from napari_milview.mil.base import MILModel, MILOutput
@@ -179,3 +181,50 @@ def test_progress_and_cancel_between_sub_bags(path):
     assert len(calls) == 2  # stopped at the next check, nothing evaluated after
     with pytest.raises(TypeError, match="cancel"):
         deletion_insertion(model, x, order, cancel=object())
+
+
+def _box(x0, y0, x1, y1, **kw):
+    return Region(exterior=np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float), **kw)
+
+
+def test_what_if_regions_by_hand(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("abmil", in_dim=8, n_classes=2)
+    x = torch.randn(6, 8)
+    coords = np.stack([np.arange(6) * 100, np.zeros(6)], 1)  # one row of 100 px patches
+    ann = Annotations(regions=[
+        _box(0, 0, 300, 100, label="tumor", name="A"),  # patches 0-2
+        _box(400, 0, 460, 100, label="tumor"),  # 60 % of patch 4: in at 0.5, out at 0.7
+        _box(200, 0, 300, 100, exclude=True, label="_2"),  # cuts patch 2 out of A
+        _box(5000, 0, 5100, 100, label="other"),  # no patch
+    ])
+
+    def probs(idx):
+        with torch.inference_mode():
+            return torch.softmax(model(x[idx]), -1).double().numpy()
+
+    base = probs(np.arange(6))
+    got = what_if_regions(model, x, coords, 100, ann, fraction=0.5)
+    assert [e["region"] for e in got] == ["all", "A", "tumor 2", "other 1"]
+    assert [e["n_patches"] for e in got] == [3, 2, 1, 0]
+    for e, inside in zip(got[:3], ([0, 1, 4], [0, 1], [4]), strict=True):
+        out = np.setdiff1d(np.arange(6), inside)
+        np.testing.assert_allclose(e["without"], probs(out), atol=1e-6)
+        np.testing.assert_allclose(e["alone"], probs(np.array(inside)), atol=1e-6)
+        np.testing.assert_allclose(e["change_without"], probs(out) - base, atol=1e-6)
+        np.testing.assert_allclose(e["baseline"], base, atol=1e-6)
+    empty = got[3]  # nothing inside: nothing changes without it, nothing to run alone
+    np.testing.assert_allclose(empty["without"], base)
+    assert empty["alone"] is None and empty["note"] == "no patch inside"
+    strict = what_if_regions(model, x, coords, 100, ann, fraction=0.7)
+    assert [e["n_patches"] for e in strict] == [2, 2, 0, 0]
+    # from a file, and a region over every patch
+    path = write_geojson(Annotations(regions=[_box(-10, -10, 700, 200, label="t")]),
+                         tmp_path / "all.geojson")
+    whole = what_if_regions(model, x.numpy(), coords, 100, path)
+    assert whole[0]["n_patches"] == 6 and whole[0]["without"] is None
+    np.testing.assert_allclose(whole[0]["alone"], base, atol=1e-6)
+    with pytest.raises(ValueError, match="no region to leave out"):
+        what_if_regions(model, x, coords, 100, Annotations(regions=[ann.regions[2]]))
+    with pytest.raises(ValueError, match="coordinates for 6"):
+        what_if_regions(model, x, coords[:5], 100, ann)

@@ -6,6 +6,7 @@ source at overlap >= 0.5; deletion area 0.09-0.13 against 0.98 for random orders
 
 from __future__ import annotations
 
+import csv
 import math
 
 import numpy as np
@@ -16,6 +17,7 @@ from napari_milview.evidence import read_annotations
 from napari_milview.evidence.plots import class_name, curves_png, roc_pr_png
 from napari_milview.evidence.report import (
     ROW_COLUMNS,
+    WHAT_IF_COLUMNS,
     EvidenceReport,
     bag_for,
     concentration_input,
@@ -129,3 +131,43 @@ def test_concentration_input_softmaxes_raw_logits_only():
     assert "softmax" in note
     s, note = concentration_input("attention", scores)
     assert s is scores and note == ""
+
+
+def test_what_if_a_region_around_the_lesion_removes_the_prediction(demo, tmp_path):
+    from napari_milview.evidence import from_polygons, write_geojson
+
+    from .demo_run import lesion_box
+
+    result = load_result(demo.result_path)
+    model, _ = model_for(result)
+    bag = bag_for(result, demo.result_path)
+    box = lesion_box(demo)
+    x0, x1 = (0, box[0, 0] - 300) if box[0, 0] > 4096 - box[1, 0] else (box[1, 0] + 300, 4096)
+    far = np.array([[x0, 0], [x1, 0], [x1, 3072], [x0, 3072]], float)  # the wider side
+    regions = write_geojson(from_polygons([box, far], label="drawn"), tmp_path / "r.geojson")
+    rep = evaluate(result, demo.xml, model=model, bag=bag, steps=10, random_orders=1,
+                   what_if=regions)
+    whole, lesion, background = rep.what_if
+    assert [e["region"] for e in rep.what_if] == ["all", "drawn 1", "drawn 2"]
+    assert result.probabilities[1] > 0.99 and rep.predicted == 1
+    # without the lesion's box the slide is called normal; the box alone keeps "lesion"
+    assert lesion["without"][1] < 0.1 and lesion["alone"][1] > 0.99
+    assert lesion["change_without"][1] < -0.9
+    # a region as large, away from the lesion, changes nothing; alone it is normal tissue
+    assert background["n_patches"] > 20 and abs(background["change_without"][1]) < 0.01
+    assert background["alone"][1] < 0.1
+    row = rep.to_row()
+    assert row["what_if_regions"] == 2 and row["what_if_change"] == pytest.approx(
+        whole["change_without"][1]) and row["what_if_without"] < 0.1
+    details = rep.json_details()
+    assert "fold_members" not in details and details["what_if"][1]["region"] == "drawn 1"
+    assert details["what_if"][1]["without"][1] == pytest.approx(lesion["without"][1], rel=1e-5)
+    rows = list(csv.DictReader(rep.what_if_csv(tmp_path / "w.csv").open(encoding="utf-8")))
+    assert list(rows[0]) == list(WHAT_IF_COLUMNS) and len(rows) == 3 * 2
+    assert rows[3]["region"] == "drawn 1" and rows[3]["class"] == "lesion"
+    assert float(rows[3]["without"]) == pytest.approx(lesion["without"][1])
+    s = summarise([rep])
+    assert s["metrics"]["what_if_change"]["mean"] == pytest.approx(row["what_if_change"])
+    assert s["metrics"]["rank_spread_mean"]["n"] == 0  # no folds given
+    with pytest.raises(ValueError, match="needs the model"):
+        evaluate(result, demo.xml, bag=bag, what_if=regions)
