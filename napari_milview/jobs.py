@@ -464,50 +464,40 @@ class FaithfulnessJob(Job):
 @dataclass
 class DisagreementConfig:
     """Checkpoints (paths) of one model run on one bag; ``source``: the source compared
-    (None: each model's default)."""
+    (None: the first model's default); ``classes``: the class names shown."""
 
     paths: list[str]
     bag: Any
     source: str | None = None
-    names: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
 
 
 class DisagreementJob(Job):
-    """Load each checkpoint (safely), run it on the bag, and compare their maps
-    (``evidence.disagreement.disagreement``). ``result``: that dict plus ``maps`` [M, N],
-    ``probabilities`` [M, C], ``classes``, ``names``, ``source``."""
+    """Load each checkpoint (safely), run it on the bag (``evidence.folds.fold_maps``, cancel
+    checked between checkpoints) and compare their maps (``evidence.disagreement``).
+    ``result``: that dict plus ``maps`` [M, N], ``probabilities`` [M, C], ``classes``,
+    ``names``, ``source``."""
 
     config: DisagreementConfig
 
     def _steps(self) -> Generator[EvidenceUpdate, None, dict]:
-        from pathlib import Path
-
-        import numpy as np
-
         from .evidence.disagreement import disagreement
-        from .mil.checkpoint import load_model
-        from .pipeline import attend, torch_threads
+        from .evidence.folds import fold_maps
+        from .pipeline import torch_threads
 
         cfg = self.config
         m = len(cfg.paths)
         if m < 2:
             raise ValueError(f"disagreement needs 2 or more checkpoints, got {m}")
-        maps, probs, classes, src = [], [], None, cfg.source
+        yield EvidenceUpdate(0, m, f"folds: {m} checkpoints")
+
+        def step(done: int, total: int, name: str) -> None:
+            self.progress = (done, total)
+
         with torch_threads(gui_torch_threads()):
-            for i, path in enumerate(cfg.paths):
-                self._check()
-                yield EvidenceUpdate(i, m, f"folds: {Path(path).name} ({i + 1} of {m})")
-                model, card = load_model(path, device="cpu")
-                r = attend(cfg.bag, model, card, device="cpu", model_name=str(path))
-                name = src if src in r.sources else r.default_source
-                maps.append(r.attention(name))
-                probs.append(r.probabilities)
-                classes = classes or r.classes
-                self.progress = (i + 1, m)
-        if len({p.size for p in probs}) != 1:
-            raise ValueError("the checkpoints predict different numbers of classes: " +
-                             ", ".join(str(p.size) for p in probs))
-        out = dict(disagreement(maps, probs))
-        out.update(maps=np.stack(maps), probabilities=np.stack(probs), classes=classes,
-                   names=[Path(p).name for p in cfg.paths], source=src)
+            maps, probs, names = fold_maps(cfg.bag, list(cfg.paths), cfg.source,
+                                           cancel=self.cancel, progress=step)
+        out = dict(disagreement(list(maps), list(probs)))
+        out.update(maps=maps, probabilities=probs, classes=list(cfg.classes), names=names,
+                   source=cfg.source)
         return out

@@ -733,8 +733,8 @@ class EvidenceBox(QGroupBox):
         if len(paths) < 2:
             self.say("choose 2 or more checkpoints of one model", error=True)
             return None
-        job = DisagreementJob(DisagreementConfig([str(p) for p in paths], bag,
-                                                 source=None))
+        job = DisagreementJob(DisagreementConfig([str(p) for p in paths], bag, source=None,
+                                                 classes=list(self.result.classes)))
         job.overlays = self.overlays
         return self._start(job, "disagreement")
 

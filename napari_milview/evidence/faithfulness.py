@@ -209,10 +209,10 @@ def subset_probabilities(model: Any, features: Any, order: Any, prefixes: list[i
     return a, b, "forward"
 
 
-def _stopper(cancel: Any):
+def stopper(cancel: Any, what: str = "faithfulness"):
     """``cancel`` (None, an object with ``is_set()`` such as a ``threading.Event``, or a
     callable returning True to stop) as a function raising
-    :class:`~napari_milview.pipeline.Cancelled` once it says stop."""
+    :class:`~napari_milview.pipeline.Cancelled` ("<what> cancelled") once it says stop."""
     if cancel is None:
         return lambda: None
     is_set = cancel.is_set if hasattr(cancel, "is_set") else cancel
@@ -223,7 +223,7 @@ def _stopper(cancel: Any):
         if is_set():
             from ..pipeline import Cancelled
 
-            raise Cancelled("faithfulness cancelled")
+            raise Cancelled(f"{what} cancelled")
 
     return check
 
@@ -280,7 +280,7 @@ def deletion_insertion(model: Any, features: Any, order: Any, *, target: int | N
         ``cancel`` was set; nothing is returned.
     """
     t0 = time.perf_counter()
-    check = _stopper(cancel)
+    check = stopper(cancel)
     check()
     x = _prepare(model, features)
     n = int(x.shape[0])

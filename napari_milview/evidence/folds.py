@@ -69,7 +69,8 @@ def _features(bag: Any):
 
 
 def fold_maps(bag: Any, checkpoints: list[Any], source: str | None = None, *,
-              device: str = "cpu") -> tuple[np.ndarray, np.ndarray, list[str]]:
+              device: str = "cpu", cancel: Any = None, progress: Any = None
+              ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Each checkpoint's map of ``source`` and its slide probabilities on one bag.
 
     Parameters
@@ -85,6 +86,10 @@ def fold_maps(bag: Any, checkpoints: list[Any], source: str | None = None, *,
         which is every checkpoint's for one architecture). Every checkpoint must have it.
     device : str
         Where the models run.
+    cancel : threading.Event or callable, optional
+        Checked before each checkpoint; once set, :class:`~napari_milview.pipeline.Cancelled`.
+    progress : callable, optional
+        ``progress(done, total, name)`` after each checkpoint.
 
     Returns
     -------
@@ -104,19 +109,23 @@ def fold_maps(bag: Any, checkpoints: list[Any], source: str | None = None, *,
         :class:`~napari_milview.mil.checkpoint.CheckpointError`, a ValueError).
     """
     maps, probs, names = fold_sources(bag, checkpoints, None if source is None else [source],
-                                      device=device)
+                                      device=device, cancel=cancel, progress=progress)
     return next(iter(maps.values())), probs, names
 
 
 def fold_sources(bag: Any, checkpoints: list[Any], sources: list[str] | None = None, *,
-                 device: str = "cpu") -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
+                 device: str = "cpu", cancel: Any = None, progress: Any = None
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
     """:func:`fold_maps` for several sources at once (one forward per checkpoint):
     ``({source: maps [M, N] float64}, probabilities [M, C], names)``; ``sources=None`` is
     the first checkpoint's default source."""
     import torch
 
+    from .faithfulness import stopper
+
     if not checkpoints:
         raise ValueError("no checkpoints to compare")
+    check = stopper(cancel, "folds")
     x, where = _features(bag)
     dim = int(x.shape[1])
     want = None if sources is None else list(dict.fromkeys(sources))
@@ -125,6 +134,7 @@ def fold_sources(bag: Any, checkpoints: list[Any], sources: list[str] | None = N
     names: list[str] = []
     labels: list[str] = []
     for ckpt in checkpoints:
+        check()
         label = os.fspath(ckpt) if isinstance(ckpt, str | os.PathLike) else None
         model, card, name = load_member(ckpt)
         label = label or name
@@ -155,6 +165,8 @@ def fold_sources(bag: Any, checkpoints: list[Any], sources: list[str] | None = N
         probs.append(p)
         names.append(name)
         labels.append(label if label != name else f"{name}#{len(names) - 1}")
+        if progress is not None:
+            progress(len(names), len(checkpoints), name)
     seen = [n for n in names if names.count(n) > 1]
     names = [lab if n in seen else n for n, lab in zip(names, labels, strict=True)]
     return {k: np.stack(v) for k, v in maps.items()}, np.stack(probs), names
