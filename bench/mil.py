@@ -32,6 +32,12 @@ MODELS = [
     ("ACMIL-MHA (5 branches, 8 heads)", "acmil_mha", {}),
     ("TransMIL (Nystrom, 2 layers)", "transmil", {}),
     ("MambaMIL (SR-Mamba, 2 layers)", "mambamil", {}),
+    ("DSMIL (nonlinear query)", "dsmil", {}),
+    ("DTFD-MIL (AFS, 4 pseudo-bags)", "dtfd", {}),
+    ("MHIM-MIL (ABMIL student)", "mhim_abmil", {}),
+    ("MHIM-MIL (TransMIL-type student)", "mhim_transmil", {}),
+    ("INS (linear encoder)", "ins", {"encoder": "linear"}),
+    ("PackMIL (ABMIL aggregator)", "packmil", {}),
 ]
 SECTION = "## MIL forward on CPU (issue 3)"
 
