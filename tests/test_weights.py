@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 import napari_milview
+from napari_milview._inert import ACMILStruct
 from napari_milview._weights import (
-    ACMILStruct,
     WeightsError,
     key_report,
     read_json_object,

@@ -2,8 +2,9 @@
 
 Reading weight files safely (safetensors, ``torch.load(weights_only=True)`` with a minimal
 allowlist, the pickle scan that names what a refused file would run, containers, prefix
-stripping, key reports, sidecars) is :mod:`napari_milview._weights`; the names this module
-used to define are re-exported here (:func:`read_state_dict`, :func:`unsafe_globals`,
+stripping, key reports, sidecars) is :mod:`napari_milview._weights`, its inert stand-ins
+for configuration objects :mod:`napari_milview._inert`; the names this module used to
+define are re-exported here (:func:`read_state_dict`, :func:`unsafe_globals`,
 :func:`sidecar_path`, :class:`ACMILStruct`, :data:`SAFE_GLOBALS`, :data:`TORCH_SUFFIXES`,
 and :class:`CheckpointError`, the same class as ``_weights.WeightsError``). There is no
 unsafe fallback anywhere.
@@ -45,11 +46,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._inert import SAFE_GLOBALS, ACMILStruct
 from .._io import atomic_write
 from .._weights import (
-    SAFE_GLOBALS,
     TORCH_SUFFIXES,
-    ACMILStruct,
     WeightsError,
     key_report,
     read_sidecar,

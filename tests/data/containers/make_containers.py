@@ -1,4 +1,4 @@
-"""Write the config-container fixtures of ``tests/test_weights_containers.py``.
+"""Write the config-container fixtures of ``tests/test_inert.py``.
 
 Run in a throwaway environment that has the real packages (they never enter the project's
 environment; reading the files needs none of them)::

@@ -1,4 +1,5 @@
-"""Training-config objects inside checkpoints (``napari_milview/_weights.py`` stand-ins).
+"""Training-config objects inside checkpoints: the stand-ins of ``napari_milview/_inert.py``,
+read through ``_weights.torch_load`` / ``read_state_dict``.
 
 Hostile pickles are written opcode by opcode (protocol 2, what ``torch.save`` writes and
 torch's restricted unpickler reads) and put in a real ``torch.save`` zip in place of its
@@ -24,9 +25,8 @@ from pathlib import Path, PosixPath
 import pytest
 import torch
 
+from napari_milview._inert import SAFE_GLOBALS, AddictDict
 from napari_milview._weights import (
-    SAFE_GLOBALS,
-    AddictDict,
     WeightsError,
     read_state_dict,
     to_plain,
@@ -318,7 +318,7 @@ def test_every_allowlisted_name_is_inert():
     for obj, name in SAFE_GLOBALS:
         assert isinstance(name, str)
         owner = obj if isinstance(obj, type) else type(obj)
-        assert owner.__module__ == "napari_milview._weights", name
+        assert owner.__module__ == "napari_milview._inert", name
 
 
 def test_stand_in_classes_are_plain_python():
