@@ -39,7 +39,7 @@ MODELS = [
     ("INS (linear encoder)", "ins", {"encoder": "linear"}),
     ("PackMIL (ABMIL aggregator)", "packmil", {}),
 ]
-SECTION = "## MIL forward on CPU (issue 3)"
+SECTION = "## MIL forward on CPU (issues 3 and 13)"
 
 
 def _rss_mb() -> float:
