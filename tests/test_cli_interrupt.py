@@ -44,17 +44,17 @@ def _done(summary: Path) -> list[str]:
 
 
 def test_ctrl_c_during_run_says_so_and_a_rerun_resumes(tmp_path, weights):
-    # enough slides that the rest are still running when the first one is done, however
-    # fast the machine (6 small slides all finished within one poll on a quiet machine)
-    n = 16
-    slides = [write_synthetic_slide(tmp_path / f"s{i}.svs", width=2000, height=1600, mpp=0.25,
-                                    levels=2, seed=i).path for i in range(n)]
+    slides = [write_synthetic_slide(tmp_path / f"s{i}.svs", width=1500, height=1200, mpp=0.25,
+                                    levels=2, seed=i).path for i in range(6)]
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "napari_milview.cli", "run", *map(str, slides),
            "--encoder", "demo", "--weights", weights[0], "--model", weights[1],
            "--device", "cpu", "--workers", "1", "--out", str(out)]
+    # as in a terminal: SIGINT not ignored (a shell's background job, such as a CI step run
+    # with `&`, passes SIGINT on as ignored, and Python then never raises KeyboardInterrupt)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not _done(out / "summary.csv") and proc.poll() is None:
         assert time.monotonic() < deadline, "no slide finished in 240 s"
@@ -67,9 +67,9 @@ def test_ctrl_c_during_run_says_so_and_a_rerun_resumes(tmp_path, weights):
     lines = [ln for ln in err.splitlines() if "interrupted" in ln]
     assert len(lines) == 1 and "rerun the same command to resume" in lines[0], err
     kept = _done(out / "summary.csv")
-    assert 1 <= len(kept) < n
+    assert 1 <= len(kept) < 6
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stderr
     report = json.loads(rerun.stdout.strip().splitlines()[-1])
-    assert report["skipped"] >= len(kept) and report["skipped"] + report["done"] == n
-    assert len(_done(out / "summary.csv")) == n
+    assert report["skipped"] >= len(kept) and report["skipped"] + report["done"] == 6
+    assert len(_done(out / "summary.csv")) == 6
