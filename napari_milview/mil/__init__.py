@@ -21,7 +21,7 @@ mambamil   :class:`MambaMIL` (SR/Bi/plain Mamba)  ``"attention"``
 ========== ====================================== =========================================
 
 Aliases: ``aem`` -> ``abmil`` (gated), ``aem_mha`` -> ``mha``, ``mhim_abmil`` / ``mhim_transmil``
--> ``mhim`` (backbone ``attn`` / ``selfattn``).
+/ ``mhim_dsmil`` -> ``mhim`` (backbone ``attn`` / ``selfattn`` / ``dsmil``).
 """
 
 from .abmil import ABMIL

@@ -99,6 +99,22 @@ class _BClassifier(nn.Module):
         self.fcc = nn.Conv1d(n_classes, n_classes, kernel_size=in_dim)
 
 
+def _bag_stream(bc: _BClassifier, x: Tensor, ins: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The B-classifier stream (also MHIM-MIL's DSMIL backbone, :mod:`.mhim`).
+
+    x [N, D], instance logits ins [N, C] -> critical instances [C], pre-softmax attention
+    [N, C], attention (softmax over the instances) [N, C], bag logits [C].
+    """
+    crit = torch.argmax(ins, dim=0)  # [C]
+    q = bc.q(x)  # [N, Dq]
+    q_max = bc.q(x[crit])  # [C, Dq]
+    raw = (q @ q_max.T) / math.sqrt(q.shape[1])  # [N, C]
+    a = torch.softmax(raw, dim=0)  # [N, C]
+    b = a.T @ bc.v(x)  # [C, D]
+    return crit, raw, a, bc.fcc(b.unsqueeze(0)).reshape(-1)
+
+
 @register_model
 class DSMIL(MILModel):
     """Dual-stream MIL: max-instance stream plus critical-instance attention stream.
@@ -186,15 +202,8 @@ class DSMIL(MILModel):
         return list(t) if t is not None else [0.5] * self.n_classes
 
     def _forward(self, x: Tensor, with_sources: bool) -> MILOutput:
-        bc = self.b_classifier
         ins = self.i_classifier(x)  # [N, C]
-        crit = torch.argmax(ins, dim=0)  # [C]
-        q = bc.q(x)  # [N, Dq]
-        q_max = bc.q(x[crit])  # [C, Dq]
-        raw = (q @ q_max.T) / math.sqrt(q.shape[1])  # [N, C]
-        a = torch.softmax(raw, dim=0)  # [N, C]
-        b = a.T @ bc.v(x)  # [C, D]
-        logits = bc.fcc(b.unsqueeze(0)).reshape(-1)  # [C]
+        crit, raw, a, logits = _bag_stream(self.b_classifier, x, ins)
         max_ins = ins.max(dim=0).values  # [C]
         probs = self._score(logits, max_ins)
         thr = torch.tensor(self.thresholds, dtype=probs.dtype, device=probs.device)

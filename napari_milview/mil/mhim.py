@@ -38,6 +38,17 @@ classifier (``predictor``) sit outside the backbone; ``dim_head = dim // 8`` wha
     t = [cls; h]; t = t + Nystrom1(LN1(t)); t[1:] = PPEG(t[1:]); t = t + Nystrom2(LN2(t))
     z = LN(t)[cls]
 
+``"dsmil"`` (the authors' ``mhim_modules.baseline.DSMIL``): :mod:`.dsmil`'s dual stream on
+``h`` (its B-classifier with the nonlinear 128-wide query and, MHIM's default, the value
+projection ``passing_v``; the instance classifier is a bare ``Sequential(Linear)``, keys
+``i_classifier.0.*``); ``predictor`` is built but unused. The slide logits are what the
+authors' ``validate_func`` scores (``engines/common_mil.py``): the average of the *logits*,
+``0.5 bag + 0.5 max_n ins``, then the softmax (cross-entropy training), unlike the original
+DSMIL's sigmoids::
+
+    ins = i_classifier(h) [N, C];  bag = B-classifier(h, ins) [C]
+    logits = 0.5 bag + 0.5 max_n ins
+
 The merge module (MHIM-v2, ``--merge_enable``) is trained but not run at inference unless
 the model was trained with ``--merge_test`` (``merge_test=True`` here): then ``k`` global
 query tokens cross-attend to the bag (``Merge.merge``) and are appended to it.
@@ -52,7 +63,16 @@ Attention sources
     Nystrom attention (``attn1[cls] attn2^+ attn3``) over the N instances, as the authors'
     ``forward_test(return_attn=True)`` returns it; default ``"layer1/mean"``, the layer whose
     class-token attention MHIM itself ranks instances by (``attn_layer = 0``).
-Both:
+``"dsmil"`` backbone (named as :mod:`.dsmil`):
+    ``"class/{c}"`` the B-classifier attention of class ``c`` (softmax over the instances;
+    default: the class with the highest probability), ``"raw/class/{c}"`` its pre-softmax
+    score, ``"instance/{c}"`` ``softmax_C(ins)[:, c]`` (exclusive classes, as trained),
+    ``"raw/instance/{c}"`` ``ins[:, c]``; ``"attention"`` / ``"raw/attention"`` the maximum over
+    classes of the attention / its pre-softmax score (the authors' ``forward_test(return_attn=
+    True)`` without ``attn2score``); ``"pseudo_score"`` ``max_c ins`` (their teacher's
+    masking score with ``attn2score``). Aux: ``"bag_logits"``, ``"max_instance_logits"``,
+    ``"critical_instance"`` [C].
+``"attn"`` and ``"selfattn"``:
     ``"instance/{c}"``: MHIM-v2's instance class probability (``attn2score``, the
     "Tumor Probability" of the paper's figure): ``softmax_C(W_pred (a_n h_n))`` (attn) or
     ``softmax_C(W_pred to_out1(concat_h a1_{h,n} v1_{h,n}))`` (selfattn: layer-1 attention
@@ -72,12 +92,13 @@ from torch import Tensor, nn
 
 from .._weights import strip_prefixes
 from .base import MILModel, MILOutput, _shape, register_alias, register_model
+from .dsmil import _bag_stream, _BClassifier
 from .nystrom import NystromAttention, NystromFactors
 
 __all__ = ["MHIM", "MHIMMerge", "MHIMPPEG"]
 
 _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
-_BACKBONES = ("attn", "selfattn")
+_BACKBONES = ("attn", "selfattn", "dsmil")
 
 
 def _act(name: str, allowed: tuple[str, ...]) -> list[nn.Module]:
@@ -166,6 +187,19 @@ class _DAttention(nn.Module):
         self.attention = _Attention(dim, attn_dim, act)
 
 
+class _DSMILBackbone(nn.Module):
+    """The ``dsmil`` backbone (the authors' ``mhim_modules.baseline.DSMIL``). Keys
+    ``i_classifier.0.*`` (a bare ``Sequential(Linear(dim, C))``, no ``fc``) and
+    ``b_classifier.{q.0,q.2,v.1,fcc}.*`` (:mod:`.dsmil`'s ``BClassifier`` with the nonlinear
+    128-wide query and, the authors' default here, the ``passing_v`` value projection)."""
+
+    def __init__(self, dim: int, n_classes: int, passing_v: bool) -> None:
+        super().__init__()
+        self.i_classifier = nn.Sequential(nn.Linear(dim, n_classes))
+        self.b_classifier = _BClassifier(dim, n_classes, 128, 128, nonlinear=True,
+                                         passing_v=passing_v, dropout_v=0.0)
+
+
 class MHIMMerge(nn.Module):
     """MHIM-v2's merge module at inference: ``k`` global queries cross-attend to the bag.
 
@@ -207,7 +241,7 @@ class MHIMMerge(nn.Module):
 
 @register_model
 class MHIM(MILModel):
-    """The MHIM-MIL student network (ABMIL- or TransMIL-type backbone).
+    """The MHIM-MIL student network (ABMIL-, TransMIL- or DSMIL-type backbone).
 
     Parameters
     ----------
@@ -216,8 +250,8 @@ class MHIM(MILModel):
     n_classes : int
     dim : int
         Width after the projection (``mlp_dim``, 512).
-    backbone : {"attn", "selfattn"}
-        ``--baseline`` (``"dsmil"`` is not supported).
+    backbone : {"attn", "selfattn", "dsmil"}
+        ``--baseline``.
     act : {"relu", "gelu", "none"}, optional
         Activation after the projection (``--act``); leaves no trace in the weights.
         Default: ``"gelu"`` for the v2 layout (``config/feat_cls.yaml`` and
@@ -249,6 +283,9 @@ class MHIM(MILModel):
         code). Leaves no trace in the weights.
     v1_layout : bool
         The v1 (ICCV) name ``patch_to_emb`` for the projection instead of ``feature``.
+    passing_v : bool
+        ``dsmil`` backbone: the value projection ``Linear(dim, dim) - ReLU`` (the authors'
+        ``BClassifier`` default in MHIM; read from ``b_classifier.v.1``).
 
     State dict (v2; in 1024, dim 512, C classes)
     --------------------------------------------
@@ -260,6 +297,10 @@ class MHIM(MILModel):
     ``online_encoder.layer{1,2}.norm.*``, ``online_encoder.layer{1,2}.attn.to_qkv.weight``
     [1536, 512], ``...attn.to_out.0.*``, ``...attn.res_conv.weight`` [8, 1, 33, 1],
     ``online_encoder.pos_embedding.proj{,1,2}.*``;
+    dsmil: ``online_encoder.i_classifier.0.*`` [C, 512] / [C],
+    ``online_encoder.b_classifier.q.0.*`` [128, 512], ``...q.2.*`` [128, 128],
+    ``...v.1.*`` [512, 512], ``...fcc.weight`` [C, C, 512] / ``.bias`` [C] (``predictor`` is
+    kept, unused, as in the authors' module);
     merge (v2 with ``--merge_enable``): ``merge.norm.*``, ``merge.attn.to_kv.weight``
     [1024, 512], ``merge.attn.to_q.weight`` [512, 512], ``merge.attn.to_out.0.*``,
     ``merge.global_q_mm`` [1, k, 512].
@@ -274,7 +315,8 @@ class MHIM(MILModel):
                  attn_dim: int = 128, heads: int = 8, dim_head: int | None = None,
                  num_landmarks: int | None = None, merge: bool = False, merge_k: int = 1,
                  merge_heads: int = 8, merge_dim_head: int = 64, merge_global_q: bool = True,
-                 merge_test: bool = False, v1_layout: bool = False) -> None:
+                 merge_test: bool = False, v1_layout: bool = False,
+                 passing_v: bool = True) -> None:
         super().__init__()
         if backbone not in _BACKBONES:
             raise ValueError(f"MHIM backbone {backbone!r} not supported (one of {_BACKBONES})")
@@ -288,7 +330,8 @@ class MHIM(MILModel):
                           dim_head=dim_head, num_landmarks=num_landmarks, merge=bool(merge),
                           merge_k=merge_k, merge_heads=merge_heads,
                           merge_dim_head=merge_dim_head, merge_global_q=bool(merge_global_q),
-                          merge_test=bool(merge_test), v1_layout=bool(v1_layout))
+                          merge_test=bool(merge_test), v1_layout=bool(v1_layout),
+                          passing_v=bool(passing_v))
         self.backbone = backbone
         self.merge_test = bool(merge_test)
         proj = nn.Sequential(nn.Linear(in_dim, dim), *_act(act, ("relu", "gelu")))
@@ -296,6 +339,8 @@ class MHIM(MILModel):
         setattr(self, self._proj_name, proj)
         if backbone == "attn":
             self.online_encoder: nn.Module = _DAttention(dim, attn_dim, da_act)
+        elif backbone == "dsmil":
+            self.online_encoder = _DSMILBackbone(dim, n_classes, passing_v)
         else:
             self.online_encoder = _SAttention(dim, heads, dim_head, num_landmarks)
         self.predictor = nn.Linear(dim, n_classes)
@@ -313,6 +358,8 @@ class MHIM(MILModel):
         h = getattr(self, self._proj_name)(x)  # [N, dim]
         if self.merge_test:
             h = torch.cat([h, self.merge(h)], dim=0)  # [N + k, dim]
+        if self.backbone == "dsmil":
+            return self._forward_dsmil(h, n, with_sources)
         sources: dict[str, Tensor] = {}
         default = "attention" if self.backbone == "attn" else "layer1/mean"
         if self.backbone == "attn":
@@ -350,6 +397,32 @@ class MHIM(MILModel):
             sources[f"instance/{c}"] = inst[c]
         sources["pseudo_score"] = inst.max(dim=0).values
         return MILOutput(logits=logits, sources=sources, default_source=default)
+
+    def _forward_dsmil(self, h: Tensor, n: int, with_sources: bool) -> MILOutput:
+        """The ``dsmil`` backbone on h [N', dim] (N' = N + k with ``merge_test``); sources
+        over the first n instances. The slide logits are the authors' evaluation
+        ``0.5 bag + 0.5 max_n ins`` (logits averaged, then a softmax as for any MHIM)."""
+        enc = self.online_encoder
+        ins = enc.i_classifier(h)  # [N', C]
+        crit, raw, a, bag = _bag_stream(enc.b_classifier, h, ins)
+        max_ins = ins.max(dim=0).values  # [C]
+        logits = 0.5 * bag + 0.5 * max_ins
+        aux = {"bag_logits": bag, "max_instance_logits": max_ins,
+               "critical_instance": crit}
+        default = f"class/{int(torch.argmax(logits).item())}"
+        if not with_sources:
+            return MILOutput(logits=logits, sources={}, default_source=default, aux=aux)
+        ins_p = torch.softmax(ins[:n], dim=1)  # [N, C]
+        sources: dict[str, Tensor] = {}
+        for c in range(ins.shape[1]):
+            sources[f"class/{c}"] = a[:n, c]
+            sources[f"raw/class/{c}"] = raw[:n, c]
+            sources[f"instance/{c}"] = ins_p[:, c]
+            sources[f"raw/instance/{c}"] = ins[:n, c]
+        sources["attention"] = a[:n].max(dim=1).values
+        sources["raw/attention"] = raw[:n].max(dim=1).values
+        sources["pseudo_score"] = ins[:n].max(dim=1).values
+        return MILOutput(logits=logits, sources=sources, default_source=default, aux=aux)
 
     # -- state dict ----------------------------------------------------------------------------
     @staticmethod
@@ -406,11 +479,21 @@ class MHIM(MILModel):
                                  f"{heads} heads")
             hp["heads"] = heads
             hp["dim_head"] = qkv // (3 * heads)
-        elif any(k.startswith("online_encoder.b_classifier.") for k in sd):
-            raise ValueError("MHIM with the DSMIL backbone (--baseline dsmil) is not "
-                             "supported")
+        elif "online_encoder.i_classifier.0.weight" in sd:
+            hp["backbone"] = "dsmil"
+            c_ins, d_ins = _shape(sd, "online_encoder.i_classifier.0.weight", "MHIM")
+            fcc = _shape(sd, "online_encoder.b_classifier.fcc.weight", "MHIM")
+            if (c_ins, d_ins) != (n_classes, dim) or fcc != (n_classes, n_classes, dim):
+                raise ValueError(f"inconsistent MHIM DSMIL state_dict: i_classifier "
+                                 f"[{c_ins}, {d_ins}], fcc {fcc} for {n_classes} classes "
+                                 f"of width {dim}")
+            if "online_encoder.b_classifier.q.0.weight" not in sd:
+                raise ValueError("MHIM DSMIL without the nonlinear query "
+                                 "'b_classifier.q.0' is not the authors' layout")
+            hp["passing_v"] = "online_encoder.b_classifier.v.1.weight" in sd
         else:
-            raise ValueError("unknown MHIM backbone (neither 'attn' nor 'selfattn' keys)")
+            raise ValueError("unknown MHIM backbone (no 'attn', 'selfattn' or 'dsmil' "
+                             "keys)")
         if "merge.attn.to_q.weight" in sd:
             hp["merge"] = True
             inner = _shape(sd, "merge.attn.to_q.weight", "MHIM")[0]
@@ -425,3 +508,4 @@ class MHIM(MILModel):
 
 register_alias("mhim_abmil", "mhim", backbone="attn")
 register_alias("mhim_transmil", "mhim", backbone="selfattn")
+register_alias("mhim_dsmil", "mhim", backbone="dsmil")

@@ -38,6 +38,7 @@ SMALL = {
     "mhim": {"in_dim": D, "n_classes": 2, "dim": 16, "backbone": "attn", "merge": True},
     "mhim_abmil": {"in_dim": D, "n_classes": 3, "dim": 16},
     "mhim_transmil": {"in_dim": D, "n_classes": 2, "dim": 32},
+    "mhim_dsmil": {"in_dim": D, "n_classes": 3, "dim": 16},
 }
 CANONICAL = ["abmil", "clam_sb", "clam_mb", "acmil_ga", "acmil_mha", "mha", "transmil", "dtfd",
              "mhim", "dsmil", "ins", "packmil", "mambamil"]
@@ -46,7 +47,8 @@ def _is_softmax_source(arch: str, name: str) -> bool:
     """Sources that are a softmax over the bag (sum to 1; DTFD's ``tier1/`` sums to 1 over
     each pseudo-bag)."""
     return not (name.startswith(("raw/", "instance/", "tier1/")) or name == "pseudo_score"
-                or arch in ("transmil", "mhim_transmil"))
+                or arch in ("transmil", "mhim_transmil")
+                or (arch == "mhim_dsmil" and name == "attention"))  # max over classes
 
 
 def _model(arch: str, seed: int = 0) -> MILModel:

@@ -19,13 +19,24 @@ PARITY = Path(__file__).resolve().parents[1] / "data" / "parity"
 
 
 def _table(backbone="attn", in_dim=32, dim=64, n_classes=2, heads=8, merge_k=0,
-           proj="feature", da_act=True):
+           proj="feature", da_act=True, passing_v=True):
     """The authors' key names and shapes (read from their state_dict())."""
     t = {f"{proj}.0.weight": (dim, in_dim), f"{proj}.0.bias": (dim,),
          "predictor.weight": (n_classes, dim), "predictor.bias": (n_classes,)}
     if backbone == "attn":
         t["online_encoder.attention.attention.0.weight"] = (128, dim)
         t[f"online_encoder.attention.attention.{2 if da_act else 1}.weight"] = (1, 128)
+    elif backbone == "dsmil":
+        p = "online_encoder."
+        t.update({p + "i_classifier.0.weight": (n_classes, dim),
+                  p + "i_classifier.0.bias": (n_classes,),
+                  p + "b_classifier.q.0.weight": (128, dim), p + "b_classifier.q.0.bias": (128,),
+                  p + "b_classifier.q.2.weight": (128, 128), p + "b_classifier.q.2.bias": (128,),
+                  p + "b_classifier.fcc.weight": (n_classes, n_classes, dim),
+                  p + "b_classifier.fcc.bias": (n_classes,)})
+        if passing_v:
+            t.update({p + "b_classifier.v.1.weight": (dim, dim),
+                      p + "b_classifier.v.1.bias": (dim,)})
     else:
         t.update({"online_encoder.cls_token": (1, 1, dim), "online_encoder.norm.weight": (dim,),
                   "online_encoder.norm.bias": (dim,)})
@@ -61,6 +72,9 @@ def _random_sd(table, seed=0):
     ({"backbone": "selfattn", "heads": 4}, {"heads": 4, "dim_head": 8}),
     ({"backbone": "selfattn", "merge_k": 5}, {"merge": True, "merge_k": 5,
                                               "merge_dim_head": 64}),
+    ({"backbone": "dsmil", "n_classes": 3}, {"backbone": "dsmil", "passing_v": True}),
+    ({"backbone": "dsmil", "passing_v": False, "merge_k": 2}, {"passing_v": False,
+                                                               "merge": True}),
 ])
 def test_layouts_detect_infer_and_load_strictly(kw, expect):
     sd = _random_sd(_table(**kw))
@@ -76,18 +90,72 @@ def test_layouts_detect_infer_and_load_strictly(kw, expect):
     assert all(v.shape == (20,) for v in out.sources.values())
 
 
-def test_dsmil_backbone_is_refused_clearly():
-    sd = _random_sd(_table())
-    del sd["online_encoder.attention.attention.0.weight"]
-    del sd["online_encoder.attention.attention.2.weight"]
-    sd["online_encoder.b_classifier.fcc.weight"] = torch.zeros(2, 2, 64)
+def test_dsmil_backbone_inconsistent_or_unknown_keys_are_refused():
+    sd = _random_sd(_table("dsmil"))
+    sd["online_encoder.b_classifier.fcc.weight"] = torch.zeros(2, 2, 32)
     with pytest.raises(ValueError, match="DSMIL"):
         MHIM.hparams_from_state_dict(sd)
+    sd = _random_sd(_table("dsmil"))
+    del sd["online_encoder.i_classifier.0.weight"]
+    with pytest.raises(ValueError, match="unknown MHIM backbone"):
+        MHIM.hparams_from_state_dict(sd)
+
+
+def test_dsmil_scores_by_hand():
+    """Stream 1: instance logits, max over instances; stream 2: attention to each class's
+    critical instance (top instance logit), value projection, Conv1d; the slide logits are
+    the authors' evaluation 0.5 bag + 0.5 max instance (softmax on top)."""
+    sd = _random_sd(_table("dsmil", n_classes=3), seed=8)
+    model = build_from_state_dict(sd).double()
+    s = {k: v.double() for k, v in sd.items()}
+    p = "online_encoder."
+    x = torch.randn(13, 32, dtype=torch.float64)
+    h = F.gelu(x @ s["feature.0.weight"].T + s["feature.0.bias"])
+    ins = h @ s[p + "i_classifier.0.weight"].T + s[p + "i_classifier.0.bias"]  # [N, 3]
+
+    def q(z):
+        z = torch.relu(z @ s[p + "b_classifier.q.0.weight"].T + s[p + "b_classifier.q.0.bias"])
+        return torch.tanh(z @ s[p + "b_classifier.q.2.weight"].T
+                          + s[p + "b_classifier.q.2.bias"])
+
+    crit = ins.argmax(dim=0)
+    raw = q(h) @ q(h[crit]).T / np.sqrt(128)  # [N, 3]
+    a = torch.softmax(raw, dim=0)
+    v = torch.relu(h @ s[p + "b_classifier.v.1.weight"].T + s[p + "b_classifier.v.1.bias"])
+    bag = torch.einsum("cd,kcd->k", a.T @ v, s[p + "b_classifier.fcc.weight"]) \
+        + s[p + "b_classifier.fcc.bias"]
+    logits = 0.5 * bag + 0.5 * ins.max(dim=0).values
+    out = model.forward_attention(x)
+    torch.testing.assert_close(out.logits, logits)
+    torch.testing.assert_close(out.probs, torch.softmax(logits, dim=0))
+    torch.testing.assert_close(out.aux["bag_logits"], bag)
+    assert torch.equal(out.aux["critical_instance"], crit)
+    for c in range(3):
+        torch.testing.assert_close(out.sources[f"class/{c}"], a[:, c])
+        torch.testing.assert_close(out.sources[f"raw/class/{c}"], raw[:, c])
+        torch.testing.assert_close(out.sources[f"instance/{c}"],
+                                   torch.softmax(ins, dim=1)[:, c])
+        torch.testing.assert_close(out.sources[f"raw/instance/{c}"], ins[:, c])
+    torch.testing.assert_close(out.sources["attention"], a.max(dim=1).values)
+    torch.testing.assert_close(out.sources["pseudo_score"], ins.max(dim=1).values)
+    assert out.default_source == f"class/{int(logits.argmax())}"
+
+
+def test_dsmil_merge_test_scores_the_merged_bag_and_reports_n_instances():
+    sd = _random_sd(_table("dsmil", merge_k=3), seed=9)
+    plain = build_from_state_dict(sd).double()
+    merged = build_from_state_dict(sd, merge_test=True).double()
+    x = torch.randn(15, 32, dtype=torch.float64)
+    out = merged.forward_attention(x)
+    assert not torch.allclose(out.logits, plain(x))
+    assert all(v.shape == (15,) for v in out.sources.values())
+    assert float(out.sources["class/0"].sum()) < 1.0  # the merged tokens take a share
 
 
 def test_aliases_fix_the_backbone():
     assert build_model("mhim_abmil", in_dim=8, dim=16).hparams["backbone"] == "attn"
     assert build_model("mhim_transmil", in_dim=8, dim=16).hparams["backbone"] == "selfattn"
+    assert build_model("mhim_dsmil", in_dim=8, dim=16).hparams["backbone"] == "dsmil"
     with pytest.raises(ValueError, match="backbone"):
         build_model("mhim_abmil", backbone="selfattn")
 
@@ -160,7 +228,7 @@ def test_selfattn_cls_rows_equal_the_materialised_matrix():
                                torch.ones(40, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("backbone", ["attn", "selfattn"])
+@pytest.mark.parametrize("backbone", ["attn", "selfattn", "dsmil"])
 def test_single_instance(backbone):
     model = build_from_state_dict(_random_sd(_table(backbone), seed=6))
     out = model.forward_attention(torch.randn(1, 32))

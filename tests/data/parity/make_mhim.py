@@ -102,8 +102,32 @@ def make_case(mhim, name: str, baseline: str, n_classes: int, seed: int,
         r: dict[str, np.ndarray] = {}
         with torch.no_grad():
             logits, attn = model.forward_test(xb, return_attn=True)
+            if baseline == "dsmil":  # [bag logits, max instance logits]
+                logits = 0.5 * logits[0] + 0.5 * logits[1]
             probs.append(torch.softmax(logits, dim=-1)[0].numpy())
-            if baseline == "attn":
+            if baseline == "dsmil":
+                # validate_func (engines/common_mil.py) scores the plain forward_test:
+                # 0.5 bag + 0.5 max instance logits, then the softmax
+                out = model.forward_test(xb)[0]
+                np.testing.assert_allclose(
+                    probs[-1], torch.softmax(0.5 * out[0] + 0.5 * out[1], dim=-1)[0].numpy(),
+                    rtol=0, atol=1e-7)
+                enc = model.online_encoder
+                feats = model.feature(xb)[0]
+                cls = enc.i_classifier(feats)  # [N, C] instance logits
+                _, a, _ = enc.b_classifier(feats, cls)
+                _, raw, _ = enc.b_classifier(feats, cls, no_norm=True)
+                for c in range(n_classes):
+                    r[f"class{c}"] = a[:, c].numpy()
+                    r[f"raw_class{c}"] = raw[:, c].numpy()
+                    r[f"instance{c}"] = torch.softmax(cls, dim=1)[:, c].numpy()
+                    r[f"raw_instance{c}"] = cls[:, c].numpy()
+                enc.cls_attn = False
+                r["attention"] = model.forward_test(xb, return_attn=True)[1][0].numpy()
+                r["raw_attention"] = model.forward_test(
+                    xb, return_attn=True, no_norm=True)[1][0].numpy()
+                enc.cls_attn = True
+            elif baseline == "attn":
                 r["attention"] = attn[0, :n].numpy()
                 _, raw = model.forward_test(xb, return_attn=True, no_norm=True)
                 r["raw_attention"] = raw[0, :n].numpy()
@@ -118,7 +142,24 @@ def make_case(mhim, name: str, baseline: str, n_classes: int, seed: int,
                 r["pseudo_score"] = score[0].numpy()
         refs.append(r)
     sources: dict[str, dict[str, str]] = {}
-    if baseline == "attn":
+    if baseline == "dsmil":
+        for c in range(n_classes):
+            sources[f"class/{c}"] = {"key": f"class{c}", "definition":
+                                     f"online_encoder.b_classifier(feature(x), "
+                                     f"i_classifier(...))[1][:, {c}]: softmax attention"}
+            sources[f"raw/class/{c}"] = {"key": f"raw_class{c}", "definition":
+                                         "the same with no_norm=True"}
+            sources[f"instance/{c}"] = {"key": f"instance{c}", "definition":
+                                        f"softmax_C(i_classifier(feature(x)))[:, {c}]"}
+            sources[f"raw/instance/{c}"] = {"key": f"raw_instance{c}", "definition":
+                                            f"i_classifier(feature(x))[:, {c}]"}
+        sources["attention"] = {"key": "attention", "definition":
+                                "forward_test(return_attn=True) with cls_attn False: "
+                                "max over classes of the softmax attention"}
+        sources["raw/attention"] = {"key": "raw_attention", "definition":
+                                    "the same with no_norm=True"}
+        heatmap = "class/1"  # DSMIL's heatmap: the attention of the class shown
+    elif baseline == "attn":
         sources["attention"] = {"key": "attention", "definition":
                                 "forward_test(return_attn=True): softmax attention"}
         sources["raw/attention"] = {"key": "raw_attention", "definition":
@@ -139,7 +180,9 @@ def make_case(mhim, name: str, baseline: str, n_classes: int, seed: int,
     if not merge_test:
         sources["pseudo_score"] = {"key": "pseudo_score", "definition":
                                    "forward_teacher(bag)[1] with attn2score (MHIM-v2 "
-                                   "get_pseudo_score / get_pseudo_score_trans)"}
+                                   "get_pseudo_score / get_pseudo_score_trans)"
+                                   + ("; dsmil: max over classes of the instance logits"
+                                      if baseline == "dsmil" else "")}
     notes = (f"MHIM --baseline {baseline}, --merge_enable (k 2, mm 0.9999), act gelu "
              "(config/feat_cls.yaml), da_act relu; checkpoint {'model' (student), 'teacher', "
              "'epoch'} as main.py saves it; the student is loaded.")
@@ -163,6 +206,7 @@ def main() -> None:
     make_case(mhim, "mhim_abmil", "attn", 2, seed=13)
     make_case(mhim, "mhim_transmil", "selfattn", 3, seed=14)
     make_case(mhim, "mhim_transmil_merge_test", "selfattn", 2, seed=15, merge_test=True)
+    make_case(mhim, "mhim_dsmil", "dsmil", 3, seed=16)
 
 
 if __name__ == "__main__":
