@@ -28,6 +28,15 @@ engine takes a softmax for classification):
   class-token attention ``[1, H, N]``; per head and the mean over heads;
 * ``pseudo_score``: ``forward_teacher(bag)`` with ``attn2score`` (MHIM-v2's instance score,
   computed with the module's own predictor);
+* ``dsmil`` backbone (``mhim_dsmil``): ``forward_test`` returns ``[bag logits, max instance
+  logits]``; the probabilities are ``softmax(0.5 bag + 0.5 max instance)`` as the engine's
+  ``validate_func`` (``engines/common_mil.py``) averages them; ``class/{c}`` and
+  ``raw/class/{c}`` from ``online_encoder.b_classifier`` on the projected bag and the
+  ``i_classifier`` logits (softmax / ``no_norm``), ``instance/{c}`` the softmax over classes
+  of those logits, ``attention`` / ``raw/attention`` ``forward_test(return_attn=True)`` with
+  the module's ``cls_attn`` switched off (max over classes of the attention), and
+  ``pseudo_score`` ``forward_teacher`` with ``attn2score`` (max over classes of the instance
+  logits);
 * ``merge_test`` case: the model trained with ``--merge_test`` runs the merge at inference;
   the attention over the N instances (the k merged tokens dropped) is recorded.
 """
