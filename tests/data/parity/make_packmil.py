@@ -190,7 +190,8 @@ def _case(name: str, commit: str, *, act: str, mil_norm, da_gated: bool, residua
     parity_io.write_case(
         name, arch="packmil", paper=PAPER, repo=REPO, commit=commit,
         script="make_packmil.py", checkpoint="fold_0_model_best.pt", bags=bags, probs=probs,
-        refs=refs, sources=sources, heatmap_source=heatmap, probabilities="softmax", load={"hparams": {"act": act}},
+        refs=refs, sources=sources, heatmap_source=heatmap, probabilities="softmax",
+        load={"hparams": {"act": act}},
         notes=notes)
 
 
