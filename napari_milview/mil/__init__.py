@@ -16,7 +16,7 @@ dtfd       :class:`DTFD` (DTFD-MIL, seeded split) ``"instance/{C-1}"``
 mhim       :class:`MHIM` (MHIM-MIL student)       ``"attention"`` / ``"layer1/mean"``
 dsmil      :class:`DSMIL` (and AEM's copy)        ``"class/{positive class}"``
 ins        :class:`INS` (instance classifier)     ``"instance/1"`` (instance scores)
-packmil    :class:`PackMIL` (ABMIL aggregator)    ``"attention"``
+packmil    :class:`PackMIL` (ABMIL/TransMIL agg.) ``"attention"`` / ``"layer2/mean"``
 mambamil   :class:`MambaMIL` (SR/Bi/plain Mamba)  ``"attention"``
 ========== ====================================== =========================================
 
