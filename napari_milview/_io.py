@@ -24,6 +24,23 @@ from typing import Any
 _MIB = 1 << 20
 
 
+class OneLineError(ValueError):
+    """An input that cannot be used, as one line ``"<where>: <problem>"``.
+
+    ``where`` names the file (or object); ``problem`` is folded to one line whatever a
+    library's message held (napari shows it in a notification, the CLI on stderr).
+    Subclasses name their kind (:class:`~napari_milview.features.bag.BagError` ...) and
+    ``default_where``, used when ``where`` is empty.
+    """
+
+    default_where = ""
+
+    def __init__(self, where: Any, problem: str):
+        self.where = str(where) if str(where) else self.default_where
+        self.problem = " ".join(str(problem).split())
+        super().__init__(f"{self.where}: {self.problem}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` for a temporary path in ``path``'s folder, flush it to disk, then
     rename it onto ``path``; on any error the temporary file is removed and ``path`` is

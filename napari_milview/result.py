@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import OneLineError, atomic_write
 
 __all__ = ["FORMAT_NAME", "VERSION", "Result", "ResultError", "load_result", "save_result"]
 
@@ -51,13 +51,10 @@ DEFAULT_THRESHOLD = 0.5
 _SUM_TOLERANCE = 1e-4
 
 
-class ResultError(ValueError):
+class ResultError(OneLineError):
     """A result is invalid or its file cannot be read; the message names the file."""
 
-    def __init__(self, where: Any, problem: str):
-        self.where = str(where) if str(where) else "result"
-        self.problem = " ".join(str(problem).split())
-        super().__init__(f"{self.where}: {self.problem}")
+    default_where = "result"
 
 
 @dataclass

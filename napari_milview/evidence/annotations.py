@@ -92,7 +92,7 @@ from typing import Any
 
 import numpy as np
 
-from .._io import atomic_write, file_problem
+from .._io import OneLineError, atomic_write, file_problem
 
 __all__ = [
     "AnnotationError",
@@ -130,13 +130,10 @@ _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 _COMMA_NUMBER = re.compile(r"[+-]?\d+,\d+(?:[eE][+-]?\d+)?")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(OneLineError):
     """An annotation file (or array) cannot be used; one line: ``"<file>: <problem>"``."""
 
-    def __init__(self, where: Any, problem: str):
-        self.where = str(where) if str(where) else "annotations"
-        self.problem = " ".join(str(problem).split())
-        super().__init__(f"{self.where}: {self.problem}")
+    default_where = "annotations"
 
 
 @dataclass

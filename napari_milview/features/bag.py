@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .._io import OneLineError
+
 __all__ = ["Bag", "BagError", "BagWarning", "EXTENT_HINT", "FEATURE_LIMIT"]
 
 #: What to tell a user whose bag has no patch extent (overridden per format via
@@ -38,14 +40,10 @@ MAX_COORD = 2**40
 FEATURE_LIMIT = 1e8
 
 
-class BagError(ValueError):
+class BagError(OneLineError):
     """A bag cannot be read or used; the message names the file (or bag) and the problem."""
 
-    def __init__(self, where: Any, problem: str):
-        self.where = str(where) if str(where) else "bag"
-        # one line, whatever a library's message held (napari shows it in a notification)
-        self.problem = " ".join(str(problem).split())
-        super().__init__(f"{self.where}: {self.problem}")
+    default_where = "bag"
 
 
 class BagWarning(UserWarning):

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._io import OneLineError
+
 #: A side longer than this (in pixels) is not a slide but a broken header.
 MAX_SIDE = 2**31 - 1
 #: More level-0 pixels than this (a 1,000,000 x 1,000,000 image) is refused outright.
@@ -25,15 +27,13 @@ MIN_TILE = 64
 MPP_SOURCES = ("vendor", "tiff-resolution", "user", "none")
 
 
-class SlideError(ValueError):
+class SlideError(OneLineError):
     """A slide cannot be opened or read; the message names the file and the problem."""
 
-    def __init__(self, path: Any, problem: str):
-        self.path = str(path)
-        # one line, whatever a library's message held (napari shows it in a notification)
-        self.problem = " ".join(str(problem).split())
-        problem = self.problem
-        super().__init__(f"{self.path}: {problem}")
+    @property
+    def path(self) -> str:
+        """The slide's path (``where``)."""
+        return self.where
 
 
 @dataclass(frozen=True)
