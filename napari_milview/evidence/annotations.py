@@ -699,11 +699,19 @@ def read_geojson(path: str | os.PathLike, *, slide_size: tuple[int, int] | None 
             budget.take(sum(len(r) for r in rings))
             regions.append(_make_region(rings[0], rings[1:], where, pw, label=label,
                                         exclude=is_excl, name=name, object_type=otype))
+    return _finish(regions, skipped, where, slide_size, "features",
+                   f"the file's {len(skipped)} geometries hold no Polygon or MultiPolygon "
+                   "(a point or line export?)")
+
+
+def _finish(regions: list[Region], skipped: list[str], where: str,
+            slide_size: tuple[int, int] | None, noun: str, none_held: str) -> Annotations:
+    """The readers' last step: refuse a file whose every geometry was skipped (naming their
+    kinds), else the :class:`Annotations`, checked against the slide."""
     if not regions and skipped:
         kinds = sorted({s.rsplit(": ", 1)[1].split(" (")[0] for s in skipped})
-        raise AnnotationError(where, f"{' and '.join(kinds)} features are not regions: the "
-                                     f"file's {len(skipped)} geometries hold no Polygon or "
-                                     "MultiPolygon (a point or line export?)")
+        raise AnnotationError(where, f"{' and '.join(kinds)} {noun} are not regions: "
+                                     f"{none_held}")
     ann = Annotations(regions, source=where, skipped=skipped)
     _check_slide(ann, slide_size, where)
     return ann
@@ -830,14 +838,9 @@ def read_asap_xml(path: str | os.PathLike, *, slide_size: tuple[int, int] | None
         regions.append(_make_region(ring, [], where, what, label=group,
                                     exclude=group.casefold() in excl, name=name,
                                     object_type="annotation"))
-    if not regions and skipped:
-        kinds = sorted({s.rsplit(": ", 1)[1].split(" (")[0] for s in skipped})
-        raise AnnotationError(where, f"{' and '.join(kinds)} annotations are not regions: the "
-                                     f"file's {len(skipped)} annotations hold no Polygon, "
-                                     "Rectangle or Spline")
-    ann = Annotations(regions, source=where, skipped=skipped)
-    _check_slide(ann, slide_size, where)
-    return ann
+    return _finish(regions, skipped, where, slide_size, "annotations",
+                   f"the file's {len(skipped)} annotations hold no Polygon, Rectangle or "
+                   "Spline")
 
 
 # ============================================================================ writing
