@@ -86,6 +86,15 @@ def wait_until(predicate, timeout=60.0, what="condition"):
         process(20)
 
 
+def draw(ms=600):
+    cam = viewer.camera
+    end = time.monotonic() + ms / 1000
+    while time.monotonic() < end:
+        cam.center = (cam.center[0], cam.center[1] + 3.0)
+        cam.zoom = cam.zoom * 1.01
+        process(30)  # pan and zoom: napari draws the layers again and again
+
+
 def leftover_threads():
     from napari_milview.pipeline import THREAD_PREFIX
     names = [t.name for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)]
@@ -109,7 +118,8 @@ def finish():
 @pytest.fixture
 def shown_child(tmp_path):
     """``run(script, timeout=180) -> (stdout, reports)``: run ``script`` after
-    :data:`CHILD_PRELUDE` in a child Python under this display (Xvfb), so that a crash
+    :data:`CHILD_PRELUDE` (``viewer``, ``process``, ``wait_until``, ``draw``, ``report``,
+    ``leftover_threads``) in a child Python under this display (Xvfb), so that a crash
     (a segfault while napari draws) fails the test instead of killing the suite. Asserts the
     child exited 0 after ``finish()``; ``reports`` are the dicts it passed to ``report``."""
     import json

@@ -372,15 +372,6 @@ dock.run()
 wait_until(lambda: ENDED, 120, "the run")
 assert ENDED == ["done"], dock.status.text()
 ev = dock.evidence
-
-
-def draw(ms=600):
-    cam = viewer.camera
-    end = time.monotonic() + ms / 1000
-    while time.monotonic() < end:
-        cam.center = (cam.center[0], cam.center[1] + 3.0)
-        cam.zoom = cam.zoom * 1.01
-        process(30)
 '''
 
 

@@ -38,15 +38,6 @@ def run_and_wait(timeout=120):
     return job
 
 
-def draw(ms=600):
-    cam = viewer.camera
-    end = time.monotonic() + ms / 1000
-    while time.monotonic() < end:
-        cam.center = (cam.center[0], cam.center[1] + 3.0)
-        cam.zoom = cam.zoom * 1.01
-        process(30)
-
-
 def no_pending():
     return not any(l.metadata.get("milview") == PENDING for l in viewer.layers)
 
